@@ -1,0 +1,44 @@
+# Shared by scripts/test and scripts/bench: make sure the programs the
+# project needs are installed, with apt-get when we are root on Debian,
+# otherwise say what to install.
+
+apt_updated=0
+
+# apt_install PACKAGE...: installs Debian packages when possible.
+apt_install() {
+    if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        echo "missing: install the Debian package(s) $* (e.g. sudo apt-get install -y $*)" >&2
+        return 1
+    fi
+    if [ "$apt_updated" -eq 0 ]; then
+        apt-get update -qq >/dev/null
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# PostgreSQL server binaries: `postgres` and `initdb` on PATH or in
+# /usr/lib/postgresql/*/bin (where Debian puts them).
+have_postgres() {
+    if command -v postgres >/dev/null 2>&1 && command -v initdb >/dev/null 2>&1; then
+        return 0
+    fi
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
+}
+
+ensure_postgres() {
+    if have_postgres; then
+        return 0
+    fi
+    echo "PostgreSQL server binaries not found; installing postgresql" >&2
+    apt_install postgresql && have_postgres
+}
+
+# promtool, from Debian's prometheus package (which starts no service).
+ensure_promtool() {
+    if command -v promtool >/dev/null 2>&1; then
+        return 0
+    fi
+    echo "promtool not found; installing prometheus" >&2
+    apt_install prometheus && command -v promtool >/dev/null 2>&1
+}

@@ -1,0 +1,121 @@
+//! The `outbox` binary: parse the configuration, start logging, and run the
+//! chosen command. `serve` (the default) runs the reference server.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use outbox::Config;
+use outbox::config::LogFormat;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "outbox", version, about = "In-memory API state, persisted to PostgreSQL through an outbox.")]
+struct Cli {
+    #[command(flatten)]
+    config: Config,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the reference items/circuits server (the default).
+    Serve,
+    /// Apply the database migrations and exit.
+    Migrate,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // One line naming the setting, not clap's multi-line usage text.
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("outbox: {}", line.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(message) = init_logging(&cli.config) {
+        eprintln!("outbox: {message}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("outbox: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(forward_signals(shutdown.clone()));
+                outbox::run(cli.config, shutdown).await.map_err(|e| e.to_string())
+            }
+            Command::Migrate => migrate(cli.config).await.map_err(|e| e.to_string()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            error!(error = %message, "outbox failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) -> Result<(), String> {
+    let filter = EnvFilter::try_new(&config.log_filter)
+        .map_err(|e| format!("invalid value '{}' for RUST_LOG: {e}", config.log_filter))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    Ok(())
+}
+
+/// Cancels `shutdown` on SIGINT (Ctrl-C) or SIGTERM. Later signals are
+/// logged: the shutdown in progress is already bounded by the drain deadline.
+async fn forward_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        error!("cannot install signal handlers; stop the server with SIGKILL");
+        return;
+    };
+    let mut first = true;
+    loop {
+        let name = tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        };
+        if first {
+            info!(signal = name, "shutdown requested");
+            shutdown.cancel();
+            first = false;
+        } else {
+            warn!(signal = name, "already shutting down; the drain deadline (OUTBOX_DRAIN_TIMEOUT_S) bounds the wait");
+        }
+    }
+}
+
+async fn migrate(config: Config) -> Result<(), outbox::ServerError> {
+    let database = outbox::server::Database::open(&config).await?;
+    let pool = outbox::pg::pool(database.config.clone(), 1);
+    let result = outbox::pg::migrate(&pool).await;
+    pool.close();
+    let closed = database.close().await;
+    let applied = result?;
+    closed?;
+    info!(applied, "migrations are up to date");
+    Ok(())
+}

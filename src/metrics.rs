@@ -1,0 +1,137 @@
+//! Every metric name of DESIGN §6, its description, its buckets, and the
+//! Prometheus exporter set-up. Names are part of the product's contract
+//! (alert rules and the dashboard query them), so they live here and nowhere
+//! else; the rest of the crate refers to these constants.
+
+use std::sync::OnceLock;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Changes recorded, by entity kind.
+pub const MUTATIONS_TOTAL: &str = "outbox_mutations_total";
+/// Changes absorbed by an already pending record, by entity kind.
+pub const COALESCED_TOTAL: &str = "outbox_coalesced_total";
+/// Changes refused, by reason.
+pub const REJECTED_TOTAL: &str = "outbox_rejected_total";
+/// Distinct entities pending.
+pub const QUEUE_DEPTH: &str = "outbox_queue_depth";
+/// The queue's bound.
+pub const QUEUE_CAPACITY: &str = "outbox_queue_capacity";
+/// Unix time of the oldest uncommitted change (now when none).
+pub const OLDEST_PENDING_TIMESTAMP: &str = "outbox_oldest_pending_timestamp_seconds";
+/// Now minus the oldest uncommitted change, 0 when empty.
+pub const LAG_SECONDS: &str = "outbox_lag_seconds";
+/// Unix time of the last committed batch.
+pub const LAST_SUCCESS_TIMESTAMP: &str = "outbox_last_success_timestamp_seconds";
+/// Rows committed, by entity kind.
+pub const PERSISTED_TOTAL: &str = "outbox_persisted_total";
+/// Flush attempts, by result.
+pub const BATCHES_TOTAL: &str = "outbox_batches_total";
+/// Rows per batch.
+pub const BATCH_ROWS: &str = "outbox_batch_rows";
+/// Duration of one batch transaction.
+pub const FLUSH_DURATION: &str = "outbox_flush_duration_seconds";
+/// Time from a change being applied to its commit.
+pub const PERSIST_LATENCY: &str = "outbox_persist_latency_seconds";
+/// Failed flush attempts, by error type.
+pub const PERSIST_FAILURES_TOTAL: &str = "outbox_persist_failures_total";
+/// Retries scheduled.
+pub const RETRIES_TOTAL: &str = "outbox_retries_total";
+/// Records quarantined, by entity kind.
+pub const DEAD_LETTERS_TOTAL: &str = "outbox_dead_letters_total";
+/// Unresolved dead letters.
+pub const DEAD_LETTERS: &str = "outbox_dead_letters";
+/// 1 when the last attempt reached the database.
+pub const DB_UP: &str = "outbox_db_up";
+/// Records written to the spill file.
+pub const SPILLED_TOTAL: &str = "outbox_spilled_total";
+/// Entities loaded at start-up, by entity kind.
+pub const HYDRATED_ENTITIES: &str = "outbox_hydrated_entities";
+/// Always 1, labelled with the version.
+pub const BUILD_INFO: &str = "outbox_build_info";
+/// HTTP requests answered, by method, route template and status.
+pub const HTTP_REQUESTS_TOTAL: &str = "outbox_http_requests_total";
+/// HTTP request duration, by method, route template and status.
+pub const HTTP_REQUEST_DURATION: &str = "outbox_http_request_duration_seconds";
+
+/// Values of the `error_type` label of [`PERSIST_FAILURES_TOTAL`].
+pub const ERROR_TYPES: [&str; 7] = ["connection", "timeout", "conflict", "constraint", "data", "schema", "other"];
+
+/// Values of the `result` label of [`BATCHES_TOTAL`].
+pub const BATCH_RESULTS: [&str; 2] = ["ok", "error"];
+
+/// Values of the `reason` label of [`REJECTED_TOTAL`].
+pub const REJECT_REASONS: [&str; 1] = ["queue_full"];
+
+/// Rows per batch: 1 up to the largest sensible `OUTBOX_BATCH_MAX`.
+const BATCH_ROWS_BUCKETS: [f64; 13] =
+    [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0];
+/// One transaction: sub-millisecond for a row on a local socket, seconds
+/// for a large batch on a loaded database.
+const FLUSH_BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Change to commit: the linger plus a flush when healthy, up to minutes
+/// during an outage.
+const PERSIST_LATENCY_BUCKETS: [f64; 16] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+/// HTTP handlers answer from memory in microseconds; durable ones wait for
+/// a commit.
+const HTTP_BUCKETS: [f64; 14] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder as the process's global recorder (once;
+/// later calls return the same handle), describes every metric and sets
+/// `outbox_build_info`.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(BATCH_ROWS.into()), &BATCH_ROWS_BUCKETS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(FLUSH_DURATION.into()), &FLUSH_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(PERSIST_LATENCY.into()), &PERSIST_LATENCY_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(HTTP_REQUEST_DURATION.into()), &HTTP_BUCKETS))
+                .expect("bucket lists are non-empty constants")
+                .install_recorder()
+                .expect("no other metrics recorder is installed in this process");
+            describe();
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(MUTATIONS_TOTAL, "Changes recorded through the store.");
+    describe_counter!(COALESCED_TOTAL, "Changes absorbed by an already pending record of the same entity.");
+    describe_counter!(REJECTED_TOTAL, "Changes refused; reason=queue_full means the outbox was full (HTTP 503).");
+    describe_gauge!(QUEUE_DEPTH, "Distinct entities waiting to be written.");
+    describe_gauge!(QUEUE_CAPACITY, "Most distinct entities that may wait (OUTBOX_QUEUE_CAPACITY).");
+    describe_gauge!(
+        OLDEST_PENDING_TIMESTAMP,
+        Unit::Seconds,
+        "Unix time of the oldest change not yet committed (now when none is pending)."
+    );
+    describe_gauge!(LAG_SECONDS, Unit::Seconds, "Age of the oldest change not yet committed; 0 when none.");
+    describe_gauge!(LAST_SUCCESS_TIMESTAMP, Unit::Seconds, "Unix time of the last committed batch.");
+    describe_counter!(PERSISTED_TOTAL, "Rows committed to PostgreSQL.");
+    describe_counter!(BATCHES_TOTAL, "Batch flush attempts, by result.");
+    describe_histogram!(BATCH_ROWS, "Rows per batch flush attempt.");
+    describe_histogram!(FLUSH_DURATION, Unit::Seconds, "Duration of one batch transaction.");
+    describe_histogram!(PERSIST_LATENCY, Unit::Seconds, "Time from a change being applied to its commit.");
+    describe_counter!(PERSIST_FAILURES_TOTAL, "Failed batch flush attempts, by error type.");
+    describe_counter!(RETRIES_TOTAL, "Retries of failed batches scheduled.");
+    describe_counter!(DEAD_LETTERS_TOTAL, "Records quarantined in outbox_dead_letters.");
+    describe_gauge!(DEAD_LETTERS, "Unresolved dead letters.");
+    describe_gauge!(DB_UP, "1 when the last attempt reached the database, 0 otherwise.");
+    describe_counter!(SPILLED_TOTAL, "Records written to the spill file at shutdown.");
+    describe_gauge!(HYDRATED_ENTITIES, "Entities loaded from PostgreSQL at start-up.");
+    describe_gauge!(BUILD_INFO, "Always 1; the version label tells the running build.");
+    describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests answered, by method, route template and status.");
+    describe_histogram!(
+        HTTP_REQUEST_DURATION,
+        Unit::Seconds,
+        "HTTP request duration, by method, route template and status."
+    );
+}

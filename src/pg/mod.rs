@@ -1,0 +1,157 @@
+//! Everything that talks to PostgreSQL: the connection pool, migrations, and
+//! the private local server of DESIGN C2.
+
+pub mod local;
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+use tokio_postgres::config::Host;
+
+pub use local::{LocalPostgres, LocalPostgresError, LocalPostgresOptions};
+
+/// Name of the database the server uses inside its private PostgreSQL.
+pub const LOCAL_DATABASE: &str = "outbox";
+
+/// How long opening a connection may take before it counts as a failure.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a caller waits for a free pooled connection. Short, so that a
+/// database outage shows up as a fast, classified error instead of a hang.
+const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Errors of the database layer.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// `DATABASE_URL` could not be parsed.
+    #[error("DATABASE_URL is not a valid PostgreSQL connection string: {0}")]
+    BadUrl(#[source] tokio_postgres::Error),
+    /// A statement or connection failed.
+    #[error("database error: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No pooled connection could be had.
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// A migration failed.
+    #[error("migration failed: {0}")]
+    Migration(#[from] refinery::Error),
+}
+
+/// Parses `DATABASE_URL` (URL or `key=value` form).
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, DbError> {
+    url.parse::<tokio_postgres::Config>().map_err(DbError::BadUrl)
+}
+
+/// A description of where `config` points, safe to log: host, port, user and
+/// database, never the password.
+pub fn describe(config: &tokio_postgres::Config) -> String {
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            Host::Tcp(name) => name.clone(),
+            Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let ports: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
+    format!(
+        "host={} port={} user={} dbname={}",
+        if hosts.is_empty() { "localhost".to_owned() } else { hosts.join(",") },
+        if ports.is_empty() { "5432".to_owned() } else { ports.join(",") },
+        config.get_user().unwrap_or("(default)"),
+        config.get_dbname().unwrap_or("(default)"),
+    )
+}
+
+/// A connection pool of `size` connections. Connections are opened lazily
+/// and re-opened after the database returns from an outage: a closed
+/// connection fails its recycle check and is replaced.
+pub fn pool(mut config: tokio_postgres::Config, size: usize) -> Pool {
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("outbox");
+    }
+    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(POOL_WAIT_TIMEOUT))
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .recycle_timeout(Some(CONNECT_TIMEOUT))
+        .build()
+        .expect("a pool with a runtime and a non-zero size always builds")
+}
+
+/// Opens one connection outside any pool, driving it on a spawned task.
+pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DbError> {
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "database connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Creates database `name` through an administrative connection described by
+/// `admin`, unless it exists.
+pub async fn create_database_if_missing(admin: &tokio_postgres::Config, name: &str) -> Result<(), DbError> {
+    let client = connect(admin).await?;
+    let exists = client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some();
+    if !exists {
+        client.batch_execute(&format!("CREATE DATABASE {}", quote_ident(name))).await?;
+        tracing::info!(database = name, "created database");
+    }
+    Ok(())
+}
+
+/// Quotes an SQL identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Runs the embedded migrations from `migrations/` (refinery), each in its
+/// own transaction. Returns how many were applied now.
+pub async fn migrate(pool: &Pool) -> Result<usize, DbError> {
+    let mut client = pool.get().await?;
+    let report = embedded::migrations::runner().run_async(&mut **client).await?;
+    let applied = report.applied_migrations();
+    for migration in applied {
+        tracing::info!(migration = %migration, "applied migration");
+    }
+    Ok(applied.len())
+}
+
+/// One round trip to the database, for readiness checks.
+pub async fn ping(pool: &Pool) -> Result<(), DbError> {
+    let client = pool.get().await?;
+    client.simple_query("SELECT 1").await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describe_never_shows_the_password() {
+        let config = parse_url("postgres://alice:s3cret@db.example:6543/app").expect("parses");
+        let text = describe(&config);
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("db.example") && text.contains("6543") && text.contains("alice") && text.contains("app"));
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("s3cret"), "tokio-postgres redacts its Debug output: {debug}");
+    }
+
+    #[test]
+    fn quote_ident_escapes_quotes() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+}
