@@ -92,6 +92,11 @@ pub struct Config {
     #[arg(long, env = "OUTBOX_POOL_SIZE", value_name = "OUTBOX_POOL_SIZE", default_value_t = 8, value_parser = positive_usize, global = true)]
     pub pool_size: usize,
 
+    /// Batches written at once, each on its own database connection. Two
+    /// use both cores of a 2-core database; more rarely help.
+    #[arg(long, env = "OUTBOX_WRITERS", value_name = "OUTBOX_WRITERS", default_value_t = 2, value_parser = positive_usize, global = true)]
+    pub writers: usize,
+
     /// Largest request body accepted, in bytes; larger ones get 413.
     #[arg(long, env = "OUTBOX_BODY_LIMIT", value_name = "OUTBOX_BODY_LIMIT", default_value_t = 1024 * 1024, value_parser = positive_usize, global = true)]
     pub body_limit: usize,

@@ -19,9 +19,14 @@
 
 pub mod api;
 pub mod config;
+pub mod engine;
 pub mod metrics;
+pub mod outbox;
 pub mod pg;
 pub mod server;
+pub mod store;
+pub mod worker;
 
 pub use config::Config;
+pub use engine::Engine;
 pub use server::{ServerError, run};

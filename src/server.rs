@@ -12,7 +12,10 @@ use tracing::{error, info, warn};
 
 use crate::api::{self, AppState, Phase, Readiness};
 use crate::config::Config;
+use crate::engine::Engine;
+use crate::pg::hydrate::HydrateError;
 use crate::pg::{self, DbError, LocalPostgres, LocalPostgresError, LocalPostgresOptions};
+use crate::worker::WorkerConfig;
 
 /// How often histogram upkeep runs in the metrics recorder.
 const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -42,6 +45,15 @@ pub enum ServerError {
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Serve(#[source] io::Error),
+    /// Hydration failed: the server does not serve partial state.
+    #[error("hydration failed: {0}")]
+    Hydrate(#[from] HydrateError),
+    /// The drain deadline passed with changes unwritten.
+    #[error("{unwritten} entities were not written before the drain deadline (OUTBOX_DRAIN_TIMEOUT_S)")]
+    DrainIncomplete {
+        /// Entities whose newest version is not in the database.
+        unwritten: usize,
+    },
 }
 
 /// Where the database is, and the private server when we run one.
@@ -119,7 +131,15 @@ async fn serve(
         })
     };
 
-    let state = AppState { readiness: readiness.clone(), pool: pool.clone(), metrics };
+    let (store, receiver) = api::store_builder().capacity(config.queue_capacity).build();
+    let state = AppState {
+        readiness: readiness.clone(),
+        pool: pool.clone(),
+        metrics,
+        store: store.clone(),
+        ack: config.ack,
+        body_limit: config.body_limit,
+    };
     let app = api::router(state);
     let http_shutdown = shutdown.clone();
     let http = tokio::spawn(async move {
@@ -132,21 +152,43 @@ async fn serve(
         .run_until_cancelled(async {
             readiness.set(Phase::Starting("running migrations".into()));
             retry_startup_step("migrations", || pg::migrate(&pool)).await;
+            readiness.set(Phase::Starting("hydrating".into()));
+            let (engine, _) = Engine::start(store, receiver, pool.clone(), WorkerConfig::from_config(config)).await?;
             readiness.set(Phase::Ready);
             info!(%addr, "ready");
+            Ok::<Engine, ServerError>(engine)
         })
         .await;
-    if started.is_none() {
-        info!("shutdown requested during start-up");
-    }
+    let engine = match started {
+        Some(Ok(engine)) => Some(engine),
+        Some(Err(e)) => {
+            shutdown.cancel();
+            let _ = http.await;
+            upkeep.abort();
+            return Err(e);
+        }
+        None => {
+            info!("shutdown requested during start-up");
+            None
+        }
+    };
 
     shutdown.cancelled().await;
     readiness.set(Phase::ShuttingDown);
     info!("shutting down: no new connections; finishing in-flight requests");
     let served = http.await.expect("the HTTP server task does not panic");
+    // Shutdown (I10): the last request is answered; now write what is pending.
+    let drained = match engine {
+        Some(engine) => {
+            info!(deadline_s = config.drain_timeout_s, "draining the outbox");
+            engine.shutdown(config.drain_timeout()).await
+        }
+        None => crate::worker::DrainReport { unwritten: 0, elapsed: Duration::ZERO },
+    };
     upkeep.abort();
     pool.close();
-    served.map_err(ServerError::Serve)
+    served.map_err(ServerError::Serve)?;
+    if drained.complete() { Ok(()) } else { Err(ServerError::DrainIncomplete { unwritten: drained.unwritten }) }
 }
 
 /// Retries a start-up step until it succeeds: the database may be starting

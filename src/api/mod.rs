@@ -1,20 +1,29 @@
 //! The HTTP edge: one [`router`] for the reference service and its
 //! operational routes (health, readiness, metrics).
 
+pub mod error;
+pub mod extract;
+pub mod items;
+pub mod model;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
 use serde_json::json;
 
+use crate::config::AckMode;
 use crate::metrics as m;
+use crate::store::{ChangeSet, Store};
+use error::ApiError;
 
 /// How long `/readyz` waits for the database to answer.
 const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -70,6 +79,57 @@ pub struct AppState {
     pub pool: Pool,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
+    /// The entities.
+    pub store: Store,
+    /// The default acknowledgement (`OUTBOX_ACK`).
+    pub ack: AckMode,
+    /// Largest request body.
+    pub body_limit: usize,
+}
+
+impl AppState {
+    /// Refuses entity routes until start-up (hydration) is done: before
+    /// that, memory does not hold the database's state yet.
+    pub fn ensure_ready(&self) -> Result<(), ApiError> {
+        match self.readiness.get() {
+            Phase::Ready | Phase::ShuttingDown => Ok(()),
+            Phase::Starting(step) => {
+                Err(ApiError::unavailable(format!("the server is starting ({step})"), Duration::from_secs(1)))
+            }
+        }
+    }
+
+    /// Applies a change through the store; with `durable`, answers only
+    /// once the change set is committed (I11).
+    pub async fn change<T>(
+        &self,
+        durable: bool,
+        change: impl FnOnce(&mut ChangeSet<'_>) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        self.ensure_ready()?;
+        if durable {
+            let (value, ticket) = self.store.apply_durable(change)?;
+            ticket.wait().await?;
+            Ok(value)
+        } else {
+            Ok(self.store.apply(change)?)
+        }
+    }
+
+    /// A JSON response, saying `Preference-Applied: durable` when the change
+    /// was committed before answering.
+    pub fn respond(&self, status: StatusCode, body: &impl Serialize, durable: bool) -> Response {
+        let mut response = (status, axum::Json(body)).into_response();
+        if durable {
+            response.headers_mut().insert("preference-applied", HeaderValue::from_static("durable"));
+        }
+        response
+    }
+}
+
+/// The reference service's store: items, circuits and local-id mappings.
+pub fn store_builder() -> crate::store::StoreBuilder {
+    Store::builder().kind::<model::Item>().kind::<model::Circuit>().kind::<model::LocalMapping>()
 }
 
 /// The whole HTTP surface.
@@ -78,6 +138,9 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
+        .route("/api/items", post(items::create))
+        .route("/api/items/{dfid}", get(items::get))
+        .layer(DefaultBodyLimit::max(state.body_limit))
         .route_layer(middleware::from_fn(track_http))
         .with_state(state)
 }

@@ -1,7 +1,9 @@
 //! Everything that talks to PostgreSQL: the connection pool, migrations, and
 //! the private local server of DESIGN C2.
 
+pub mod hydrate;
 pub mod local;
+pub(crate) mod upsert;
 
 use std::time::Duration;
 

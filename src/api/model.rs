@@ -1,0 +1,129 @@
+//! The reference service's entity kinds (DESIGN A4): items, circuits and
+//! local-id mappings. They are ordinary [`Entity`] implementations: the
+//! engine knows nothing else about them.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::store::Entity;
+
+/// One identifier of an item: a key (e.g. `gtin`) and its value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identifier {
+    /// What kind of identifier.
+    pub key: String,
+    /// Its value.
+    pub value: String,
+}
+
+/// Where an item is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ItemStatus {
+    /// In use.
+    Active,
+    /// Merged into another item (`merged_into`).
+    Merged,
+    /// No longer in use.
+    Deprecated,
+}
+
+impl ItemStatus {
+    /// The status as it appears in JSON and queries.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Merged => "merged",
+            Self::Deprecated => "deprecated",
+        }
+    }
+}
+
+/// An item, identified by its DFID.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Item {
+    /// The item's id.
+    pub dfid: String,
+    /// The local id it was created under, for local items.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_id: Option<String>,
+    /// Life-cycle status.
+    pub status: ItemStatus,
+    /// Identifiers, without duplicates.
+    pub identifiers: Vec<Identifier>,
+    /// Free-form data, merged key by key on update.
+    #[serde(default)]
+    pub enriched_data: Map<String, Value>,
+    /// The item this one was merged into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<String>,
+    /// Circuits the item belongs to.
+    #[serde(default)]
+    pub circuits: Vec<String>,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Entity for Item {
+    const KIND: &'static str = "item";
+    const TABLE: &'static str = "items";
+    fn id(&self) -> &str {
+        &self.dfid
+    }
+}
+
+/// A circuit: a named set of items.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Circuit {
+    /// The circuit's id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// DFIDs of its items.
+    #[serde(default)]
+    pub items: Vec<String>,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Entity for Circuit {
+    const KIND: &'static str = "circuit";
+    const TABLE: &'static str = "circuits";
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// A local id (LID) and the DFID it maps to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LocalMapping {
+    /// The local id.
+    pub local_id: String,
+    /// The item it maps to now.
+    pub dfid: String,
+    /// The item it was created with (a local unmerge maps back to it).
+    pub original_dfid: String,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Entity for LocalMapping {
+    const KIND: &'static str = "local_id";
+    const TABLE: &'static str = "local_ids";
+    fn id(&self) -> &str {
+        &self.local_id
+    }
+}
+
+/// A new DFID.
+pub fn new_dfid() -> String {
+    format!("DFID-{}", uuid::Uuid::new_v4().simple())
+}

@@ -1,0 +1,247 @@
+//! The outbox: which entities wait to be written, in what order, and who
+//! waits for them.
+//!
+//! Everything here lives inside the store's lock and changes in the same
+//! critical section as the entities (DESIGN I1, I2):
+//!
+//! * An entity that changes while nothing of it is pending gets a *pending
+//!   mark* and one [`DirtyRecord`] on a bounded crossbeam channel to the
+//!   worker. Changed again before it is written, it keeps its mark and sends
+//!   nothing (coalescing, I5): the worker writes whatever is newest when it
+//!   takes the entity.
+//! * Room is reserved before a change is applied: an entity *occupies* the
+//!   queue from its first unwritten change until its newest version is
+//!   committed, and a change that would make more entities occupy it than
+//!   its capacity is refused, state untouched.
+//! * Entities changed together are *grouped* (I3): a group is taken whole
+//!   into one batch, so no transaction carries half of a change set. Groups
+//!   are a union of change sets over pending marks: if change set 1 touches
+//!   A and B and change set 2 touches B and C before any is written, A, B
+//!   and C go together, because B's newest state already contains change
+//!   set 2.
+//! * Every pending change has a sequence number; the oldest unwritten one
+//!   gives the lag.
+//! * A [`Ticket`] resolves when every entity of its change set has been
+//!   committed at (at least) the version the change set gave it.
+
+mod ticket;
+
+use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, Sender};
+
+pub use ticket::{Ticket, TicketError};
+pub(crate) use ticket::{TicketShared, Waiter};
+
+use crate::store::kind::{KindId, Stored};
+
+/// One entity that has changed and is not yet being written, as sent to the
+/// worker. `seq` ties it to the pending mark that sent it: a record whose mark
+/// was since taken (with its group) is stale and skipped.
+#[derive(Debug, Clone)]
+pub struct DirtyRecord {
+    pub(crate) kind: KindId,
+    pub(crate) id: Arc<str>,
+    pub(crate) seq: u64,
+}
+
+/// One row of a batch: an entity's newest state when it was taken.
+pub(crate) struct Row {
+    pub(crate) kind: KindId,
+    pub(crate) id: Arc<str>,
+    pub(crate) version: u64,
+    /// `None`: a tombstone.
+    pub(crate) value: Option<Arc<dyn Stored>>,
+    /// The pending mark's sequence number (for lag).
+    pub(crate) seq: u64,
+    /// When the entity's oldest unwritten change was made.
+    pub(crate) since: Instant,
+}
+
+/// Rows written in one transaction, made of whole groups (change sets are
+/// never split across transactions).
+#[derive(Default)]
+pub(crate) struct Batch {
+    pub(crate) rows: Vec<Row>,
+    /// Row ranges of the groups, for splitting a failing batch without
+    /// splitting a change set.
+    pub(crate) groups: Vec<Range<usize>>,
+}
+
+/// The worker's end of the queue.
+pub struct OutboxReceiver {
+    pub(crate) records: Receiver<DirtyRecord>,
+}
+
+/// An entity's persistence state while something of it is unwritten.
+#[derive(Default)]
+pub(crate) struct Track {
+    /// Changed and not yet taken into a batch.
+    pub(crate) pending: Option<Pending>,
+    /// Taken into a batch that has not finished: the version being written.
+    pub(crate) in_flight: Option<u64>,
+    /// Tickets waiting for a version of this entity to commit.
+    pub(crate) waiters: Vec<Waiter>,
+}
+
+impl Track {
+    /// Whether the entity occupies room in the queue.
+    pub(crate) fn occupies(&self) -> bool {
+        self.pending.is_some() || self.in_flight.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pending {
+    pub(crate) seq: u64,
+    pub(crate) since: Instant,
+    pub(crate) group: Option<u64>,
+}
+
+/// Identifies an entity across kinds.
+pub(crate) type EntityKey = (KindId, Arc<str>);
+
+/// The outbox's bookkeeping, kept inside the store's lock.
+pub(crate) struct Ledger {
+    pub(crate) capacity: usize,
+    /// Distinct entities occupying the queue.
+    pub(crate) depth: usize,
+    pub(crate) sender: Sender<DirtyRecord>,
+    next_seq: u64,
+    lag: LagClock,
+    pub(crate) groups: HashMap<u64, Vec<EntityKey>>,
+    next_group: u64,
+}
+
+impl Ledger {
+    pub(crate) fn new(capacity: usize) -> (Self, OutboxReceiver) {
+        // The channel never holds more records than there are pending
+        // marks (the worker drains it under the store lock before it takes
+        // anything), and pending marks never outnumber occupying entities,
+        // so the queue's capacity bounds the channel too.
+        let (sender, records) = crossbeam_channel::bounded(capacity);
+        let ledger = Self {
+            capacity,
+            depth: 0,
+            sender,
+            next_seq: 0,
+            lag: LagClock::default(),
+            groups: HashMap::new(),
+            next_group: 0,
+        };
+        (ledger, OutboxReceiver { records })
+    }
+
+    /// Starts a pending mark for an entity and sends its record.
+    pub(crate) fn mark(&mut self, kind: KindId, id: &Arc<str>, now: Instant) -> Pending {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.lag.push(seq, now);
+        if let Err(e) = self.sender.try_send(DirtyRecord { kind, id: id.clone(), seq }) {
+            // Unreachable while the reservation holds (see `new`); if it ever
+            // happens the entity stays marked and is found by the drain's
+            // sweep, so nothing is lost.
+            tracing::error!(error = %e, "outbox channel refused a record despite its reservation");
+        }
+        Pending { seq, since: now, group: None }
+    }
+
+    /// A pending change is written (or quarantined): it no longer counts
+    /// for lag.
+    pub(crate) fn settle(&mut self, seq: u64) {
+        self.lag.remove(seq);
+    }
+
+    /// When the oldest unwritten change was made.
+    pub(crate) fn oldest_pending(&self) -> Option<Instant> {
+        self.lag.oldest()
+    }
+
+    pub(crate) fn new_group(&mut self) -> u64 {
+        let id = self.next_group;
+        self.next_group += 1;
+        self.groups.insert(id, Vec::new());
+        id
+    }
+}
+
+/// Sequence numbers of unwritten changes in order, to find the oldest in
+/// O(1): numbers are handed out consecutively, so a deque indexed by
+/// `seq - first` holds them, and settled ones at the front are popped.
+#[derive(Default)]
+struct LagClock {
+    first: u64,
+    slots: VecDeque<Option<Instant>>,
+}
+
+impl LagClock {
+    fn push(&mut self, seq: u64, at: Instant) {
+        if self.slots.is_empty() {
+            self.first = seq;
+        }
+        debug_assert_eq!(seq, self.first + self.slots.len() as u64, "sequence numbers are consecutive");
+        self.slots.push_back(Some(at));
+    }
+
+    fn remove(&mut self, seq: u64) {
+        let Some(index) = seq.checked_sub(self.first) else { return };
+        if let Some(slot) = self.slots.get_mut(index as usize) {
+            *slot = None;
+        }
+        while matches!(self.slots.front(), Some(None)) {
+            self.slots.pop_front();
+            self.first += 1;
+        }
+    }
+
+    fn oldest(&self) -> Option<Instant> {
+        self.slots.front().copied().flatten()
+    }
+}
+
+/// A point-in-time view of the outbox, for metrics and the status route.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboxSnapshot {
+    /// Distinct entities waiting to be written.
+    pub depth: usize,
+    /// The bound.
+    pub capacity: usize,
+    /// Age of the oldest unwritten change (zero when none).
+    pub lag: Duration,
+    /// Wall-clock time of the oldest unwritten change (now when none).
+    pub oldest_pending: SystemTime,
+}
+
+impl OutboxSnapshot {
+    pub(crate) fn of(ledger: &Ledger) -> Self {
+        let lag = ledger.oldest_pending().map(|t| t.elapsed()).unwrap_or_default();
+        Self { depth: ledger.depth, capacity: ledger.capacity, lag, oldest_pending: SystemTime::now() - lag }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_clock_tracks_the_oldest_unsettled() {
+        let mut clock = LagClock::default();
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_millis(1);
+        let t2 = t0 + Duration::from_millis(2);
+        clock.push(0, t0);
+        clock.push(1, t1);
+        clock.push(2, t2);
+        clock.remove(1);
+        assert_eq!(clock.oldest(), Some(t0));
+        clock.remove(0);
+        assert_eq!(clock.oldest(), Some(t2));
+        clock.remove(2);
+        assert_eq!(clock.oldest(), None);
+        clock.push(3, t2);
+        assert_eq!(clock.oldest(), Some(t2));
+    }
+}

@@ -1,0 +1,116 @@
+//! Entity kinds: the user's own types, described by the [`Entity`] trait,
+//! and the type-erased form the store and the worker handle them in.
+
+use std::any::{Any, TypeId};
+use std::sync::Arc;
+
+use metrics::{Counter, Gauge};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::metrics as m;
+
+/// A kind of entity kept by the [`Store`](super::Store) and persisted to its
+/// own table.
+///
+/// The table has the layout every kind shares (create it in a migration):
+///
+/// ```sql
+/// CREATE TABLE items (
+///     id         text        PRIMARY KEY,
+///     version    bigint      NOT NULL,
+///     deleted    boolean     NOT NULL DEFAULT false,
+///     data       jsonb,                -- the entity; NULL for a tombstone
+///     updated_at timestamptz NOT NULL DEFAULT now()
+/// );
+/// ```
+///
+/// Columns worth indexing can be added as generated columns over `data`
+/// (`status text GENERATED ALWAYS AS (data->>'status') STORED`).
+pub trait Entity: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
+    /// The kind's name: a metric label, a log field, a dead letter's kind.
+    /// Short, lowercase, fixed.
+    const KIND: &'static str;
+    /// The table the kind is persisted to.
+    const TABLE: &'static str;
+    /// The entity's id, unique within its kind. It must not change.
+    fn id(&self) -> &str;
+}
+
+/// An entity in its type-erased form, as the store holds it.
+pub(crate) trait Stored: Any + Send + Sync {
+    /// Appends the entity's JSON to `out`.
+    fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error>;
+    /// For downcasting to the concrete type.
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
+}
+
+impl<E: Entity> Stored for E {
+    fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        serde_json::to_writer(out, self)
+    }
+
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        self
+    }
+}
+
+/// Turns a stored value back into its concrete type.
+pub(crate) fn downcast<E: Entity>(value: &Arc<dyn Stored>) -> Arc<E> {
+    value
+        .clone()
+        .into_any()
+        .downcast::<E>()
+        .unwrap_or_else(|_| panic!("a slot of kind {} holds another type; kinds are indexed by TypeId", E::KIND))
+}
+
+/// Index of a kind in the store's list of kinds.
+pub(crate) type KindId = usize;
+
+type Decode = fn(&[u8]) -> Result<Arc<dyn Stored>, serde_json::Error>;
+
+fn decode<E: Entity>(json: &[u8]) -> Result<Arc<dyn Stored>, serde_json::Error> {
+    Ok(Arc::new(serde_json::from_slice::<E>(json)?))
+}
+
+/// Everything the store, the worker and hydration need to know of a kind,
+/// with its metric handles resolved once (the change path only adds to an
+/// atomic).
+pub(crate) struct KindInfo {
+    pub(crate) type_id: TypeId,
+    pub(crate) name: &'static str,
+    pub(crate) table: &'static str,
+    pub(crate) upsert_sql: String,
+    pub(crate) select_sql: String,
+    pub(crate) decode: Decode,
+    pub(crate) mutations: Counter,
+    pub(crate) coalesced: Counter,
+    pub(crate) persisted: Counter,
+    pub(crate) dead_letters: Counter,
+    pub(crate) hydrated: Gauge,
+}
+
+impl KindInfo {
+    pub(crate) fn of<E: Entity>() -> Self {
+        let labels = [("entity", E::KIND)];
+        let kind = Self {
+            type_id: TypeId::of::<E>(),
+            name: E::KIND,
+            table: E::TABLE,
+            upsert_sql: crate::pg::upsert::upsert_sql(E::TABLE),
+            select_sql: crate::pg::hydrate::select_sql(E::TABLE),
+            decode: decode::<E>,
+            mutations: metrics::counter!(m::MUTATIONS_TOTAL, &labels),
+            coalesced: metrics::counter!(m::COALESCED_TOTAL, &labels),
+            persisted: metrics::counter!(m::PERSISTED_TOTAL, &labels),
+            dead_letters: metrics::counter!(m::DEAD_LETTERS_TOTAL, &labels),
+            hydrated: metrics::gauge!(m::HYDRATED_ENTITIES, &labels),
+        };
+        // Register every series at zero so it exists from the first scrape.
+        for counter in [&kind.mutations, &kind.coalesced, &kind.persisted, &kind.dead_letters] {
+            counter.increment(0);
+        }
+        kind.hydrated.set(0.0);
+        kind
+    }
+}
