@@ -11,8 +11,7 @@ use tokio_postgres::types::ToSql;
 
 use super::DbError;
 use super::upsert::JsonbRef;
-use crate::store::Store;
-use crate::store::kind::Stored;
+use crate::store::{HydratedRow, Store};
 
 /// Rows handed to the store per lock acquisition.
 const CHUNK: usize = 10_000;
@@ -68,7 +67,7 @@ pub async fn hydrate(store: &Store, pool: &Pool) -> Result<HydrationReport, Hydr
         let statement = client.prepare_cached(&kind.select_sql).await?;
         let rows = client.query_raw(&statement, std::iter::empty::<&(dyn ToSql + Sync)>()).await?;
         pin_mut!(rows);
-        let mut chunk: Vec<(Arc<str>, u64, Option<Arc<dyn Stored>>)> = Vec::with_capacity(CHUNK);
+        let mut chunk: Vec<HydratedRow> = Vec::with_capacity(CHUNK);
         let mut count = 0u64;
         while let Some(row) = rows.next().await {
             let row = row?;

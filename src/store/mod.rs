@@ -135,6 +135,10 @@ pub enum ApplyError<E> {
     Failed(E),
 }
 
+/// An entity as loaded from its table: id, version, value (`None`: a
+/// tombstone).
+pub(crate) type HydratedRow = (Arc<str>, u64, Option<Arc<dyn Stored>>);
+
 /// One entity's slot: its newest value (`None`: absent or a tombstone) and
 /// version, and, only while something of it is unwritten, its persistence
 /// state (boxed, so the million settled slots of a hydrated store stay small).
@@ -361,7 +365,7 @@ impl Store {
     /// Loads entities read from the database at start-up: no outbox
     /// record, the database already has them. A row never replaces a newer
     /// version already in memory.
-    pub(crate) fn hydrate(&self, kind: KindId, rows: Vec<(Arc<str>, u64, Option<Arc<dyn Stored>>)>) {
+    pub(crate) fn hydrate(&self, kind: KindId, rows: Vec<HydratedRow>) {
         let mut guard = self.write_state();
         let table = &mut guard.tables[kind];
         table.reserve(rows.len());
