@@ -5,17 +5,112 @@
 //!
 //! ## A tour, in the order data flows
 //!
-//! 1. [`api`]: the HTTP edge. Handlers of the reference items/circuits
-//!    service, health, readiness and metrics routes, all from one
+//! 1. **Handlers** ([`api`]) change state only through the [`Store`]. The
+//!    reference items/circuits service is built this way, all from one
 //!    [`api::router`].
-//! 2. [`pg`]: PostgreSQL. The connection pool, embedded migrations, and the
-//!    private local server ([`pg::LocalPostgres`]) used when `DATABASE_URL`
-//!    is unset and by the tests.
-//! 3. [`metrics`]: every metric name of the product, described and exported
-//!    in the Prometheus format.
-//! 4. [`config`]: one typed configuration from flags and environment.
-//! 5. [`server`]: the life cycle that ties them together: start-up in
-//!    order, serving, and an orderly shutdown.
+//! 2. The **store** ([`store`]) keeps entities of several kinds in memory,
+//!    each with an id and a version. A change is a closure over a
+//!    [`ChangeSet`](store::ChangeSet): everything it stages applies at once or
+//!    not at all, and in the same critical section is recorded in the outbox.
+//!    Reads never wait on the database.
+//! 3. The **outbox** ([`outbox`]) is a bounded queue of dirty-entity records.
+//!    Room is reserved before a change applies; a full queue refuses the
+//!    change with a retry hint. An entity already pending is not queued
+//!    again (coalescing), so memory stays bounded during an outage.
+//!    A [`Ticket`](outbox::Ticket) lets a caller wait until its change set
+//!    is committed.
+//! 4. The **worker** ([`worker`]) takes records off the queue on its own
+//!    thread, batches them (by size or age), reads each entity's newest
+//!    state, and writes each batch in one transaction, retrying failures with
+//!    backoff.
+//! 5. **PostgreSQL** ([`pg`]): version-guarded upserts (a row applies only
+//!    when its version is newer), hydration at start-up, migrations, the
+//!    connection pool, and a private local server for development and tests.
+//!
+//! Around them: [`engine`] ties a store to its worker; [`metrics`] names
+//! every metric; [`config`] is the server's configuration; [`server`] runs
+//! the reference server's life cycle.
+//!
+//! ## A handler's view
+//!
+//! Entity kinds are your own types. A handler changes them through the
+//! store; persistence follows without another call:
+//!
+//! ```
+//! use outbox::store::{ApplyError, Entity, Store, StoreError};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Clone, Serialize, Deserialize)]
+//! struct Account { id: String, balance: i64 }
+//!
+//! impl Entity for Account {
+//!     const KIND: &'static str = "account";
+//!     const TABLE: &'static str = "accounts";
+//!     fn id(&self) -> &str { &self.id }
+//! }
+//!
+//! // At start-up (the receiver goes to the worker, see below).
+//! let (store, _receiver) = Store::builder().kind::<Account>().capacity(10_000).build();
+//!
+//! // A handler: open two accounts in one change set.
+//! store.apply(|set| -> Result<(), StoreError> {
+//!     set.insert(Account { id: "alice".into(), balance: 100 })?;
+//!     set.insert(Account { id: "bob".into(), balance: 0 })?;
+//!     Ok(())
+//! }).unwrap();
+//!
+//! // A transfer touches both: one change set, so the database never shows
+//! // one half without the other.
+//! let moved = store.apply(|set| -> Result<i64, StoreError> {
+//!     set.update::<Account>("alice", |a| a.balance -= 30)?;
+//!     let bob = set.update::<Account>("bob", |b| b.balance += 30)?;
+//!     Ok(bob.balance)
+//! });
+//! assert!(matches!(moved, Ok(30)));
+//!
+//! // A change that fails applies nothing.
+//! let failed = store.apply(|set| -> Result<(), StoreError> {
+//!     set.update::<Account>("alice", |a| a.balance -= 1000)?;
+//!     set.update::<Account>("carol", |c| c.balance += 1000)?; // no such account
+//!     Ok(())
+//! });
+//! assert!(matches!(failed, Err(ApplyError::Failed(StoreError::NotFound { .. }))));
+//! assert_eq!(store.get::<Account>("alice").unwrap().balance, 70);
+//! assert_eq!(store.get::<Account>("alice").unwrap().version, 2);
+//!
+//! // Both accounts wait in the outbox (once each, however often changed).
+//! assert_eq!(store.outbox().depth, 2);
+//! ```
+//!
+//! Wiring it to PostgreSQL (the table layout is in [`store::Entity`]):
+//!
+//! ```no_run
+//! # use outbox::store::{Entity, Store};
+//! # #[derive(Clone, serde::Serialize, serde::Deserialize)]
+//! # struct Account { id: String, balance: i64 }
+//! # impl Entity for Account {
+//! #     const KIND: &'static str = "account";
+//! #     const TABLE: &'static str = "accounts";
+//! #     fn id(&self) -> &str { &self.id }
+//! # }
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use outbox::{Engine, worker::WorkerConfig};
+//!
+//! let pool = outbox::pg::pool(outbox::pg::parse_url("postgres://localhost/app")?, 8);
+//! let (store, receiver) = Store::builder().kind::<Account>().build();
+//! // Loads every account with its version, then starts the worker.
+//! let (engine, _report) = Engine::start(store, receiver, pool, WorkerConfig::default()).await?;
+//!
+//! // A durable change: answer the client only once it is committed.
+//! let (_, ticket) = engine.store().apply_durable(|set| set.upsert(Account { id: "carol".into(), balance: 5 }))?;
+//! ticket.wait().await?;
+//!
+//! // On shutdown, after the last request: write everything pending.
+//! let report = engine.shutdown(Duration::from_secs(30)).await;
+//! assert!(report.complete());
+//! # Ok(()) }
+//! ```
 
 pub mod api;
 pub mod config;
@@ -30,3 +125,4 @@ pub mod worker;
 pub use config::Config;
 pub use engine::Engine;
 pub use server::{ServerError, run};
+pub use store::Store;

@@ -5,6 +5,8 @@ pub mod hydrate;
 pub mod local;
 pub(crate) mod upsert;
 
+pub use upsert::upsert_sql;
+
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};

@@ -14,7 +14,7 @@ use crate::store::kind::{KindId, KindInfo};
 /// version is newer than the stored one, so replays, retries and
 /// out-of-order commits never move the database backwards (I4), and a
 /// tombstone is never undone by an older write (I6).
-pub(crate) fn upsert_sql(table: &str) -> String {
+pub fn upsert_sql(table: &str) -> String {
     let table = super::quote_ident(table);
     format!(
         "INSERT INTO {table} AS t (id, version, deleted, data, updated_at) \

@@ -1,0 +1,518 @@
+//! The engine against a real PostgreSQL: the model of memory equals the
+//! database, coalescing, change-set atomicity, backpressure, monotonic
+//! versions, tickets, and the shutdown drain.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{TestDb, fresh_db};
+use outbox::Engine;
+use outbox::store::{ApplyError, Entity, Refusal, Store, StoreBuilder, StoreError};
+use outbox::worker::{Worker, WorkerConfig};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Doc {
+    id: String,
+    body: String,
+    n: u64,
+}
+
+impl Entity for Doc {
+    const KIND: &'static str = "doc";
+    const TABLE: &'static str = "docs";
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Tag {
+    id: String,
+    label: String,
+}
+
+impl Entity for Tag {
+    const KIND: &'static str = "tag";
+    const TABLE: &'static str = "tags";
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Account {
+    id: String,
+    balance: i64,
+}
+
+impl Entity for Account {
+    const KIND: &'static str = "account";
+    const TABLE: &'static str = "accounts";
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// Creates the standard entity tables, with a row-write counter and a
+/// statement counter per table for the tests that count writes.
+async fn create_tables(db: &TestDb, tables: &[&str]) {
+    let client = db.connect().await;
+    client
+        .batch_execute(
+            "CREATE TABLE writes (tbl text, kind text, n bigint, PRIMARY KEY (tbl, kind));
+             CREATE FUNCTION count_row() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               INSERT INTO writes VALUES (TG_TABLE_NAME, 'row', 1)
+               ON CONFLICT (tbl, kind) DO UPDATE SET n = writes.n + 1;
+               RETURN NULL;
+             END $$;
+             CREATE FUNCTION count_statement() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               INSERT INTO writes VALUES (TG_TABLE_NAME, 'statement', 1)
+               ON CONFLICT (tbl, kind) DO UPDATE SET n = writes.n + 1;
+               RETURN NULL;
+             END $$;",
+        )
+        .await
+        .expect("create counters");
+    for table in tables {
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE {table} (id text PRIMARY KEY, version bigint NOT NULL, deleted boolean NOT NULL DEFAULT false,
+                   data jsonb, updated_at timestamptz NOT NULL DEFAULT now());
+                 CREATE TRIGGER {table}_rows AFTER INSERT OR UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION count_row();
+                 CREATE TRIGGER {table}_statements AFTER INSERT ON {table} FOR EACH STATEMENT EXECUTE FUNCTION count_statement();"
+            ))
+            .await
+            .expect("create an entity table");
+    }
+}
+
+async fn write_count(db: &TestDb, table: &str, kind: &str) -> i64 {
+    let client = db.connect().await;
+    client
+        .query_opt("SELECT n FROM writes WHERE tbl = $1 AND kind = $2", &[&table, &kind])
+        .await
+        .expect("read counters")
+        .map_or(0, |r| r.get(0))
+}
+
+/// Rows of a table: id → (version, deleted, data).
+async fn db_rows(db: &TestDb, table: &str) -> BTreeMap<String, (u64, bool, Option<serde_json::Value>)> {
+    let client = db.connect().await;
+    client
+        .query(&format!("SELECT id, version, deleted, data FROM {table}"), &[])
+        .await
+        .expect("read rows")
+        .into_iter()
+        .map(|r| (r.get(0), (r.get::<_, i64>(1) as u64, r.get(2), r.get(3))))
+        .collect()
+}
+
+/// Memory as the same map (tombstones included).
+fn memory_rows<E: Entity>(store: &Store) -> BTreeMap<String, (u64, bool, Option<serde_json::Value>)> {
+    store.read(|view| {
+        view.entries::<E>()
+            .map(|(id, version, value)| {
+                let json = value.map(|v| serde_json::to_value(&*v).expect("serializes"));
+                (id.to_owned(), (version, json.is_none(), json))
+            })
+            .collect()
+    })
+}
+
+fn config(batch_max: usize, writers: usize) -> WorkerConfig {
+    WorkerConfig { batch_max, linger: Duration::from_millis(1), retry_max_delay: Duration::from_millis(200), writers }
+}
+
+async fn start(db: &TestDb, builder: StoreBuilder, worker: WorkerConfig) -> Engine {
+    let pool = outbox::pg::pool(db.config.clone(), 8);
+    let (store, receiver) = builder.build();
+    let (engine, _) = Engine::start(store, receiver, pool, worker).await.expect("start the engine");
+    engine
+}
+
+/// A small deterministic PRNG (xorshift64*), so failures replay by seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// One random operation of the model test: creates, updates, deletes,
+/// re-creates, and change sets over several entities of both kinds.
+fn random_change(store: &Store, rng: &mut Rng, ids: u64) {
+    let doc_id = |rng: &mut Rng| format!("d{}", rng.below(ids));
+    let tag_id = |rng: &mut Rng| format!("t{}", rng.below(ids));
+    let op = rng.below(10);
+    let n = rng.next();
+    let result = store.apply(|set| -> Result<(), StoreError> {
+        match op {
+            // Create or re-create (after a delete), else update.
+            0..=2 => {
+                let id = doc_id(rng);
+                if set.contains::<Doc>(&id) {
+                    set.update::<Doc>(&id, |d| d.n = n)?;
+                } else {
+                    set.insert(Doc { id, body: format!("body {n}"), n })?;
+                }
+            }
+            3 => {
+                let id = tag_id(rng);
+                set.upsert(Tag { id, label: format!("label {n}") })?;
+            }
+            4 | 5 => {
+                let id = doc_id(rng);
+                if set.contains::<Doc>(&id) {
+                    set.delete::<Doc>(&id)?;
+                }
+                let id = tag_id(rng);
+                if set.contains::<Tag>(&id) && n % 3 == 0 {
+                    set.delete::<Tag>(&id)?;
+                }
+            }
+            // Change sets across kinds and entities.
+            _ => {
+                for _ in 0..2 + rng.below(3) {
+                    let id = doc_id(rng);
+                    if set.contains::<Doc>(&id) {
+                        set.update::<Doc>(&id, |d| d.body.push('+'))?;
+                    } else {
+                        set.upsert(Doc { id, body: "set".into(), n })?;
+                    }
+                    let id = tag_id(rng);
+                    set.upsert(Tag { id, label: format!("set {n}") })?;
+                }
+            }
+        }
+        Ok(())
+    });
+    match result {
+        Ok(()) | Err(ApplyError::Refused(Refusal::QueueFull { .. })) => {}
+        Err(e) => panic!("unexpected change failure: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn randomized_model_database_equals_memory_after_drain() {
+    for seed in 1..=4u64 {
+        let db = fresh_db(&format!("model{seed}")).await;
+        create_tables(&db, &["docs", "tags"]).await;
+        // Small batches and a small capacity exercise grouping, blocking on
+        // in-flight entities and backpressure.
+        let engine = start(&db, Store::builder().kind::<Doc>().kind::<Tag>().capacity(64), config(7, 2)).await;
+        let store = engine.store().clone();
+        let writers: Vec<_> = (0..4u64)
+            .map(|thread| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    let mut rng = Rng(seed * 7919 + thread * 104_729 + 1);
+                    for _ in 0..3000 {
+                        random_change(&store, &mut rng, 40);
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.join().expect("writer thread");
+        }
+        let report = engine.shutdown(Duration::from_secs(60)).await;
+        assert!(report.complete(), "seed {seed}: drain left {} unwritten", report.unwritten);
+        assert_eq!(db_rows(&db, "docs").await, memory_rows::<Doc>(&store), "seed {seed}: docs differ");
+        assert_eq!(db_rows(&db, "tags").await, memory_rows::<Tag>(&store), "seed {seed}: tags differ");
+        assert!(memory_rows::<Doc>(&store).len() > 10, "the run touched many entities");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn coalescing_writes_one_row_with_the_last_version() {
+    let db = fresh_db("coalesce").await;
+    create_tables(&db, &["docs"]).await;
+    let pool = outbox::pg::pool(db.config.clone(), 4);
+    let (store, receiver) = Store::builder().kind::<Doc>().capacity(10).build();
+    store.apply(|set| set.insert(Doc { id: "hot".into(), body: String::new(), n: 0 })).expect("insert");
+    for n in 1..=10_000u64 {
+        store.apply(|set| set.update::<Doc>("hot", |d| d.n = n)).expect("update");
+        assert_eq!(store.outbox().depth, 1, "one entity pending, however often it changes");
+    }
+    // The worker starts only now: all 10,001 changes precede any flush.
+    let worker = Worker::start(store.clone(), receiver, pool, config(1000, 2));
+    assert!(worker.drain(Duration::from_secs(30)).await.complete());
+    let rows = db_rows(&db, "docs").await;
+    assert_eq!(rows["hot"].0, 10_001, "the newest version is written");
+    assert_eq!(rows["hot"].2.as_ref().unwrap()["n"], 10_000);
+    assert_eq!(write_count(&db, "docs", "row").await, 1, "one row write for 10,001 changes");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readers_never_see_half_a_change_set() {
+    const ACCOUNTS: i64 = 12;
+    const TOTAL: i64 = ACCOUNTS * 1000;
+    let db = fresh_db("atomic").await;
+    create_tables(&db, &["accounts"]).await;
+    let engine = start(&db, Store::builder().kind::<Account>(), config(5, 2)).await;
+    let store = engine.store().clone();
+    store
+        .apply(|set| -> Result<(), StoreError> {
+            for i in 0..ACCOUNTS {
+                set.insert(Account { id: format!("a{i}"), balance: 1000 })?;
+            }
+            Ok(())
+        })
+        .expect("open accounts");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        let config = db.config.clone();
+        tokio::spawn(async move {
+            let client = outbox::pg::connect(&config).await.expect("reader connects");
+            let mut observations = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let row = client
+                    .query_one(
+                        "SELECT count(*), coalesce(sum((data->>'balance')::bigint), 0)::bigint FROM accounts",
+                        &[],
+                    )
+                    .await
+                    .expect("read balances");
+                let (count, sum): (i64, i64) = (row.get(0), row.get(1));
+                assert!(
+                    (count == 0 && sum == 0) || (count == ACCOUNTS && sum == TOTAL),
+                    "a reader saw half a change set: {count} accounts holding {sum}"
+                );
+                observations += 1;
+            }
+            observations
+        })
+    };
+
+    let writers: Vec<_> = (0..3u64)
+        .map(|thread| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let mut rng = Rng(thread + 11);
+                for _ in 0..4000 {
+                    let from = format!("a{}", rng.below(ACCOUNTS as u64));
+                    let to = format!("a{}", rng.below(ACCOUNTS as u64));
+                    if from == to {
+                        continue;
+                    }
+                    let amount = rng.below(50) as i64;
+                    store
+                        .apply(|set| -> Result<(), StoreError> {
+                            set.update::<Account>(&from, |a| a.balance -= amount)?;
+                            set.update::<Account>(&to, |a| a.balance += amount)?;
+                            Ok(())
+                        })
+                        .expect("transfer");
+                    if rng.below(8) == 0 {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().expect("writer thread");
+    }
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+    stop.store(true, Ordering::Relaxed);
+    let observations = reader.await.expect("the reader found no torn change set");
+    assert!(observations > 10, "the reader ran alongside the writers ({observations} reads)");
+    assert_eq!(db_rows(&db, "accounts").await, memory_rows::<Account>(&store));
+    assert!(write_count(&db, "accounts", "statement").await > 10, "many batches were written");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_queue_refuses_changes_and_leaves_state_untouched() {
+    let db = fresh_db("backpressure").await;
+    create_tables(&db, &["docs"]).await;
+    let engine = start(&db, Store::builder().kind::<Doc>().capacity(3), config(100, 1)).await;
+    let store = engine.store().clone();
+
+    // Pause the database for writes: hold a lock the upsert needs.
+    let locker = db.connect().await;
+    locker.batch_execute("BEGIN; LOCK TABLE docs IN ACCESS EXCLUSIVE MODE").await.expect("lock");
+
+    for i in 0..3 {
+        store.apply(|set| set.insert(Doc { id: format!("d{i}"), body: "first".into(), n: 0 })).expect("room");
+    }
+    // Changes to entities already pending are absorbed, not refused.
+    store.apply(|set| set.update::<Doc>("d0", |d| d.n = 1)).expect("coalesced change needs no room");
+    let before = memory_rows::<Doc>(&store);
+
+    let refused = store.apply(|set| -> Result<(), StoreError> {
+        set.update::<Doc>("d1", |d| d.n = 99)?;
+        set.insert(Doc { id: "d3".into(), body: "no room".into(), n: 0 })?;
+        Ok(())
+    });
+    match refused {
+        Err(ApplyError::Refused(Refusal::QueueFull { capacity, retry_after })) => {
+            assert_eq!(capacity, 3);
+            assert!(retry_after >= Duration::from_secs(1));
+        }
+        other => panic!("expected QueueFull, got {other:?}"),
+    }
+    assert_eq!(memory_rows::<Doc>(&store), before, "a refused change set changes nothing, not even its first half");
+    assert!(store.get::<Doc>("d3").is_none());
+    assert_eq!(store.outbox().depth, 3);
+
+    locker.batch_execute("ROLLBACK").await.expect("unlock");
+    let drained = common::poll_until(Duration::from_secs(20), || async { store.outbox().depth == 0 }).await;
+    assert!(drained, "everything pending commits once the database is back");
+    store.apply(|set| set.insert(Doc { id: "d3".into(), body: "room again".into(), n: 0 })).expect("room again");
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+    assert_eq!(db_rows(&db, "docs").await, memory_rows::<Doc>(&store));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn versions_continue_across_restarts_and_old_writes_change_nothing() {
+    let db = fresh_db("monotonic").await;
+    create_tables(&db, &["docs"]).await;
+    let engine = start(&db, Store::builder().kind::<Doc>(), config(100, 2)).await;
+    engine.store().apply(|set| set.insert(Doc { id: "a".into(), body: "v1".into(), n: 1 })).unwrap();
+    engine.store().apply(|set| set.update::<Doc>("a", |d| d.body = "v2".into())).unwrap();
+    engine.store().apply(|set| set.update::<Doc>("a", |d| d.body = "v3".into())).unwrap();
+    engine.store().apply(|set| set.insert(Doc { id: "gone".into(), body: "x".into(), n: 1 })).unwrap();
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+    engine_store_delete_and_restart(&db).await;
+}
+
+async fn engine_store_delete_and_restart(db: &TestDb) {
+    // Second life: versions continue from the hydrated ones.
+    let engine = start(db, Store::builder().kind::<Doc>(), config(100, 2)).await;
+    let store = engine.store().clone();
+    assert_eq!(store.get::<Doc>("a").expect("hydrated").version, 3);
+    let updated = store.apply(|set| set.update::<Doc>("a", |d| d.body = "v4".into())).unwrap();
+    assert_eq!(updated.version, 4, "the version continues from the hydrated one");
+    let tombstone = store.apply(|set| set.delete::<Doc>("gone")).unwrap();
+    assert_eq!(tombstone, 2);
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+
+    // Third life: the tombstone is hydrated; a re-create continues from it.
+    let engine = start(db, Store::builder().kind::<Doc>(), config(100, 2)).await;
+    assert!(engine.store().get::<Doc>("gone").is_none(), "a tombstone stays deleted");
+    let again = engine.store().apply(|set| set.insert(Doc { id: "gone".into(), body: "back".into(), n: 2 })).unwrap();
+    assert_eq!(again.version, 3);
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+
+    // Replaying an older batch (a retry, a stale writer) changes nothing.
+    let before = db_rows(db, "docs").await;
+    let client = db.connect().await;
+    let sql = outbox::pg::upsert_sql("docs");
+    let old = serde_json::json!({"id": "a", "body": "v2", "n": 1});
+    let tombstone_replay = Option::<serde_json::Value>::None;
+    client
+        .execute(&sql, &[&vec!["a"], &vec![2i64], &vec![false], &vec![Some(old)]])
+        .await
+        .expect("replay an old version");
+    client
+        .execute(&sql, &[&vec!["gone"], &vec![2i64], &vec![true], &vec![tombstone_replay]])
+        .await
+        .expect("replay the old tombstone");
+    assert_eq!(db_rows(db, "docs").await, before, "older versions never overwrite newer ones");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tickets_resolve_only_after_the_change_set_is_in_the_database() {
+    let db = fresh_db("tickets").await;
+    create_tables(&db, &["docs", "tags"]).await;
+    let engine = start(&db, Store::builder().kind::<Doc>().kind::<Tag>(), config(1000, 2)).await;
+    let store = engine.store().clone();
+    let mut waiters = Vec::new();
+    for i in 0..200 {
+        let store = store.clone();
+        let config = db.config.clone();
+        waiters.push(tokio::spawn(async move {
+            let ((doc, tag), ticket) = store
+                .apply_durable(|set| -> Result<_, StoreError> {
+                    let doc = set.upsert(Doc { id: format!("d{i}"), body: "durable".into(), n: i })?;
+                    let tag = set.upsert(Tag { id: format!("t{i}"), label: "durable".into() })?;
+                    Ok((doc.version, tag.version))
+                })
+                .expect("apply");
+            ticket.wait().await.expect("committed");
+            // The moment the ticket resolves, both rows are readable.
+            let client = outbox::pg::connect(&config).await.expect("connect");
+            let d: i64 =
+                client.query_one("SELECT version FROM docs WHERE id = $1", &[&format!("d{i}")]).await.unwrap().get(0);
+            let t: i64 =
+                client.query_one("SELECT version FROM tags WHERE id = $1", &[&format!("t{i}")]).await.unwrap().get(0);
+            assert!(d as u64 >= doc && t as u64 >= tag, "ticket resolved before its commit");
+        }));
+    }
+    for waiter in waiters {
+        waiter.await.expect("waiter");
+    }
+    let statements = write_count(&db, "docs", "statement").await;
+    assert!(statements < 200, "waiters share batches (group commit): {statements} batches for 200 tickets");
+
+    // A change set that changes nothing is durable at once.
+    let ((), ticket) = store.apply_durable(|_| Ok::<_, StoreError>(())).unwrap();
+    ticket.wait().await.expect("nothing to wait for");
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn closed_store_refuses_changes() {
+    let (store, _receiver) = Store::builder().kind::<Doc>().build();
+    store.apply(|set| set.insert(Doc { id: "a".into(), body: String::new(), n: 0 })).unwrap();
+    store.close();
+    let refused = store.apply(|set| set.update::<Doc>("a", |d| d.n = 1));
+    assert!(matches!(refused, Err(ApplyError::Refused(Refusal::Closed))));
+    assert_eq!(store.get::<Doc>("a").unwrap().n, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_right_after_writes_drains_every_acknowledged_change() {
+    use nix::sys::signal::Signal;
+    let db = fresh_db("drain").await;
+    // A long linger keeps changes pending when the signal arrives.
+    let mut server = common::ServerProcess::start(
+        &[],
+        &[
+            ("DATABASE_URL", db.url()),
+            ("OUTBOX_DATA_DIR", common::scratch_dir("drain").display().to_string()),
+            ("OUTBOX_LINGER_MS", "3000".into()),
+        ],
+    );
+    server.wait_ready(Duration::from_secs(30)).await;
+    let http = common::http();
+    let mut acknowledged = Vec::new();
+    for i in 0..300 {
+        let response = http
+            .post(server.url("/api/items"))
+            .json(&serde_json::json!({"identifiers": [{"key": "n", "value": i.to_string()}]}))
+            .send()
+            .await
+            .expect("create");
+        assert_eq!(response.status(), 201);
+        let item: serde_json::Value = response.json().await.unwrap();
+        acknowledged.push((item["dfid"].as_str().unwrap().to_owned(), item["version"].as_i64().unwrap()));
+    }
+    server.signal(Signal::SIGTERM);
+    let status = server.wait(Duration::from_secs(60));
+    assert!(status.success(), "clean exit after the drain: {status}\n{}", server.log());
+    assert!(server.log().contains("outbox drained"), "{}", server.log());
+
+    let client = db.connect().await;
+    for (dfid, version) in acknowledged {
+        let row = client.query_opt("SELECT version FROM items WHERE id = $1", &[&dfid]).await.unwrap();
+        let stored: i64 = row.unwrap_or_else(|| panic!("acknowledged item {dfid} is missing")).get(0);
+        assert!(stored >= version);
+    }
+}
