@@ -139,6 +139,8 @@ async fn serve(
         store: store.clone(),
         ack: config.ack,
         body_limit: config.body_limit,
+        request_timeout: config.request_timeout(),
+        admin_token: config.admin_token.clone().filter(|t| !t.is_empty()),
     };
     let app = api::router(state);
     let http_shutdown = shutdown.clone();

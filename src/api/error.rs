@@ -26,13 +26,18 @@ pub struct ApiError {
     pub retry_after: Option<Duration>,
 }
 
-#[derive(Serialize)]
-struct Problem<'a> {
+/// RFC 9457 problem details, the body of every 4xx and 5xx answer.
+#[derive(Debug, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Problem {
+    /// A URI naming the problem type (`urn:outbox:problem:<kind>`).
     #[serde(rename = "type")]
-    type_: String,
-    title: &'a str,
-    status: u16,
-    detail: &'a str,
+    pub type_: String,
+    /// The HTTP status's reason phrase.
+    pub title: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// What went wrong in this request.
+    pub detail: String,
 }
 
 impl ApiError {
@@ -81,9 +86,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let problem = Problem {
             type_: format!("urn:outbox:problem:{}", self.kind),
-            title: self.title(),
+            title: self.title().to_owned(),
             status: self.status.as_u16(),
-            detail: &self.detail,
+            detail: self.detail,
         };
         let mut response = (self.status, Json(problem)).into_response();
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));

@@ -1,7 +1,8 @@
 //! Request extraction that answers malformed input with problem details.
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use serde::de::DeserializeOwned;
 
@@ -36,6 +37,24 @@ fn rejection_to_problem(rejection: JsonRejection) -> ApiError {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too-large", "the request body exceeds the size limit")
         }
         _ => ApiError::new(status, "bad-request", detail),
+    }
+}
+
+/// `axum::extract::Query`, with a bad query (unknown parameter, wrong
+/// type) answered 400 as problem details.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(Self(value)),
+            Err(rejection @ QueryRejection::FailedToDeserializeQueryString(_)) => {
+                Err(ApiError::bad_request(rejection.body_text()))
+            }
+            Err(rejection) => Err(ApiError::bad_request(rejection.body_text())),
+        }
     }
 }
 

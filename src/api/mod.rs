@@ -1,32 +1,43 @@
-//! The HTTP edge: one [`router`] for the reference service and its
-//! operational routes (health, readiness, metrics).
+//! The HTTP edge: one [`router`] for the reference items/circuits service
+//! (DESIGN §4) and its operational routes. Handlers change state only through
+//! the store; errors are RFC 9457 problem details; the OpenAPI document is
+//! generated from the handlers' annotations, so it cannot drift from the
+//! routes.
 
+pub mod admin;
+pub mod circuits;
 pub mod error;
 pub mod extract;
+pub mod index;
 pub mod items;
+pub mod local;
 pub mod model;
+pub mod ops;
+pub mod validate;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::{Extension, Router};
 use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
-use serde_json::json;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::config::AckMode;
 use crate::metrics as m;
 use crate::store::{ChangeSet, Store};
 use error::ApiError;
-
-/// How long `/readyz` waits for the database to answer.
-const READY_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where start-up and shutdown stand, for `/readyz`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,7 +86,7 @@ impl Default for Readiness {
 pub struct AppState {
     /// Start-up progress.
     pub readiness: Arc<Readiness>,
-    /// The database pool (readiness checks).
+    /// The database pool (readiness checks, admin queries).
     pub pool: Pool,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
@@ -85,6 +96,10 @@ pub struct AppState {
     pub ack: AckMode,
     /// Largest request body.
     pub body_limit: usize,
+    /// Longest a request may take (`OUTBOX_REQUEST_TIMEOUT_S`).
+    pub request_timeout: Duration,
+    /// The admin bearer token; `None` turns the admin routes off.
+    pub admin_token: Option<String>,
 }
 
 impl AppState {
@@ -100,20 +115,34 @@ impl AppState {
     }
 
     /// Applies a change through the store; with `durable`, answers only
-    /// once the change set is committed (I11).
+    /// once the change set is committed (I11), within the request timeout.
     pub async fn change<T>(
         &self,
         durable: bool,
         change: impl FnOnce(&mut ChangeSet<'_>) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
         self.ensure_ready()?;
-        if durable {
-            let (value, ticket) = self.store.apply_durable(change)?;
-            ticket.wait().await?;
-            Ok(value)
-        } else {
-            Ok(self.store.apply(change)?)
+        if !durable {
+            return Ok(self.store.apply(change)?);
         }
+        let (value, ticket) = self.store.apply_durable(change)?;
+        // Leave a moment of the request's budget to answer in.
+        let wait = self.request_timeout.saturating_sub(Duration::from_millis(500)).max(Duration::from_millis(100));
+        match tokio::time::timeout(wait, ticket.wait()).await {
+            Ok(outcome) => outcome?,
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "not-yet-durable",
+                    format!(
+                        "the change was applied in memory but not committed within {} s (is the database down?); \
+                         it will be written when the database answers",
+                        wait.as_secs()
+                    ),
+                ));
+            }
+        }
+        Ok(value)
     }
 
     /// A JSON response, saying `Preference-Applied: durable` when the change
@@ -127,49 +156,105 @@ impl AppState {
     }
 }
 
-/// The reference service's store: items, circuits and local-id mappings.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "outbox reference service",
+        description = "Items, local items and circuits kept in memory and persisted to PostgreSQL through an \
+                       outbox. Every mutation accepts `Prefer: durable` to be answered only after its commit. \
+                       Errors are RFC 9457 problem details (`application/problem+json`)."
+    ),
+    tags(
+        (name = "items", description = "Items (DESIGN A1)"),
+        (name = "local items", description = "Local items and local merges (DESIGN A2)"),
+        (name = "circuits", description = "Circuits (DESIGN A3)"),
+        (name = "operations", description = "Health, readiness, metrics, status (DESIGN A5)"),
+        (name = "admin", description = "Dead letters; needs the admin bearer token (DESIGN A5)"),
+    ),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The reference service's store: items (with their indexes), circuits and
+/// local-id mappings.
 pub fn store_builder() -> crate::store::StoreBuilder {
-    Store::builder().kind::<model::Item>().kind::<model::Circuit>().kind::<model::LocalMapping>()
+    Store::builder()
+        .kind::<model::Item>()
+        .kind::<model::Circuit>()
+        .kind::<model::LocalMapping>()
+        .index::<model::Item, _>(index::ItemIndex::default())
+}
+
+/// Every route and its documentation. The admin routes are included only
+/// when a token is configured.
+fn routes(admin: bool) -> OpenApiRouter<AppState> {
+    let router = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(items::create, items::list))
+        .routes(routes!(items::create_batch))
+        .routes(routes!(items::get, items::update, items::delete))
+        .routes(routes!(items::merge))
+        .routes(routes!(items::split))
+        .routes(routes!(items::deprecate))
+        .routes(routes!(local::create))
+        .routes(routes!(local::merge))
+        .routes(routes!(local::unmerge))
+        .routes(routes!(circuits::create))
+        .routes(routes!(circuits::get))
+        .routes(routes!(circuits::add_item))
+        .routes(routes!(ops::status))
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::metrics))
+        .routes(routes!(ops::openapi));
+    if admin { router.merge(OpenApiRouter::new().routes(routes!(admin::list))) } else { router }
+}
+
+/// The OpenAPI document of the service (with the admin routes).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes(true).split_for_parts().1
 }
 
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(render_metrics))
-        .route("/api/items", post(items::create))
-        .route("/api/items/{dfid}", get(items::get))
-        .layer(DefaultBodyLimit::max(state.body_limit))
+    let admin = state.admin_token.is_some();
+    let (router, document) = routes(admin).split_for_parts();
+    let document = ops::OpenApiJson(Arc::new(document.to_json().expect("the OpenAPI document serializes")));
+    let router =
+        if admin { router.route_layer(middleware::from_fn_with_state(state.clone(), admin_gate)) } else { router };
+    router
+        .fallback(|| async { ApiError::not_found("no such route") })
         .route_layer(middleware::from_fn(track_http))
+        .layer(Extension(document))
+        .layer(RequestBodyLimitLayer::new(state.body_limit))
+        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, state.request_timeout))
+        .layer(middleware::from_fn(problem_for_bare_errors))
+        .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
 
-/// 200 while the process runs.
-async fn healthz() -> impl IntoResponse {
-    (StatusCode::OK, axum::Json(json!({ "status": "ok" })))
-}
-
-/// 200 once start-up finished and the database answers; 503 with a JSON
-/// reason otherwise.
-async fn readyz(State(state): State<AppState>) -> Response {
-    let unavailable = |status: &str, reason: String| {
-        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({ "status": status, "reason": reason }))).into_response()
-    };
-    match state.readiness.get() {
-        Phase::Starting(step) => return unavailable("starting", step),
-        Phase::ShuttingDown => return unavailable("shutting_down", "the server is shutting down".into()),
-        Phase::Ready => {}
+/// Applies the admin token check to `/api/admin/*` only.
+async fn admin_gate(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if request.uri().path().starts_with("/api/admin/") {
+        admin::require_token(axum::extract::State(state), request, next).await
+    } else {
+        next.run(request).await
     }
-    match tokio::time::timeout(READY_CHECK_TIMEOUT, crate::pg::ping(&state.pool)).await {
-        Ok(Ok(())) => (StatusCode::OK, axum::Json(json!({ "status": "ready" }))).into_response(),
-        Ok(Err(e)) => unavailable("unavailable", format!("database: {e}")),
-        Err(_) => unavailable("unavailable", format!("database: no answer within {READY_CHECK_TIMEOUT:?}")),
-    }
-}
-
-async fn render_metrics(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }
 
 /// Counts and times every request by method, route template (never the raw
@@ -188,4 +273,36 @@ async fn track_http(request: Request, next: Next) -> Response {
     metrics::counter!(m::HTTP_REQUESTS_TOTAL, &labels).increment(1);
     metrics::histogram!(m::HTTP_REQUEST_DURATION, &labels).record(started.elapsed().as_secs_f64());
     response
+}
+
+/// Error answers produced outside the handlers (unknown method, body over
+/// the limit, timeout) come without a body; give them problem details too.
+async fn problem_for_bare_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let content_type = response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if content_type.starts_with("application/problem+json") || content_type.starts_with("application/json") {
+        return response;
+    }
+    let (kind, detail) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => ("method-not-allowed", "this route does not accept that method".to_owned()),
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ("too-large", "the request body exceeds the size limit (OUTBOX_BODY_LIMIT)".to_owned())
+        }
+        StatusCode::SERVICE_UNAVAILABLE => {
+            ("timeout", "the request took longer than the request timeout (OUTBOX_REQUEST_TIMEOUT_S)".to_owned())
+        }
+        StatusCode::NOT_FOUND => ("not-found", "no such route".to_owned()),
+        _ => ("error", status.canonical_reason().unwrap_or("error").to_owned()),
+    };
+    let mut problem = ApiError::new(status, kind, detail).into_response();
+    for name in [header::ALLOW, header::RETRY_AFTER, header::WWW_AUTHENTICATE] {
+        if let Some(value) = response.headers().get(&name) {
+            problem.headers_mut().insert(name, value.clone());
+        }
+    }
+    problem
 }

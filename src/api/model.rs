@@ -5,11 +5,12 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 use crate::store::Entity;
 
 /// One identifier of an item: a key (e.g. `gtin`) and its value.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Identifier {
     /// What kind of identifier.
@@ -19,7 +20,7 @@ pub struct Identifier {
 }
 
 /// Where an item is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ItemStatus {
     /// In use.
@@ -42,7 +43,7 @@ impl ItemStatus {
 }
 
 /// An item, identified by its DFID.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Item {
     /// The item's id.
     pub dfid: String,
@@ -55,6 +56,7 @@ pub struct Item {
     pub identifiers: Vec<Identifier>,
     /// Free-form data, merged key by key on update.
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub enriched_data: Map<String, Value>,
     /// The item this one was merged into.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,7 +79,7 @@ impl Entity for Item {
 }
 
 /// A circuit: a named set of items.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Circuit {
     /// The circuit's id.
     pub id: String,
@@ -107,12 +109,25 @@ pub struct LocalMapping {
     pub local_id: String,
     /// The item it maps to now.
     pub dfid: String,
-    /// The item it was created with (a local unmerge maps back to it).
-    pub original_dfid: String,
+    /// Set while the local id's item is merged into another by a local
+    /// merge: what the unmerge restores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<LocalMerge>,
     /// When it was created.
     pub created_at: DateTime<Utc>,
     /// When it last changed.
     pub updated_at: DateTime<Utc>,
+}
+
+/// What a local merge changed, so that the unmerge can restore it exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LocalMerge {
+    /// The item merged into.
+    pub target_dfid: String,
+    /// The merged item as it was before the merge.
+    pub source_before: Item,
+    /// Identifiers the target gained (it did not have them before).
+    pub added_identifiers: Vec<Identifier>,
 }
 
 impl Entity for LocalMapping {

@@ -1,6 +1,7 @@
 //! Everything that talks to PostgreSQL: the connection pool, migrations, and
 //! the private local server of DESIGN C2.
 
+pub mod dead_letters;
 pub mod hydrate;
 pub mod local;
 pub(crate) mod upsert;

@@ -43,6 +43,8 @@ pub(crate) trait Stored: Any + Send + Sync {
     fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error>;
     /// For downcasting to the concrete type.
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
+    /// For downcasting a borrowed value.
+    fn as_any(&self) -> &dyn Any;
 }
 
 impl<E: Entity> Stored for E {
@@ -51,6 +53,10 @@ impl<E: Entity> Stored for E {
     }
 
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        self
+    }
+
+    fn as_any(&self) -> &dyn Any {
         self
     }
 }
@@ -112,5 +118,39 @@ impl KindInfo {
         }
         kind.hydrated.set(0.0);
         kind
+    }
+}
+
+/// A secondary index over one kind, kept in step with the store: it is
+/// updated in the same critical section as every change (and at hydration),
+/// so a read through [`View::index`](super::View::index) always agrees with
+/// the entities.
+pub trait Index<E: Entity>: Send + Sync + 'static {
+    /// Entity `id` changed from `old` to `new` (`None`: absent or deleted).
+    fn update(&mut self, id: &Arc<str>, old: Option<&E>, new: Option<&E>);
+}
+
+/// An index in its type-erased form.
+pub(crate) trait ErasedIndex: Send + Sync {
+    fn update(&mut self, id: &Arc<str>, old: Option<&dyn Stored>, new: Option<&dyn Stored>);
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// Adapts an [`Index`] of `E` to [`ErasedIndex`].
+pub(crate) struct TypedIndex<E, I> {
+    pub(crate) index: I,
+    pub(crate) kind: std::marker::PhantomData<fn(&E)>,
+}
+
+impl<E: Entity, I: Index<E>> ErasedIndex for TypedIndex<E, I> {
+    fn update(&mut self, id: &Arc<str>, old: Option<&dyn Stored>, new: Option<&dyn Stored>) {
+        fn cast<E: Entity>(value: Option<&dyn Stored>) -> Option<&E> {
+            value.and_then(|v| v.as_any().downcast_ref::<E>())
+        }
+        self.index.update(id, cast::<E>(old), cast::<E>(new));
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        &self.index
     }
 }

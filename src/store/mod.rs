@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use metrics::Counter;
 
-pub use kind::Entity;
-use kind::{KindId, KindInfo, Stored, downcast};
+pub use kind::{Entity, Index};
+use kind::{ErasedIndex, KindId, KindInfo, Stored, TypedIndex, downcast};
 
 use crate::metrics as m;
 use crate::outbox::{
@@ -157,6 +157,8 @@ impl Slot {
 /// Everything behind the store's lock.
 pub(crate) struct State {
     pub(crate) tables: Vec<HashMap<Arc<str>, Slot>>,
+    /// Secondary indexes, per kind.
+    pub(crate) indexes: Vec<Vec<Box<dyn ErasedIndex>>>,
     pub(crate) ledger: Ledger,
     pub(crate) closed: bool,
 }
@@ -165,6 +167,7 @@ pub(crate) struct Shared {
     pub(crate) kinds: Vec<KindInfo>,
     pub(crate) state: RwLock<State>,
     rejected_queue_full: Counter,
+    health: crate::worker::health::Health,
 }
 
 /// The in-memory state and the only way to change it. Cheap to clone: all
@@ -177,12 +180,13 @@ pub struct Store {
 /// Declares the kinds a store holds and its outbox capacity.
 pub struct StoreBuilder {
     kinds: Vec<KindInfo>,
+    indexes: Vec<(KindId, Box<dyn ErasedIndex>)>,
     capacity: usize,
 }
 
 impl Default for StoreBuilder {
     fn default() -> Self {
-        Self { kinds: Vec::new(), capacity: 100_000 }
+        Self { kinds: Vec::new(), indexes: Vec::new(), capacity: 100_000 }
     }
 }
 
@@ -204,6 +208,14 @@ impl StoreBuilder {
         self
     }
 
+    /// Adds a secondary index over kind `E` (added before), kept in step
+    /// with every change. Read it with [`View::index`].
+    pub fn index<E: Entity, I: Index<E>>(mut self, index: I) -> Self {
+        let kind = kind_id_of::<E>(&self.kinds);
+        self.indexes.push((kind, Box::new(TypedIndex { index, kind: std::marker::PhantomData })));
+        self
+    }
+
     /// Most distinct entities that may wait to be written (at least 1).
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity.max(1);
@@ -215,10 +227,15 @@ impl StoreBuilder {
         let (ledger, receiver) = Ledger::new(self.capacity);
         metrics::gauge!(m::QUEUE_CAPACITY).set(self.capacity as f64);
         let tables = self.kinds.iter().map(|_| HashMap::new()).collect();
+        let mut indexes: Vec<Vec<Box<dyn ErasedIndex>>> = self.kinds.iter().map(|_| Vec::new()).collect();
+        for (kind, index) in self.indexes {
+            indexes[kind].push(index);
+        }
         let shared = Shared {
             kinds: self.kinds,
-            state: RwLock::new(State { tables, ledger, closed: false }),
+            state: RwLock::new(State { tables, indexes, ledger, closed: false }),
             rejected_queue_full: metrics::counter!(m::REJECTED_TOTAL, "reason" => "queue_full"),
+            health: Default::default(),
         };
         shared.rejected_queue_full.increment(0);
         (Store { shared: Arc::new(shared) }, receiver)
@@ -281,13 +298,15 @@ impl Store {
         if guard.closed {
             return Err(ApplyError::Refused(Refusal::Closed));
         }
-        let (value, staged) = {
-            let mut set = ChangeSet { kinds, state: &guard, staged: Vec::new(), index: HashMap::new() };
+        let (value, staged, watched) = {
+            let mut set =
+                ChangeSet { kinds, state: &guard, staged: Vec::new(), index: HashMap::new(), watched: Vec::new() };
             let value = change(&mut set).map_err(ApplyError::Failed)?;
-            (value, set.staged)
+            (value, set.staged, set.watched)
         };
         if staged.is_empty() {
-            return Ok((value, None));
+            let ticket = want_ticket.then(|| watch_only(&mut guard, &watched));
+            return Ok((value, ticket));
         }
         let state = &mut *guard;
 
@@ -303,7 +322,21 @@ impl Store {
         }
 
         let now = Instant::now();
-        let ticket = want_ticket.then(|| TicketShared::new(staged.len()));
+        // Watched entities the change set does not also change, and that
+        // still have something unwritten: the ticket waits for them too.
+        let watched = if want_ticket {
+            watched
+                .into_iter()
+                .filter(|(kind, id)| !staged.iter().any(|s| s.kind == *kind && s.id == *id))
+                .filter_map(|(kind, id)| {
+                    let slot = state.tables[kind].get(&id).filter(|slot| slot.occupies())?;
+                    Some((kind, id.clone(), slot.version))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let ticket = want_ticket.then(|| TicketShared::new(staged.len() + watched.len()));
         for s in &staged {
             let kind = &kinds[s.kind];
             let slot = state.tables[s.kind].entry(s.id.clone()).or_insert_with(|| Slot {
@@ -311,6 +344,9 @@ impl Store {
                 version: 0,
                 track: None,
             });
+            for index in &mut state.indexes[s.kind] {
+                index.update(&s.id, slot.value.as_deref(), s.value.as_deref());
+            }
             slot.version = s.version;
             slot.value = s.value.clone();
             let track = slot.track.get_or_insert_with(Box::default);
@@ -331,6 +367,9 @@ impl Store {
             let members: Vec<EntityKey> = staged.iter().map(|s| (s.kind, s.id.clone())).collect();
             group(state, &members);
         }
+        if let Some((shared, _)) = &ticket {
+            add_waiters(state, watched, shared);
+        }
         Ok((value, ticket.map(|(_, ticket)| ticket)))
     }
 
@@ -344,6 +383,11 @@ impl Store {
     pub fn read<R>(&self, read: impl FnOnce(&View<'_>) -> R) -> R {
         let guard = self.read_state();
         read(&View { kinds: &self.shared.kinds, state: &guard })
+    }
+
+    /// What the worker last saw of the database.
+    pub fn health(&self) -> &crate::worker::health::Health {
+        &self.shared.health
     }
 
     /// Depth, capacity and lag of the outbox now.
@@ -367,11 +411,15 @@ impl Store {
     /// version already in memory.
     pub(crate) fn hydrate(&self, kind: KindId, rows: Vec<HydratedRow>) {
         let mut guard = self.write_state();
-        let table = &mut guard.tables[kind];
+        let state = &mut *guard;
+        let table = &mut state.tables[kind];
         table.reserve(rows.len());
         for (id, version, value) in rows {
-            let slot = table.entry(id).or_insert_with(|| Slot { value: None, version: 0, track: None });
+            let slot = table.entry(id.clone()).or_insert_with(|| Slot { value: None, version: 0, track: None });
             if slot.version < version {
+                for index in &mut state.indexes[kind] {
+                    index.update(&id, slot.value.as_deref(), value.as_deref());
+                }
                 slot.version = version;
                 slot.value = value;
             }
@@ -525,6 +573,35 @@ impl Store {
     }
 }
 
+/// A ticket for a change set that changed nothing but asked to wait for
+/// the entities it read (`ChangeSet::watch`): it resolves once their current
+/// versions are committed (at once when none is pending).
+fn watch_only(state: &mut State, watched: &[EntityKey]) -> Ticket {
+    let targets: Vec<(KindId, Arc<str>, u64)> = watched
+        .iter()
+        .filter_map(|(kind, id)| {
+            let slot = state.tables[*kind].get(id).filter(|slot| slot.occupies())?;
+            Some((*kind, id.clone(), slot.version))
+        })
+        .collect();
+    if targets.is_empty() {
+        return Ticket::done();
+    }
+    let (shared, ticket) = TicketShared::new(targets.len());
+    add_waiters(state, targets, &shared);
+    ticket
+}
+
+/// Makes `ticket` wait for each entity's version (they all occupy the
+/// queue, so a commit will reach them).
+fn add_waiters(state: &mut State, targets: Vec<(KindId, Arc<str>, u64)>, ticket: &Arc<TicketShared>) {
+    for (kind, id, version) in targets {
+        if let Some(track) = state.tables[kind].get_mut(&id).and_then(|s| s.track.as_mut()) {
+            track.waiters.push(Waiter { target: version, ticket: ticket.clone() });
+        }
+    }
+}
+
 /// Puts the pending marks of `members` (changed together) into one group,
 /// merging the groups they were in.
 fn group(state: &mut State, members: &[EntityKey]) {
@@ -569,6 +646,8 @@ pub struct ChangeSet<'a> {
     staged: Vec<Staged>,
     /// Positions in `staged`, used once it outgrows a linear scan.
     index: HashMap<(KindId, Arc<str>), usize>,
+    /// Entities read but not changed whose durability a ticket waits for.
+    watched: Vec<EntityKey>,
 }
 
 impl ChangeSet<'_> {
@@ -625,6 +704,14 @@ impl ChangeSet<'_> {
     /// Whether `id` is live.
     pub fn contains<E: Entity>(&self, id: &str) -> bool {
         self.current(kind_id_of::<E>(self.kinds), id).0.is_some()
+    }
+
+    /// Asks a durable caller's ticket to also wait until the current
+    /// version of `id` is committed, without changing it: for requests that
+    /// turn out to change nothing (an idempotent repeat) but whose answer
+    /// shows state that may still be pending.
+    pub fn watch<E: Entity>(&mut self, id: &str) {
+        self.watched.push((kind_id_of::<E>(self.kinds), Arc::from(id)));
     }
 
     /// A read-only view of the store as it was before this change set.
@@ -709,6 +796,19 @@ impl View<'_> {
         self.state.tables[kind_id_of::<E>(self.kinds)]
             .iter()
             .map(|(id, slot)| (&**id, slot.version, slot.value.as_ref().map(downcast::<E>)))
+    }
+
+    /// The index of type `I` added with [`StoreBuilder::index`].
+    ///
+    /// # Panics
+    /// When no such index was added: a programming error.
+    pub fn index<I: 'static>(&self) -> &I {
+        self.state
+            .indexes
+            .iter()
+            .flatten()
+            .find_map(|index| index.as_any().downcast_ref::<I>())
+            .unwrap_or_else(|| panic!("index {} is not registered with this store", std::any::type_name::<I>()))
     }
 
     /// Number of live entities of a kind.

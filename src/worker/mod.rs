@@ -18,6 +18,7 @@
 //!   and the report says what was left unwritten.
 
 pub mod classify;
+pub mod health;
 
 use std::collections::VecDeque;
 use std::thread;
@@ -425,9 +426,11 @@ impl Writer {
         metrics::histogram!(m::FLUSH_DURATION).record(started.elapsed().as_secs_f64());
         match &result {
             Ok(()) => {
+                let now = SystemTime::now();
                 metrics::counter!(m::BATCHES_TOTAL, "result" => "ok").increment(1);
                 metrics::gauge!(m::DB_UP).set(1.0);
-                metrics::gauge!(m::LAST_SUCCESS_TIMESTAMP).set(unix_seconds(SystemTime::now()));
+                metrics::gauge!(m::LAST_SUCCESS_TIMESTAMP).set(unix_seconds(now));
+                self.store.health().success(now);
             }
             Err(e) => {
                 let classified = e.classify();
@@ -435,6 +438,7 @@ impl Writer {
                 metrics::counter!(m::PERSIST_FAILURES_TOTAL, "error_type" => classified.error_type).increment(1);
                 let reached_database = classified.sqlstate.is_some() && classified.error_type != "connection";
                 metrics::gauge!(m::DB_UP).set(if reached_database { 1.0 } else { 0.0 });
+                self.store.health().failure(&classified, reached_database, e.to_string());
                 if classified.class == ErrorClass::Permanent {
                     warn!(error = %e, sqlstate = ?classified.sqlstate, "batch refused by the database");
                 }

@@ -1,0 +1,139 @@
+//! Circuit routes (DESIGN A3).
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::error::{ApiError, Problem};
+use super::extract::{ApiJson, wants_durable};
+use super::items::{existing, require_active};
+use super::model::{Circuit, Item};
+use super::validate::{self, MAX_CIRCUIT_ITEMS, MAX_NAME_LEN};
+use crate::store::Versioned;
+
+/// A circuit as the API returns it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CircuitView {
+    /// The circuit.
+    #[serde(flatten)]
+    pub circuit: Circuit,
+    /// Its version.
+    pub version: u64,
+}
+
+impl From<Versioned<Circuit>> for CircuitView {
+    fn from(v: Versioned<Circuit>) -> Self {
+        Self { version: v.version, circuit: Circuit::clone(&v.value) }
+    }
+}
+
+/// Body of `POST /api/circuits`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCircuit {
+    /// 1 to 200 bytes.
+    pub name: String,
+}
+
+/// `POST /api/circuits`: creates a circuit.
+#[utoipa::path(post, path = "/api/circuits", tag = "circuits", request_body = CreateCircuit,
+    params(("Prefer" = Option<String>, Header, description = "`durable`: answer after the commit")),
+    responses(
+        (status = 201, description = "Created", body = CircuitView),
+        (status = 422, description = "Invalid name", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<CreateCircuit>,
+) -> Result<Response, ApiError> {
+    validate::text(&body.name, 1, MAX_NAME_LEN, "name")?;
+    let now = Utc::now();
+    let circuit = Circuit {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: body.name,
+        items: Vec::new(),
+        created_at: now,
+        updated_at: now,
+    };
+    let durable = wants_durable(&headers, state.ack);
+    let saved = state.change(durable, |set| Ok(set.insert(circuit)?)).await?;
+    Ok(state.respond(StatusCode::CREATED, &CircuitView::from(saved), durable))
+}
+
+/// `GET /api/circuits/{id}`.
+#[utoipa::path(get, path = "/api/circuits/{id}", tag = "circuits",
+    params(("id" = String, Path, description = "The circuit's id")),
+    responses(
+        (status = 200, description = "The circuit", body = CircuitView),
+        (status = 404, description = "No such circuit", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    state.ensure_ready()?;
+    match state.store.get::<Circuit>(&id) {
+        Some(circuit) => Ok(axum::Json(CircuitView::from(circuit)).into_response()),
+        None => Err(ApiError::not_found(format!("circuit {id} not found"))),
+    }
+}
+
+/// Body of `POST /api/circuits/{id}/items`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddItem {
+    /// The item to add.
+    pub dfid: String,
+}
+
+/// `POST /api/circuits/{id}/items`: adds an item to a circuit; the circuit
+/// and the item change in one change set. Adding an item already there
+/// changes nothing.
+#[utoipa::path(post, path = "/api/circuits/{id}/items", tag = "circuits", request_body = AddItem,
+    params(("id" = String, Path, description = "The circuit's id"),
+           ("Prefer" = Option<String>, Header, description = "`durable`: answer after the commit")),
+    responses(
+        (status = 200, description = "The circuit", body = CircuitView),
+        (status = 404, description = "No such circuit or item", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The item is not active", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The circuit is full", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn add_item(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<AddItem>,
+) -> Result<Response, ApiError> {
+    validate::id(&body.dfid, "dfid")?;
+    let durable = wants_durable(&headers, state.ack);
+    let saved = state
+        .change(durable, |set| {
+            let circuit =
+                set.get::<Circuit>(&id).ok_or_else(|| ApiError::not_found(format!("circuit {id} not found")))?;
+            let item = existing(set, &body.dfid)?;
+            require_active(&item, "adding it to a circuit")?;
+            if circuit.items.contains(&body.dfid) {
+                set.watch::<Circuit>(&id);
+                set.watch::<Item>(&body.dfid);
+                return Ok(circuit);
+            }
+            if circuit.items.len() >= MAX_CIRCUIT_ITEMS {
+                return Err(ApiError::unprocessable(format!("circuit {id} holds {MAX_CIRCUIT_ITEMS} items already")));
+            }
+            let now = Utc::now();
+            set.update::<Item>(&body.dfid, |item| {
+                if !item.circuits.contains(&id) {
+                    item.circuits.push(id.clone());
+                }
+                item.updated_at = now;
+            })?;
+            Ok(set.update::<Circuit>(&id, |c| {
+                c.items.push(body.dfid.clone());
+                c.updated_at = now;
+            })?)
+        })
+        .await?;
+    Ok(state.respond(StatusCode::OK, &CircuitView::from(saved), durable))
+}

@@ -1,0 +1,143 @@
+//! Operational routes (DESIGN A5): health, readiness, metrics, the OpenAPI
+//! document and the outbox status.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::extract::{Extension, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::{AppState, Phase};
+
+/// How long `/readyz` and the status route wait for the database.
+const DB_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Body of `/healthz` and `/readyz`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HealthBody {
+    /// `ok`, `ready`, `starting`, `unavailable` or `shutting_down`.
+    pub status: String,
+    /// Why it is not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `GET /healthz`: 200 while the process runs.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process runs", body = HealthBody)))]
+pub async fn healthz() -> impl IntoResponse {
+    axum::Json(HealthBody { status: "ok".into(), reason: None })
+}
+
+/// `GET /readyz`: 200 once start-up (migrations, hydration) is done and the
+/// database answers; 503 with the reason otherwise.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = HealthBody),
+        (status = 503, description = "Starting, shutting down, or the database does not answer", body = HealthBody),
+    ))]
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let unavailable = |status: &str, reason: String| {
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(HealthBody { status: status.into(), reason: Some(reason) }))
+            .into_response()
+    };
+    match state.readiness.get() {
+        Phase::Starting(step) => return unavailable("starting", step),
+        Phase::ShuttingDown => return unavailable("shutting_down", "the server is shutting down".into()),
+        Phase::Ready => {}
+    }
+    match tokio::time::timeout(DB_CHECK_TIMEOUT, crate::pg::ping(&state.pool)).await {
+        Ok(Ok(())) => axum::Json(HealthBody { status: "ready".into(), reason: None }).into_response(),
+        Ok(Err(e)) => unavailable("unavailable", format!("database: {e}")),
+        Err(_) => unavailable("unavailable", format!("database: no answer within {DB_CHECK_TIMEOUT:?}")),
+    }
+}
+
+/// `GET /metrics`: Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus metrics", body = String, content_type = "text/plain")))]
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+}
+
+/// The OpenAPI document, rendered once when the router is built.
+#[derive(Clone)]
+pub struct OpenApiJson(pub Arc<String>);
+
+/// `GET /openapi.json`: the OpenAPI document of every route, generated from
+/// the code.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI document", body = Object)))]
+pub async fn openapi(Extension(document): Extension<OpenApiJson>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], document.0.as_str().to_owned())
+}
+
+/// The last persistence error.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct LastErrorBody {
+    /// `transient`, `permanent` or `schema`.
+    pub class: String,
+    /// The `error_type` label it was counted under.
+    pub error_type: String,
+    /// SQLSTATE, when the database sent one.
+    pub sqlstate: Option<String>,
+    /// The error's message.
+    pub message: String,
+    /// When it happened.
+    pub at: DateTime<Utc>,
+}
+
+/// Body of `GET /api/outbox/status`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OutboxStatus {
+    /// Distinct entities waiting to be written.
+    pub depth: usize,
+    /// The queue's bound (`OUTBOX_QUEUE_CAPACITY`).
+    pub capacity: usize,
+    /// Age of the oldest unwritten change, in seconds (0 when none).
+    pub lag_seconds: f64,
+    /// Whether the last write attempt reached the database (absent before
+    /// the first).
+    pub db_up: Option<bool>,
+    /// When the last batch committed.
+    pub last_success: Option<DateTime<Utc>>,
+    /// The last write failure.
+    pub last_error: Option<LastErrorBody>,
+    /// Unresolved dead letters (absent when the database does not answer).
+    pub dead_letters: Option<i64>,
+}
+
+fn utc(time: SystemTime) -> DateTime<Utc> {
+    DateTime::<Utc>::from(time)
+}
+
+/// `GET /api/outbox/status`: how far persistence is behind, and why.
+#[utoipa::path(get, path = "/api/outbox/status", tag = "operations",
+    responses((status = 200, description = "Outbox status", body = OutboxStatus)))]
+pub async fn status(State(state): State<AppState>) -> impl IntoResponse {
+    let outbox = state.store.outbox();
+    let health = state.store.health().snapshot();
+    let dead_letters = tokio::time::timeout(DB_CHECK_TIMEOUT, crate::pg::dead_letters::count_unresolved(&state.pool))
+        .await
+        .ok()
+        .and_then(Result::ok);
+    axum::Json(OutboxStatus {
+        depth: outbox.depth,
+        capacity: outbox.capacity,
+        lag_seconds: outbox.lag.as_secs_f64(),
+        db_up: health.db_up,
+        last_success: health.last_success.map(utc),
+        last_error: health.last_error.map(|e| LastErrorBody {
+            class: e.class.into(),
+            error_type: e.error_type.into(),
+            sqlstate: e.sqlstate,
+            message: e.message,
+            at: utc(e.at),
+        }),
+        dead_letters,
+    })
+}
