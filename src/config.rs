@@ -137,6 +137,11 @@ impl Config {
         Duration::from_secs(self.request_timeout_s)
     }
 
+    /// Where spill files go (DESIGN I10).
+    pub fn spill_dir(&self) -> PathBuf {
+        self.data_dir.join("spill")
+    }
+
     /// Where the private PostgreSQL keeps its cluster.
     pub fn local_postgres_dir(&self) -> PathBuf {
         self.data_dir.join("postgres")

@@ -95,18 +95,27 @@
 //! # }
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;
-//! use outbox::{Engine, worker::WorkerConfig};
+//! use outbox::{Engine, engine::EngineConfig};
+//! use tokio_util::sync::CancellationToken;
 //!
-//! let pool = outbox::pg::pool(outbox::pg::parse_url("postgres://localhost/app")?, 8);
+//! let db = outbox::pg::parse_url("postgres://localhost/app")?;
+//! let pool = outbox::pg::pool(db.clone(), 8);
+//! outbox::pg::migrate(&pool).await?; // the lease and dead-letter tables
 //! let (store, receiver) = Store::builder().kind::<Account>().build();
-//! // Loads every account with its version, then starts the worker.
-//! let (engine, _report) = Engine::start(store, receiver, pool, WorkerConfig::default()).await?;
+//! // Takes the single-writer lease, replays spill files, loads every
+//! // account with its version, then starts the worker.
+//! let config = EngineConfig { spill_dir: Some(".data/spill".into()), ..EngineConfig::default() };
+//! let shutdown = CancellationToken::new();
+//! let (engine, _report) = Engine::start(store, receiver, pool, &db, config, &shutdown, &|step| println!("{step}"))
+//!     .await?
+//!     .expect("not cancelled");
 //!
 //! // A durable change: answer the client only once it is committed.
 //! let (_, ticket) = engine.store().apply_durable(|set| set.upsert(Account { id: "carol".into(), balance: 5 }))?;
 //! ticket.wait().await?;
 //!
-//! // On shutdown, after the last request: write everything pending.
+//! // On shutdown, after the last request: write everything pending (what
+//! // the database does not take in time goes to a spill file).
 //! let report = engine.shutdown(Duration::from_secs(30)).await;
 //! assert!(report.complete());
 //! # Ok(()) }

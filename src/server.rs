@@ -8,21 +8,16 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::api::{self, AppState, Phase, Readiness};
 use crate::config::Config;
-use crate::engine::Engine;
-use crate::pg::hydrate::HydrateError;
+use crate::engine::{Engine, EngineConfig, EngineError, retry_startup};
 use crate::pg::{self, DbError, LocalPostgres, LocalPostgresError, LocalPostgresOptions};
 use crate::worker::WorkerConfig;
 
 /// How often histogram upkeep runs in the metrics recorder.
 const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Longest pause between two attempts of a start-up step that needs the
-/// database (it may still be starting).
-const STARTUP_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -45,9 +40,27 @@ pub enum ServerError {
     /// The HTTP server failed.
     #[error("HTTP server failed: {0}")]
     Serve(#[source] io::Error),
-    /// Hydration failed: the server does not serve partial state.
-    #[error("hydration failed: {0}")]
-    Hydrate(#[from] HydrateError),
+    /// The engine could not start (a corrupt spill file, a row that does
+    /// not decode): the server does not serve partial state.
+    #[error("start-up failed: {0}")]
+    Engine(#[from] EngineError),
+    /// The drain deadline passed with the database away: unwritten changes
+    /// were spilled.
+    #[error(
+        "the database did not take every change before the drain deadline: {records} records were spilled to {path} and are replayed at the next start"
+    )]
+    Spilled {
+        /// Records spilled.
+        records: usize,
+        /// The spill file.
+        path: std::path::PathBuf,
+    },
+    /// Another process took the lease.
+    #[error("the single-writer lease was taken by another process; {spilled} unwritten records were spilled")]
+    LeaseLost {
+        /// Records spilled.
+        spilled: usize,
+    },
     /// The drain deadline passed with changes unwritten.
     #[error("{unwritten} entities were not written before the drain deadline (OUTBOX_DRAIN_TIMEOUT_S)")]
     DrainIncomplete {
@@ -150,77 +163,83 @@ async fn serve(
 
     // Start-up (DESIGN I9). Until every step is done, /readyz answers 503
     // with the step it is on.
-    let started = shutdown
-        .run_until_cancelled(async {
-            readiness.set(Phase::Starting("running migrations".into()));
-            retry_startup_step("migrations", || pg::migrate(&pool)).await;
-            readiness.set(Phase::Starting("hydrating".into()));
-            let (engine, _) = Engine::start(store, receiver, pool.clone(), WorkerConfig::from_config(config)).await?;
+    readiness.set(Phase::Starting("running migrations".into()));
+    let started = async {
+        if retry_startup("migrations", &shutdown, || pg::migrate(&pool)).await.is_none() {
+            return Ok(None);
+        }
+        let engine_config = EngineConfig {
+            worker: WorkerConfig::from_config(config),
+            spill_dir: Some(config.spill_dir()),
+            lease: true,
+            holder: crate::engine::default_holder(),
+        };
+        let progress = |step: &str| readiness.set(Phase::Starting(step.to_owned()));
+        Ok(Engine::start(store, receiver, pool.clone(), &database.config, engine_config, &shutdown, &progress)
+            .await?
+            .map(|(engine, _)| engine))
+    }
+    .await;
+    let engine = match started {
+        Ok(Some(engine)) => {
             readiness.set(Phase::Ready);
             info!(%addr, "ready");
-            Ok::<Engine, ServerError>(engine)
-        })
-        .await;
-    let engine = match started {
-        Some(Ok(engine)) => Some(engine),
-        Some(Err(e)) => {
+            engine
+        }
+        Ok(None) => {
+            info!("shutdown requested during start-up");
+            let _ = http.await;
+            upkeep.abort();
+            pool.close();
+            return Ok(());
+        }
+        Err(e) => {
             shutdown.cancel();
             let _ = http.await;
             upkeep.abort();
+            pool.close();
             return Err(e);
-        }
-        None => {
-            info!("shutdown requested during start-up");
-            None
         }
     };
 
-    shutdown.cancelled().await;
-    readiness.set(Phase::ShuttingDown);
-    info!("shutting down: no new connections; finishing in-flight requests");
-    let served = http.await.expect("the HTTP server task does not panic");
-    // Shutdown (I10): the last request is answered; now write what is pending.
-    let drained = match engine {
-        Some(engine) => {
-            info!(deadline_s = config.drain_timeout_s, "draining the outbox");
-            engine.shutdown(config.drain_timeout()).await
+    let lease_lost = tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = engine.lease_lost() => {
+            // Another process owns the database now: take no more changes
+            // (503), and keep what is unwritten in a spill file.
+            error!("the single-writer lease was lost: refusing changes, spilling unwritten ones, exiting");
+            engine.store().close();
+            shutdown.cancel();
+            true
         }
-        None => crate::worker::DrainReport { unwritten: 0, elapsed: Duration::ZERO },
     };
+    readiness.set(Phase::ShuttingDown);
+    // Shutdown (I10), bounded from the signal on: in-flight requests (a
+    // durable one may wait on an absent database) and the drain share one
+    // deadline.
+    let deadline = std::time::Instant::now() + config.drain_timeout();
+    info!(deadline_s = config.drain_timeout_s, "shutting down: no new connections; finishing in-flight requests");
+    let mut http = http;
+    let served = match tokio::time::timeout(config.drain_timeout(), &mut http).await {
+        Ok(served) => served.expect("the HTTP server task does not panic"),
+        Err(_) => {
+            error!("in-flight requests did not finish before the drain deadline; closing their connections");
+            http.abort();
+            Ok(())
+        }
+    };
+    let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+    info!(remaining_ms = remaining.as_millis() as u64, "draining the outbox");
+    let report = engine.shutdown(remaining).await;
     upkeep.abort();
     pool.close();
     served.map_err(ServerError::Serve)?;
-    if drained.complete() { Ok(()) } else { Err(ServerError::DrainIncomplete { unwritten: drained.unwritten }) }
-}
-
-/// Retries a start-up step until it succeeds: the database may be starting
-/// or briefly away, and the server should come up as soon as it is back.
-/// Each failure is logged with its cause; `/readyz` shows the step.
-async fn retry_startup_step<T, F, Fut>(step: &str, mut attempt: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, DbError>>,
-{
-    let mut delay = Duration::from_millis(100);
-    let mut failures = 0u32;
-    loop {
-        match attempt().await {
-            Ok(value) => {
-                if failures > 0 {
-                    info!(step, failures, "start-up step succeeded after retries");
-                }
-                return value;
-            }
-            Err(e) => {
-                failures += 1;
-                if failures == 1 {
-                    warn!(step, error = %e, "start-up step failed; retrying");
-                } else {
-                    error!(step, error = %e, failures, "start-up step still failing; retrying");
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(STARTUP_RETRY_MAX);
-            }
-        }
+    if lease_lost || report.lease_lost {
+        return Err(ServerError::LeaseLost { spilled: report.spilled.map_or(0, |(n, _)| n) });
+    }
+    match report.spilled {
+        _ if report.complete() => Ok(()),
+        Some((records, path)) => Err(ServerError::Spilled { records, path }),
+        None => Err(ServerError::DrainIncomplete { unwritten: report.drain.unwritten }),
     }
 }

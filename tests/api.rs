@@ -175,6 +175,9 @@ async fn size_limits_are_enforced() {
     assert_refused(&app, &store, "POST", "/api/items", Some(&body), StatusCode::UNPROCESSABLE_ENTITY).await;
     let body = json!({"identifiers": [{"key": "k", "value": "line\nbreak"}]}).to_string();
     assert_refused(&app, &store, "POST", "/api/items", Some(&body), StatusCode::UNPROCESSABLE_ENTITY).await;
+    let body =
+        json!({"identifiers": [{"key": "k", "value": "v"}], "enriched_data": {"a": {"b": ["x\u{0}y"]}}}).to_string();
+    assert_refused(&app, &store, "POST", "/api/items", Some(&body), StatusCode::UNPROCESSABLE_ENTITY).await;
     let keys: serde_json::Map<String, Value> = (0..257).map(|i| (format!("k{i}"), json!(i))).collect();
     let body = json!({"identifiers": [{"key": "k", "value": "v"}], "enriched_data": keys}).to_string();
     assert_refused(&app, &store, "POST", "/api/items", Some(&body), StatusCode::UNPROCESSABLE_ENTITY).await;
@@ -485,6 +488,14 @@ async fn full_queue_answers_503_with_retry_after_and_changes_nothing() {
     assert_problem(&answer, StatusCode::SERVICE_UNAVAILABLE);
     assert!(answer.headers.get(header::RETRY_AFTER).is_some_and(|v| v.to_str().unwrap().parse::<u64>().unwrap() >= 1));
     assert_eq!(fingerprint(&store), before);
+
+    // A change set that could never fit is a client error, not a retry.
+    let (app, store) = app_with(2, Phase::Ready, None);
+    let item = json!({"identifiers": [{"key": "k", "value": "v"}]});
+    let body = json!({"items": [item, item, item]}).to_string();
+    let problem =
+        assert_refused(&app, &store, "POST", "/api/items/batch", Some(&body), StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert!(problem["detail"].as_str().unwrap().contains("at most 2"), "{problem}");
 }
 
 #[tokio::test]

@@ -11,9 +11,11 @@ use std::time::Duration;
 
 use common::{TestDb, fresh_db};
 use outbox::Engine;
+use outbox::engine::EngineConfig;
 use outbox::store::{ApplyError, Entity, Refusal, Store, StoreBuilder, StoreError};
 use outbox::worker::{Worker, WorkerConfig};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Doc {
@@ -130,10 +132,17 @@ fn config(batch_max: usize, writers: usize) -> WorkerConfig {
     WorkerConfig { batch_max, linger: Duration::from_millis(1), retry_max_delay: Duration::from_millis(200), writers }
 }
 
+/// An engine as the server runs it: migrations, the single-writer lease
+/// (so every flush goes through the fencing check), hydration.
 async fn start(db: &TestDb, builder: StoreBuilder, worker: WorkerConfig) -> Engine {
     let pool = outbox::pg::pool(db.config.clone(), 8);
+    outbox::pg::migrate(&pool).await.expect("migrations");
     let (store, receiver) = builder.build();
-    let (engine, _) = Engine::start(store, receiver, pool, worker).await.expect("start the engine");
+    let config = EngineConfig { worker, spill_dir: None, lease: true, holder: "engine-test".into() };
+    let (engine, _) = Engine::start(store, receiver, pool, &db.config, config, &CancellationToken::new(), &|_| {})
+        .await
+        .expect("start the engine")
+        .expect("not cancelled");
     engine
 }
 
@@ -230,7 +239,7 @@ async fn randomized_model_database_equals_memory_after_drain() {
             writer.join().expect("writer thread");
         }
         let report = engine.shutdown(Duration::from_secs(60)).await;
-        assert!(report.complete(), "seed {seed}: drain left {} unwritten", report.unwritten);
+        assert!(report.complete(), "seed {seed}: drain left {} unwritten", report.drain.unwritten);
         assert_eq!(db_rows(&db, "docs").await, memory_rows::<Doc>(&store), "seed {seed}: docs differ");
         assert_eq!(db_rows(&db, "tags").await, memory_rows::<Tag>(&store), "seed {seed}: tags differ");
         assert!(memory_rows::<Doc>(&store).len() > 10, "the run touched many entities");
@@ -249,7 +258,7 @@ async fn coalescing_writes_one_row_with_the_last_version() {
         assert_eq!(store.outbox().depth, 1, "one entity pending, however often it changes");
     }
     // The worker starts only now: all 10,001 changes precede any flush.
-    let worker = Worker::start(store.clone(), receiver, pool, config(1000, 2));
+    let worker = Worker::start(store.clone(), receiver, pool, config(1000, 2), None);
     assert!(worker.drain(Duration::from_secs(30)).await.complete());
     let rows = db_rows(&db, "docs").await;
     assert_eq!(rows["hot"].0, 10_001, "the newest version is written");

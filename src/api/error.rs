@@ -115,6 +115,7 @@ impl From<Refusal> for ApiError {
         match refusal {
             Refusal::QueueFull { retry_after, .. } => Self::unavailable(refusal.to_string(), retry_after),
             Refusal::Closed => Self::unavailable(refusal.to_string(), Duration::from_secs(5)),
+            Refusal::TooLarge { .. } => Self::unprocessable(refusal.to_string()),
         }
     }
 }

@@ -71,6 +71,9 @@ pub fn enriched_data(data: &Map<String, Value>, at: &str) -> Result<(), ApiError
     for key in data.keys() {
         text(key, 1, MAX_KEY_LEN, &format!("{at} key"))?;
     }
+    if data.iter().any(|(key, value)| key.contains('\0') || holds_nul(value)) {
+        return Err(ApiError::unprocessable(format!("{at}: the NUL character (\\u0000) cannot be stored")));
+    }
     let size = serde_json::to_vec(data).map(|v| v.len()).unwrap_or(usize::MAX);
     if size > MAX_ENRICHED_BYTES {
         return Err(ApiError::unprocessable(format!(
@@ -78,6 +81,17 @@ pub fn enriched_data(data: &Map<String, Value>, at: &str) -> Result<(), ApiError
         )));
     }
     Ok(())
+}
+
+/// Whether a JSON value holds a NUL character anywhere (PostgreSQL's jsonb
+/// refuses it, so it could never be persisted).
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
 }
 
 /// Checks an id taken from a path or a body.

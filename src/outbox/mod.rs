@@ -24,6 +24,7 @@
 //! * A [`Ticket`] resolves when every entity of its change set has been
 //!   committed at (at least) the version the change set gave it.
 
+pub mod spill;
 mod ticket;
 
 use std::collections::{HashMap, VecDeque};
@@ -59,6 +60,16 @@ pub(crate) struct Row {
     pub(crate) seq: u64,
     /// When the entity's oldest unwritten change was made.
     pub(crate) since: Instant,
+    /// The entity has an unresolved dead letter this write supersedes.
+    pub(crate) dead_lettered: bool,
+}
+
+/// A group of a batch that the database refuses for good.
+pub(crate) struct Quarantined {
+    /// Its rows in the batch.
+    pub(crate) rows: Range<usize>,
+    /// What its tickets resolve with.
+    pub(crate) error: TicketError,
 }
 
 /// Rows written in one transaction, made of whole groups (change sets are

@@ -3,6 +3,7 @@
 
 pub mod dead_letters;
 pub mod hydrate;
+pub mod lease;
 pub mod local;
 pub(crate) mod upsert;
 

@@ -124,17 +124,79 @@ pub(crate) fn encode(
     Ok(Encoded { kinds: out })
 }
 
-/// Writes an encoded batch in one transaction. `before` runs first inside
-/// the transaction (the lease's fencing check).
+/// Why a batch transaction failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WriteError {
+    #[error("no database connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("{0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The lease's epoch is not ours: another process owns the database.
+    #[error("the single-writer lease moved to epoch {current:?} (ours is {ours}); not committing")]
+    Fenced { ours: u64, current: Option<u64> },
+}
+
+/// SQL resolving the unresolved dead letters of entities written now.
+const RESOLVE_DEAD_LETTERS_SQL: &str = "UPDATE outbox_dead_letters SET resolved_at = now(), \
+     resolution = 'superseded by a newer version' \
+     WHERE resolved_at IS NULL AND kind = $1 AND entity_id = ANY($2)";
+
+/// Writes an encoded batch in one transaction: first the fencing check
+/// (when `epoch` is given), then one upsert per kind, then the resolution of
+/// dead letters superseded by these rows (`resolve`: per kind, ids).
 pub(crate) async fn write(
     client: &mut deadpool_postgres::Client,
     kinds: &[KindInfo],
     encoded: &Encoded,
-) -> Result<(), tokio_postgres::Error> {
+    epoch: Option<u64>,
+    resolve: &[(KindId, Vec<String>)],
+) -> Result<(), WriteError> {
     let transaction = client.transaction().await?;
+    if let Some(ours) = epoch {
+        let fence = transaction.prepare_cached(super::lease::FENCE_SQL).await?;
+        let current =
+            transaction.query_opt(&fence, &[&super::lease::LEASE_NAME]).await?.map(|row| row.get::<_, i64>(0) as u64);
+        if current != Some(ours) {
+            return Err(WriteError::Fenced { ours, current });
+        }
+    }
     for part in &encoded.kinds {
         let statement = transaction.prepare_cached(&kinds[part.kind].upsert_sql).await?;
         transaction.execute(&statement, &[&part.ids, &part.versions, &part.deleted, &part.data]).await?;
     }
-    transaction.commit().await
+    for (kind, ids) in resolve {
+        let statement = transaction.prepare_cached(RESOLVE_DEAD_LETTERS_SQL).await?;
+        transaction.execute(&statement, &[&kinds[*kind].name, ids]).await?;
+    }
+    transaction.commit().await?;
+    Ok(())
+}
+
+/// Encodes spill records (by kind name) for one transaction. Fails on a
+/// kind this store does not know.
+pub(crate) fn encode_spilled(
+    kinds: &[KindInfo],
+    records: &[crate::outbox::spill::SpillRecord],
+) -> Result<Encoded, String> {
+    let mut parts: Vec<KindRows> = Vec::new();
+    let mut sorted: Vec<&crate::outbox::spill::SpillRecord> = records.iter().collect();
+    sorted.sort_by(|a, b| a.kind.cmp(&b.kind).then_with(|| a.id.cmp(&b.id)));
+    for record in sorted {
+        let kind = kinds
+            .iter()
+            .position(|k| k.name == record.kind)
+            .ok_or_else(|| format!("records of kind {:?}, which this server does not have", record.kind))?;
+        if parts.last().is_none_or(|p| p.kind != kind) {
+            parts.push(KindRows { kind, ids: Vec::new(), versions: Vec::new(), deleted: Vec::new(), data: Vec::new() });
+        }
+        let part = parts.last_mut().expect("pushed above");
+        part.ids.push(record.id.clone());
+        part.versions.push(i64::try_from(record.version).unwrap_or(i64::MAX));
+        part.deleted.push(record.deleted);
+        part.data.push(match (&record.data, record.deleted) {
+            (Some(value), false) => Some(Jsonb(serde_json::to_vec(value).map_err(|e| e.to_string())?)),
+            _ => None,
+        });
+    }
+    Ok(Encoded { kinds: parts })
 }

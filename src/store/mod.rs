@@ -25,7 +25,7 @@
 pub(crate) mod kind;
 
 use std::any::TypeId;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::ops::Deref;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -37,9 +37,10 @@ pub use kind::{Entity, Index};
 use kind::{ErasedIndex, KindId, KindInfo, Stored, TypedIndex, downcast};
 
 use crate::metrics as m;
+use crate::outbox::spill::SpillRecord;
 use crate::outbox::{
-    Batch, DirtyRecord, EntityKey, Ledger, OutboxReceiver, OutboxSnapshot, Ticket, TicketError, TicketShared, Track,
-    Waiter,
+    Batch, DirtyRecord, EntityKey, Ledger, OutboxReceiver, OutboxSnapshot, Quarantined, Ticket, TicketError,
+    TicketShared, Track, Waiter,
 };
 
 /// The `Retry-After` hint given when the queue is full: time for the worker
@@ -122,6 +123,15 @@ pub enum Refusal {
     /// The store is shutting down and takes no more changes.
     #[error("the store is shutting down and accepts no changes")]
     Closed,
+    /// The change set touches more entities than the outbox can ever hold:
+    /// retrying cannot help; split it.
+    #[error("the change touches {entities} entities; the outbox holds at most {capacity}")]
+    TooLarge {
+        /// Entities the change set would add to the queue.
+        entities: usize,
+        /// The queue's capacity.
+        capacity: usize,
+    },
 }
 
 /// The outcome of a change that did not apply.
@@ -161,6 +171,9 @@ pub(crate) struct State {
     pub(crate) indexes: Vec<Vec<Box<dyn ErasedIndex>>>,
     pub(crate) ledger: Ledger,
     pub(crate) closed: bool,
+    /// Entities with an unresolved dead letter: the write of a newer
+    /// version resolves it in the same transaction.
+    pub(crate) dead_lettered: HashSet<EntityKey>,
 }
 
 pub(crate) struct Shared {
@@ -233,7 +246,7 @@ impl StoreBuilder {
         }
         let shared = Shared {
             kinds: self.kinds,
-            state: RwLock::new(State { tables, indexes, ledger, closed: false }),
+            state: RwLock::new(State { tables, indexes, ledger, closed: false, dead_lettered: HashSet::new() }),
             rejected_queue_full: metrics::counter!(m::REJECTED_TOTAL, "reason" => "queue_full"),
             health: Default::default(),
         };
@@ -313,6 +326,12 @@ impl Store {
         // Reserve room (I2) before touching anything.
         let newly_occupying =
             staged.iter().filter(|s| !state.tables[s.kind].get(&s.id).is_some_and(Slot::occupies)).count();
+        if newly_occupying > state.ledger.capacity {
+            return Err(ApplyError::Refused(Refusal::TooLarge {
+                entities: newly_occupying,
+                capacity: state.ledger.capacity,
+            }));
+        }
         if state.ledger.depth + newly_occupying > state.ledger.capacity {
             self.shared.rejected_queue_full.increment(1);
             return Err(ApplyError::Refused(Refusal::QueueFull {
@@ -416,6 +435,12 @@ impl Store {
         table.reserve(rows.len());
         for (id, version, value) in rows {
             let slot = table.entry(id.clone()).or_insert_with(|| Slot { value: None, version: 0, track: None });
+            if slot.track.is_some() {
+                // Hydration precedes every change; an entity changed already
+                // keeps its newer, unwritten state.
+                tracing::warn!(kind = self.shared.kinds[kind].name, id = %id, "hydrating over an entity changed in memory; memory kept");
+                continue;
+            }
             if slot.version < version {
                 for index in &mut state.indexes[kind] {
                     index.update(&id, slot.value.as_deref(), value.as_deref());
@@ -435,7 +460,7 @@ impl Store {
         receiver: &OutboxReceiver,
         backlog: &mut VecDeque<DirtyRecord>,
         max_rows: usize,
-    ) -> Batch {
+    ) -> (Batch, usize) {
         let mut guard = self.write_state();
         // Drained under the lock: afterwards no record of an entity taken
         // below can still be in the channel (see `Ledger::new`).
@@ -473,6 +498,8 @@ impl Store {
                 let Some(track) = slot.track.as_mut() else { continue };
                 let Some(pending) = track.pending.take() else { continue };
                 track.in_flight = Some(slot.version);
+                let dead_lettered =
+                    !state.dead_lettered.is_empty() && state.dead_lettered.contains(&(kind, id.clone()));
                 batch.rows.push(crate::outbox::Row {
                     kind,
                     id,
@@ -480,39 +507,62 @@ impl Store {
                     value: slot.value.clone(),
                     seq: pending.seq,
                     since: pending.since,
+                    dead_lettered,
                 });
             }
             batch.groups.push(start..batch.rows.len());
         }
+        let still_blocked = blocked.len();
         for record in blocked.into_iter().rev() {
             backlog.push_front(record);
         }
-        batch
+        (batch, still_blocked)
     }
 
     /// A batch committed: its versions are durable. Clears what it wrote,
     /// resolves the tickets it satisfies, and settles lag.
-    pub(crate) fn commit(&self, batch: &Batch) {
+    ///
+    /// Rows of `quarantined` groups were refused for good and are in the
+    /// dead-letter table: they stop occupying the queue (the entity stays
+    /// live in memory), their tickets fail with the cause, and a newer
+    /// version of them is written normally and resolves the dead letter.
+    pub(crate) fn commit(&self, batch: &Batch, quarantined: &[Quarantined]) {
         let now = Instant::now();
         let mut persisted = vec![0u64; self.shared.kinds.len()];
+        let mut dead = vec![0u64; self.shared.kinds.len()];
         let latency = metrics::histogram!(m::PERSIST_LATENCY);
         let mut guard = self.write_state();
         let state = &mut *guard;
-        for row in &batch.rows {
-            persisted[row.kind] += 1;
-            latency.record(now.saturating_duration_since(row.since).as_secs_f64());
+        for (index, row) in batch.rows.iter().enumerate() {
+            let refused = quarantined.iter().find(|q| q.rows.contains(&index));
             state.ledger.settle(row.seq);
+            let key = (row.kind, row.id.clone());
+            match refused {
+                None => {
+                    persisted[row.kind] += 1;
+                    latency.record(now.saturating_duration_since(row.since).as_secs_f64());
+                    if row.dead_lettered {
+                        state.dead_lettered.remove(&key);
+                    }
+                }
+                Some(_) => {
+                    dead[row.kind] += 1;
+                    state.dead_lettered.insert(key);
+                }
+            }
             let Some(slot) = state.tables[row.kind].get_mut(&row.id) else { continue };
             let Some(track) = slot.track.as_mut() else { continue };
             debug_assert_eq!(track.in_flight, Some(row.version), "a batch commits what it took");
             track.in_flight = None;
             track.waiters.retain(|waiter| {
-                if waiter.target <= row.version {
-                    waiter.ticket.arrive();
-                    false
-                } else {
-                    true
+                if waiter.target > row.version {
+                    return true;
                 }
+                match refused {
+                    None => waiter.ticket.arrive(),
+                    Some(q) => waiter.ticket.fail(q.error.clone()),
+                }
+                false
             });
             if track.pending.is_none() {
                 state.ledger.depth -= 1;
@@ -522,11 +572,68 @@ impl Store {
             }
         }
         drop(guard);
-        for (kind, count) in self.shared.kinds.iter().zip(persisted) {
+        for ((kind, count), dead) in self.shared.kinds.iter().zip(persisted).zip(dead) {
             if count > 0 {
                 kind.persisted.increment(count);
             }
+            if dead > 0 {
+                kind.dead_letters.increment(dead);
+            }
         }
+    }
+
+    /// Kind and table of every kind, in registration order.
+    pub fn tables(&self) -> Vec<(&'static str, &'static str)> {
+        self.shared.kinds.iter().map(|k| (k.name, k.table)).collect()
+    }
+
+    /// Notes that an entity has an unresolved dead letter (loaded at
+    /// start-up), so that writing a newer version resolves it.
+    pub(crate) fn mark_dead_lettered(&self, kind: &str, id: &str) {
+        if let Some(kind) = self.shared.kinds.iter().position(|k| k.name == kind) {
+            self.write_state().dead_lettered.insert((kind, Arc::from(id)));
+        }
+    }
+
+    /// Forgets an entity's dead letter (replayed or discarded by an
+    /// operator).
+    pub fn forget_dead_letter(&self, kind: &str, id: &str) {
+        if let Some(kind) = self.shared.kinds.iter().position(|k| k.name == kind) {
+            self.write_state().dead_lettered.remove(&(kind, Arc::from(id)));
+        }
+    }
+
+    /// The newest state of every entity not yet written (pending or in a
+    /// batch that did not commit), for a spill file.
+    pub fn unwritten(&self) -> Vec<SpillRecord> {
+        let guard = self.read_state();
+        let mut records = Vec::new();
+        for (kind, table) in guard.tables.iter().enumerate() {
+            for (id, slot) in table {
+                if !slot.occupies() {
+                    continue;
+                }
+                let data = slot.value.as_ref().map(|value| {
+                    let mut json = Vec::new();
+                    match value.write_json(&mut json).map(|()| serde_json::from_slice(&json)) {
+                        Ok(Ok(value)) => value,
+                        Ok(Err(e)) | Err(e) => {
+                            tracing::error!(kind = self.shared.kinds[kind].name, id = %id, error = %e,
+                                "an unwritten entity cannot be serialized for the spill file");
+                            serde_json::Value::Null
+                        }
+                    }
+                });
+                records.push(SpillRecord {
+                    kind: self.shared.kinds[kind].name.to_owned(),
+                    id: id.to_string(),
+                    version: slot.version,
+                    deleted: slot.value.is_none(),
+                    data,
+                });
+            }
+        }
+        records
     }
 
     /// Records for every pending mark, for the drain's safety sweep.

@@ -21,6 +21,8 @@ pub mod classify;
 pub mod health;
 
 use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,9 +34,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn};
 
 use crate::metrics as m;
-use crate::outbox::{Batch, DirtyRecord, OutboxReceiver};
-use crate::pg::upsert::{self, Encoded};
+use crate::outbox::{Batch, DirtyRecord, OutboxReceiver, Quarantined, TicketError};
+use crate::pg::dead_letters::{self, NewDeadLetter};
+use crate::pg::lease::Lease;
+use crate::pg::upsert::{self, Encoded, WriteError};
 use crate::store::Store;
+use crate::store::kind::KindId;
 use classify::{Classified, ErrorClass, classify_pool, classify_postgres};
 
 /// How often the coordinator refreshes the depth and lag gauges.
@@ -99,7 +104,15 @@ enum Control {
 struct Completion {
     writer: usize,
     batch: Batch,
-    committed: bool,
+    outcome: Outcome,
+}
+
+/// How a batch ended.
+enum Outcome {
+    /// Committed, except for the groups quarantined as dead letters.
+    Committed(Vec<Quarantined>),
+    /// Not written: the drain deadline passed or the lease was lost.
+    Abandoned,
 }
 
 /// A running worker. Dropping it without [`drain`](Self::drain) leaves the
@@ -110,12 +123,19 @@ pub struct Worker {
     finished: Option<tokio::sync::oneshot::Receiver<()>>,
     abort: CancellationToken,
     thread: Option<thread::JoinHandle<()>>,
+    lease: Option<Arc<Lease>>,
 }
 
 impl Worker {
     /// Starts the coordinator thread and the writer tasks. Must be called
     /// inside a Tokio runtime (the writers run on it).
-    pub fn start(store: Store, receiver: OutboxReceiver, pool: Pool, config: WorkerConfig) -> Self {
+    pub fn start(
+        store: Store,
+        receiver: OutboxReceiver,
+        pool: Pool,
+        config: WorkerConfig,
+        lease: Option<Arc<Lease>>,
+    ) -> Self {
         let writers = config.writers.max(1);
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let (control_tx, control_rx) = crossbeam_channel::bounded(1);
@@ -128,6 +148,7 @@ impl Worker {
                 index,
                 store: store.clone(),
                 pool: pool.clone(),
+                lease: lease.clone(),
                 retry_max_delay: config.retry_max_delay,
                 abort: abort.clone(),
                 done: done_tx.clone(),
@@ -150,7 +171,7 @@ impl Worker {
                 let _ = finished_tx.send(());
             })
             .expect("the OS can start the worker thread");
-        Self { store, control: control_tx, finished: Some(finished_rx), abort, thread: Some(thread) }
+        Self { store, control: control_tx, finished: Some(finished_rx), abort, thread: Some(thread), lease }
     }
 
     /// Closes the store to new changes and writes everything pending, for at
@@ -161,7 +182,18 @@ impl Worker {
         self.store.close();
         let _ = self.control.try_send(Control::Drain);
         let finished = self.finished.take().expect("drain is called once");
-        let finished_in_time = tokio::time::timeout(deadline, finished).await.is_ok();
+        let lease = self.lease.clone();
+        let lost = async move {
+            match lease {
+                Some(lease) => lease.lost().await,
+                None => std::future::pending().await,
+            }
+        };
+        // A lost lease means nothing more can be written: stop at once.
+        let finished_in_time = tokio::select! {
+            finished = tokio::time::timeout(deadline, finished) => finished.is_ok(),
+            () = lost => false,
+        };
         if !finished_in_time {
             self.abort.cancel();
         }
@@ -207,9 +239,16 @@ struct Coordinator {
 impl Coordinator {
     fn run(self) {
         let mut backlog: VecDeque<DirtyRecord> = VecDeque::new();
+        // Records at the front of `backlog` whose groups wait for a batch
+        // in flight: they do not count towards a full batch.
+        let mut blocked = 0usize;
         let mut idle: Vec<usize> = (0..self.writers.len()).rev().collect();
         let mut due: Option<Instant> = None;
         let mut draining = false;
+        let mut swept = false;
+        // Replaced by `never()` once the drain is requested (or the worker
+        // dropped), so a disconnected channel is not selected again.
+        let mut control = self.control.clone();
         let mut last_gauges = Instant::now() - GAUGE_INTERVAL;
         let gauges = Gauges::new();
         loop {
@@ -224,36 +263,35 @@ impl Coordinator {
                 _ => next_gauges,
             };
             select! {
-                recv(self.receiver.records) -> record => match record {
-                    Ok(record) => {
+                recv(self.receiver.records) -> record => {
+                    // The coordinator holds a store, so the channel stays open.
+                    if let Ok(record) = record {
                         backlog.push_back(record);
                         due.get_or_insert_with(|| Instant::now() + self.config.linger);
                     }
-                    // Every store handle is gone: nothing can change any more.
-                    Err(_) => draining = true,
                 },
                 recv(self.completions) -> completion => {
-                    let completion = completion.expect("the coordinator holds a writer's sender");
-                    if completion.committed {
-                        self.store.commit(&completion.batch);
-                    } else {
-                        self.store.abandon(&completion.batch);
+                    // Every writer is gone (the runtime is shutting down).
+                    let Ok(completion) = completion else { return };
+                    match &completion.outcome {
+                        Outcome::Committed(quarantined) => self.store.commit(&completion.batch, quarantined),
+                        Outcome::Abandoned => self.store.abandon(&completion.batch),
                     }
                     idle.push(completion.writer);
+                    blocked = 0;
                     // Records that waited for this batch's entities may go now.
                     if !backlog.is_empty() {
                         due = Some(Instant::now());
                     }
                 },
-                recv(self.control) -> control => match control {
-                    Ok(Control::Drain) | Err(_) => {
-                        draining = true;
-                        due = Some(Instant::now());
-                    }
+                recv(control) -> _ => {
+                    draining = true;
+                    due = Some(Instant::now());
+                    control = crossbeam_channel::never();
                 },
                 default(wake.saturating_duration_since(Instant::now())) => {},
             }
-            if backlog.len() + self.receiver.records.len() >= self.config.batch_max {
+            if backlog.len().saturating_sub(blocked) + self.receiver.records.len() >= self.config.batch_max {
                 due = Some(Instant::now());
             }
 
@@ -261,7 +299,8 @@ impl Coordinator {
                 if at > Instant::now() && !draining {
                     break;
                 }
-                let batch = self.store.take_batch(&self.receiver, &mut backlog, self.config.batch_max);
+                let (batch, still_blocked) = self.store.take_batch(&self.receiver, &mut backlog, self.config.batch_max);
+                blocked = still_blocked;
                 if batch.rows.is_empty() {
                     // Nothing takeable: stale records, or groups waiting for a
                     // batch in flight (its completion sets `due` again).
@@ -274,7 +313,7 @@ impl Coordinator {
                     error!(writer, "writer task is gone; the runtime is shutting down");
                     return;
                 }
-                due = (!backlog.is_empty() || !self.receiver.records.is_empty()).then(Instant::now);
+                due = (backlog.len() > blocked || !self.receiver.records.is_empty()).then(Instant::now);
             }
 
             if draining && idle.len() == self.writers.len() {
@@ -284,11 +323,21 @@ impl Coordinator {
                     return;
                 }
                 if due.is_none() && backlog.is_empty() && self.receiver.records.is_empty() {
+                    if swept {
+                        // Still nothing to take: the rest cannot be written by
+                        // this worker; the drain reports (and spills) it.
+                        error!(depth, "entities are pending that no batch can take; ending the drain");
+                        gauges.refresh(&self.store);
+                        return;
+                    }
                     // Pending entities with no record to reach them would be a
-                    // bookkeeping bug; sweep them up rather than hang.
+                    // bookkeeping bug; sweep them up once rather than hang.
                     let orphans = self.store.pending_records();
-                    error!(orphans = orphans.len(), depth, "pending entities without records; re-queueing them");
+                    if !orphans.is_empty() {
+                        error!(orphans = orphans.len(), depth, "pending entities without records; re-queueing them");
+                    }
                     backlog.extend(orphans);
+                    swept = true;
                     due = Some(Instant::now());
                 }
             }
@@ -328,31 +377,23 @@ pub(crate) fn unix_seconds(time: SystemTime) -> f64 {
     time.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-/// Why one attempt to write a batch failed.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum FlushError {
-    #[error("no database connection: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
-    #[error("{0}")]
-    Postgres(#[from] tokio_postgres::Error),
-}
-
-impl FlushError {
-    fn classify(&self) -> Classified {
-        match self {
-            Self::Pool(e) => classify_pool(e),
-            Self::Postgres(e) => classify_postgres(e),
-        }
-    }
-}
-
 struct Writer {
     index: usize,
     store: Store,
     pool: Pool,
+    lease: Option<Arc<Lease>>,
     retry_max_delay: Duration,
     abort: CancellationToken,
     done: Sender<Completion>,
+}
+
+/// Why a write stopped short of committing.
+enum Failure {
+    /// The database refuses these rows for good (or they cannot be
+    /// encoded): isolate and quarantine.
+    Permanent { classified: Classified, message: String },
+    /// The drain deadline passed, or the lease was lost: write nothing more.
+    Stop,
 }
 
 impl Writer {
@@ -362,65 +403,179 @@ impl Writer {
                 batch = batches.recv() => match batch { Some(batch) => batch, None => return },
                 _ = self.abort.cancelled() => return,
             };
-            let committed = self.flush(&batch).await;
-            if self.done.send(Completion { writer: self.index, batch, committed }).is_err() {
+            let outcome = self.flush(&batch).await;
+            if self.done.send(Completion { writer: self.index, batch, outcome }).is_err() {
                 return;
             }
         }
     }
 
-    /// Writes `batch` until it commits (true) or the drain deadline aborts
-    /// it (false).
-    async fn flush(&self, batch: &Batch) -> bool {
-        let span = info_span!("flush", writer = self.index, rows = batch.rows.len());
+    /// Writes `batch` until it commits, isolating and quarantining groups
+    /// the database refuses for good (I8), or until the drain deadline or a
+    /// lost lease stops it.
+    async fn flush(&self, batch: &Batch) -> Outcome {
+        let span = info_span!("flush", writer = self.index, rows = batch.rows.len(), groups = batch.groups.len());
         let _entered = span.enter();
+        metrics::histogram!(m::BATCH_ROWS).record(batch.rows.len() as f64);
+        let quarantined = match self.write_groups(batch, &batch.groups, 1).await {
+            Ok(quarantined) => quarantined,
+            Err(()) => return Outcome::Abandoned,
+        };
+        if quarantined.is_empty() {
+            return Outcome::Committed(Vec::new());
+        }
+        match self.record_dead_letters(batch, &quarantined).await {
+            Ok(()) => Outcome::Committed(quarantined.into_iter().map(|(q, _)| q).collect()),
+            Err(()) => Outcome::Abandoned,
+        }
+    }
+
+    /// Writes the rows of `groups` in one transaction; when the database
+    /// refuses them for good, splits the groups in halves (never a group
+    /// itself: a change set is never split) until the refused groups are
+    /// isolated, and commits the rest. Returns the refused groups with the
+    /// number of attempts that included them.
+    async fn write_groups(
+        &self,
+        batch: &Batch,
+        groups: &[Range<usize>],
+        attempts: i32,
+    ) -> Result<Vec<(Quarantined, i32)>, ()> {
+        let rows: Vec<usize> = groups.iter().flat_map(Clone::clone).collect();
+        match self.write_rows(batch, &rows).await {
+            Ok(()) => Ok(Vec::new()),
+            Err(Failure::Stop) => Err(()),
+            Err(Failure::Permanent { classified, message }) if groups.len() == 1 => {
+                let kinds = self.store.kinds();
+                let first = &batch.rows[groups[0].start];
+                error!(
+                    kind = kinds[first.kind].name, id = %first.id, version = first.version,
+                    rows = groups[0].len(), sqlstate = ?classified.sqlstate, error = %message,
+                    "the database refuses a change set for good; quarantining it as dead letters"
+                );
+                let error = TicketError::Quarantined {
+                    kind: kinds[first.kind].name.to_owned(),
+                    id: first.id.to_string(),
+                    version: first.version,
+                    sqlstate: classified.sqlstate.clone(),
+                    message: message.clone(),
+                };
+                Ok(vec![(Quarantined { rows: groups[0].clone(), error }, attempts)])
+            }
+            Err(Failure::Permanent { .. }) => {
+                let (left, right) = groups.split_at(groups.len() / 2);
+                debug!(left = left.len(), right = right.len(), "splitting a refused batch");
+                let mut refused = Box::pin(self.write_groups(batch, left, attempts + 1)).await?;
+                refused.extend(Box::pin(self.write_groups(batch, right, attempts + 1)).await?);
+                Ok(refused)
+            }
+        }
+    }
+
+    /// Writes `rows` of `batch` in one transaction, retrying transient and
+    /// schema failures with capped, jittered backoff without a limit on
+    /// attempts (I7).
+    async fn write_rows(&self, batch: &Batch, rows: &[usize]) -> Result<(), Failure> {
         let kinds = self.store.kinds();
-        let encoded = match upsert::encode(kinds, batch, 0..batch.rows.len()) {
+        let encoded = match upsert::encode(kinds, batch, rows.iter().copied()) {
             Ok(encoded) => encoded,
             Err(e) => {
                 let row = &batch.rows[e.row];
-                error!(kind = kinds[row.kind].name, id = %row.id, version = row.version, error = %e.error,
-                    "an entity cannot be serialized; its batch cannot be written");
-                return false;
+                return Err(Failure::Permanent {
+                    classified: Classified {
+                        class: ErrorClass::Permanent,
+                        error_type: "data",
+                        sqlstate: None,
+                        unknown: false,
+                    },
+                    message: format!("{} {} cannot be serialized: {}", kinds[row.kind].name, row.id, e.error),
+                });
             }
         };
-        metrics::histogram!(m::BATCH_ROWS).record(batch.rows.len() as f64);
+        let mut resolve: Vec<(KindId, Vec<String>)> = Vec::new();
+        for &index in rows {
+            let row = &batch.rows[index];
+            if row.dead_lettered {
+                match resolve.iter_mut().find(|(kind, _)| *kind == row.kind) {
+                    Some((_, ids)) => ids.push(row.id.to_string()),
+                    None => resolve.push((row.kind, vec![row.id.to_string()])),
+                }
+            }
+        }
         let backoff = ExponentialBuilder::default()
             .with_min_delay(RETRY_MIN_DELAY)
             .with_max_delay(self.retry_max_delay)
             .with_jitter()
             .without_max_times();
         let cap = self.retry_max_delay;
-        let attempt = || self.attempt(&encoded);
-        let retried =
-            attempt.retry(backoff).sleep(tokio::time::sleep).adjust(move |_, delay| delay.map(|d| d.min(cap))).notify(
-                |e: &FlushError, delay| {
-                    let classified = e.classify();
-                    metrics::counter!(m::RETRIES_TOTAL).increment(1);
-                    if classified.unknown {
-                        error!(error = %e, rows = batch.rows.len(), delay_ms = delay.as_millis() as u64,
-                        "flush failed with an unrecognized error; retrying as transient");
-                    } else {
-                        warn!(error = %e, error_type = classified.error_type, sqlstate = ?classified.sqlstate,
-                        rows = batch.rows.len(), delay_ms = delay.as_millis() as u64, "flush failed; retrying");
-                    }
-                },
-            );
-        tokio::select! {
-            result = retried => result.is_ok(),
+        let attempt = || self.attempt(&encoded, &resolve, rows.len());
+        let retried = attempt
+            .retry(backoff)
+            .sleep(tokio::time::sleep)
+            .when(|e: &WriteError| match e {
+                WriteError::Fenced { .. } => false,
+                e => classify_write(e).class != ErrorClass::Permanent,
+            })
+            .adjust(move |_, delay| delay.map(|d| d.min(cap)))
+            .notify(|e: &WriteError, delay| {
+                let classified = classify_write(e);
+                metrics::counter!(m::RETRIES_TOTAL).increment(1);
+                let delay_ms = delay.as_millis() as u64;
+                if classified.unknown {
+                    error!(error = %e, rows = rows.len(), delay_ms, "flush failed with an unrecognized error; retrying as transient");
+                } else if classified.class == ErrorClass::Schema {
+                    error!(error = %e, sqlstate = ?classified.sqlstate, rows = rows.len(), delay_ms,
+                        "flush failed: the schema does not fit (an operator must fix it); data waits and is retried");
+                } else {
+                    warn!(error = %e, error_type = classified.error_type, sqlstate = ?classified.sqlstate,
+                        rows = rows.len(), delay_ms, "flush failed; retrying");
+                }
+            });
+        let result = tokio::select! {
+            result = retried => result,
             _ = self.abort.cancelled() => {
-                warn!(rows = batch.rows.len(), "drain deadline passed; batch abandoned");
-                false
+                warn!(rows = rows.len(), "drain deadline passed; batch abandoned");
+                return Err(Failure::Stop);
+            }
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(WriteError::Fenced { current, .. }) => {
+                if let Some(lease) = &self.lease {
+                    lease.fenced(current);
+                }
+                Err(Failure::Stop)
+            }
+            Err(e) => {
+                let classified = classify_write(&e);
+                let message = match &e {
+                    WriteError::Postgres(pg) => {
+                        pg.as_db_error().map_or_else(|| e.to_string(), |db| db.message().to_owned())
+                    }
+                    _ => e.to_string(),
+                };
+                Err(Failure::Permanent { classified, message })
             }
         }
     }
 
-    async fn attempt(&self, encoded: &Encoded) -> Result<(), FlushError> {
+    async fn attempt(
+        &self,
+        encoded: &Encoded,
+        resolve: &[(KindId, Vec<String>)],
+        rows: usize,
+    ) -> Result<(), WriteError> {
+        let epoch = match &self.lease {
+            Some(lease) => match lease.held(&self.abort).await {
+                Some(epoch) => Some(epoch),
+                None => return Err(WriteError::Fenced { ours: lease.epoch(), current: None }),
+            },
+            None => None,
+        };
         let started = Instant::now();
         let result = async {
             let mut client = self.pool.get().await?;
-            upsert::write(&mut client, self.store.kinds(), encoded).await?;
-            Ok::<(), FlushError>(())
+            upsert::write(&mut client, self.store.kinds(), encoded, epoch, resolve).await
         }
         .await;
         metrics::histogram!(m::FLUSH_DURATION).record(started.elapsed().as_secs_f64());
@@ -431,19 +586,76 @@ impl Writer {
                 metrics::gauge!(m::DB_UP).set(1.0);
                 metrics::gauge!(m::LAST_SUCCESS_TIMESTAMP).set(unix_seconds(now));
                 self.store.health().success(now);
+                debug!(rows, elapsed_us = started.elapsed().as_micros() as u64, "batch committed");
+            }
+            Err(WriteError::Fenced { .. }) => {
+                metrics::counter!(m::BATCHES_TOTAL, "result" => "error").increment(1);
             }
             Err(e) => {
-                let classified = e.classify();
+                let classified = classify_write(e);
                 metrics::counter!(m::BATCHES_TOTAL, "result" => "error").increment(1);
                 metrics::counter!(m::PERSIST_FAILURES_TOTAL, "error_type" => classified.error_type).increment(1);
                 let reached_database = classified.sqlstate.is_some() && classified.error_type != "connection";
                 metrics::gauge!(m::DB_UP).set(if reached_database { 1.0 } else { 0.0 });
                 self.store.health().failure(&classified, reached_database, e.to_string());
-                if classified.class == ErrorClass::Permanent {
-                    warn!(error = %e, sqlstate = ?classified.sqlstate, "batch refused by the database");
-                }
             }
         }
         result
+    }
+
+    /// Writes the dead letters of refused groups, retrying until it
+    /// succeeds (or the drain deadline stops it): a record is only ever
+    /// dropped from the queue once it is in the dead-letter table.
+    async fn record_dead_letters(&self, batch: &Batch, refused: &[(Quarantined, i32)]) -> Result<(), ()> {
+        let kinds = self.store.kinds();
+        let mut letters = Vec::new();
+        for (quarantined, attempts) in refused {
+            let TicketError::Quarantined { sqlstate, message, .. } = &quarantined.error else { continue };
+            for index in quarantined.rows.clone() {
+                let row = &batch.rows[index];
+                let payload = row.value.as_ref().and_then(|value| {
+                    let mut json = Vec::new();
+                    value.write_json(&mut json).ok().map(|()| json)
+                });
+                letters.push(NewDeadLetter {
+                    kind: kinds[row.kind].name,
+                    entity_id: row.id.to_string(),
+                    version: i64::try_from(row.version).unwrap_or(i64::MAX),
+                    payload,
+                    deleted: row.value.is_none(),
+                    sqlstate: sqlstate.clone(),
+                    message: message.clone(),
+                    attempts: *attempts,
+                });
+            }
+        }
+        let mut delay = RETRY_MIN_DELAY;
+        loop {
+            match dead_letters::record(&self.pool, &letters).await {
+                Ok(()) => {
+                    if let Ok(count) = dead_letters::count_unresolved(&self.pool).await {
+                        metrics::gauge!(m::DEAD_LETTERS).set(count as f64);
+                    }
+                    return Ok(());
+                }
+                Err(e) => {
+                    error!(error = %e, records = letters.len(), "cannot write dead letters; retrying");
+                    if self.abort.run_until_cancelled(tokio::time::sleep(delay)).await.is_none() {
+                        return Err(());
+                    }
+                    delay = (delay * 2).min(self.retry_max_delay);
+                }
+            }
+        }
+    }
+}
+
+fn classify_write(error: &WriteError) -> Classified {
+    match error {
+        WriteError::Pool(e) => classify_pool(e),
+        WriteError::Postgres(e) => classify_postgres(e),
+        WriteError::Fenced { .. } => {
+            Classified { class: ErrorClass::Transient, error_type: "other", sqlstate: None, unknown: false }
+        }
     }
 }
