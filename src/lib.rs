@@ -122,6 +122,7 @@
 //! ```
 
 pub mod api;
+pub mod commands;
 pub mod config;
 pub mod engine;
 pub mod metrics;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use outbox::Config;
+use outbox::commands::DeadLetterAction;
 use outbox::config::LogFormat;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -25,6 +26,28 @@ enum Command {
     Serve,
     /// Apply the database migrations and exit.
     Migrate,
+    /// List, replay or discard quarantined records (dead letters).
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// Print the unresolved dead letters as JSON.
+    List,
+    /// Write a dead letter's record to its table (version-guarded) and
+    /// resolve it; fails if the database still refuses it.
+    Replay {
+        /// The dead letter's id.
+        id: i64,
+    },
+    /// Resolve a dead letter without writing it.
+    Discard {
+        /// The dead letter's id.
+        id: i64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,7 +80,18 @@ fn main() -> ExitCode {
                 tokio::spawn(forward_signals(shutdown.clone()));
                 outbox::run(cli.config, shutdown).await.map_err(|e| e.to_string())
             }
-            Command::Migrate => migrate(cli.config).await.map_err(|e| e.to_string()),
+            Command::Migrate => outbox::commands::migrate(&cli.config).await.map_err(|e| e.to_string()),
+            Command::DeadLetters { action } => {
+                let action = match action {
+                    DeadLetterCommand::List => DeadLetterAction::List,
+                    DeadLetterCommand::Replay { id } => DeadLetterAction::Replay(id),
+                    DeadLetterCommand::Discard { id } => DeadLetterAction::Discard(id),
+                };
+                outbox::commands::dead_letters(&cli.config, action)
+                    .await
+                    .map(|out| println!("{out}"))
+                    .map_err(|e| e.to_string())
+            }
         }
     });
     match result {
@@ -106,16 +140,4 @@ async fn forward_signals(shutdown: CancellationToken) {
             warn!(signal = name, "already shutting down; the drain deadline (OUTBOX_DRAIN_TIMEOUT_S) bounds the wait");
         }
     }
-}
-
-async fn migrate(config: Config) -> Result<(), outbox::ServerError> {
-    let database = outbox::server::Database::open(&config).await?;
-    let pool = outbox::pg::pool(database.config.clone(), 1);
-    let result = outbox::pg::migrate(&pool).await;
-    pool.close();
-    let closed = database.close().await;
-    let applied = result?;
-    closed?;
-    info!(applied, "migrations are up to date");
-    Ok(())
 }

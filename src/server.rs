@@ -82,12 +82,23 @@ impl Database {
     /// creates) the private PostgreSQL of DESIGN C2 and its `outbox`
     /// database.
     pub async fn open(config: &Config) -> Result<Self, ServerError> {
+        Self::open_with(config, false).await
+    }
+
+    /// [`open`](Self::open) for a one-off command: a private PostgreSQL
+    /// already running on the data folder (a serving outbox's) is used as
+    /// it is, not waited for.
+    pub async fn open_shared(config: &Config) -> Result<Self, ServerError> {
+        Self::open_with(config, true).await
+    }
+
+    async fn open_with(config: &Config, reuse_running: bool) -> Result<Self, ServerError> {
         if let Some(url) = &config.database_url {
             let db_config = pg::parse_url(url)?;
             info!(database = %pg::describe(&db_config), "using DATABASE_URL");
             return Ok(Self { config: db_config, local: None });
         }
-        let options = LocalPostgresOptions::new(config.local_postgres_dir());
+        let options = LocalPostgresOptions { reuse_running, ..LocalPostgresOptions::new(config.local_postgres_dir()) };
         info!(dir = %options.data_dir.display(), "DATABASE_URL is unset: starting a private PostgreSQL");
         let local = tokio::task::spawn_blocking(move || LocalPostgres::start(options))
             .await

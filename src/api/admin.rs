@@ -2,7 +2,7 @@
 //! `Authorization: Bearer $OUTBOX_ADMIN_TOKEN`; not served at all when the
 //! token is unset.
 
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::{ApiError, Problem};
-use crate::pg::dead_letters::{self, DeadLetter};
+use crate::pg::dead_letters::{self, DeadLetter, DeadLetterError};
 
 /// Most dead letters one listing returns.
 const LIST_LIMIT: i64 = 1000;
@@ -60,4 +60,56 @@ pub async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
         ApiError::unavailable(format!("the database does not answer: {e}"), std::time::Duration::from_secs(5))
     })?;
     Ok(axum::Json(DeadLetterList { dead_letters }).into_response())
+}
+
+fn dead_letter_error(e: DeadLetterError) -> ApiError {
+    match e {
+        DeadLetterError::NotFound(_) => ApiError::not_found(e.to_string()),
+        DeadLetterError::UnknownKind { .. } | DeadLetterError::StillRefused { .. } => {
+            ApiError::unprocessable(e.to_string())
+        }
+        DeadLetterError::Db(db) => {
+            ApiError::unavailable(format!("the database does not answer: {db}"), std::time::Duration::from_secs(5))
+        }
+    }
+}
+
+/// `POST /api/admin/dead-letters/{id}/replay`: writes the quarantined
+/// record to its table (version-guarded: a newer row is kept) and resolves
+/// the dead letter, in one transaction.
+#[utoipa::path(post, path = "/api/admin/dead-letters/{id}/replay", tag = "admin",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "The dead letter's id")),
+    responses(
+        (status = 200, description = "Replayed and resolved", body = DeadLetter),
+        (status = 401, description = "Missing or wrong token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No unresolved dead letter with that id", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The database refuses the record again", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database does not answer", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn replay(State(state): State<AppState>, Path(id): Path<i64>) -> Result<Response, ApiError> {
+    let tables = state.store.tables();
+    let table_of = |kind: &str| tables.iter().find(|(k, _)| *k == kind).map(|(_, t)| *t);
+    let resolved = dead_letters::replay(&state.pool, id, table_of).await.map_err(dead_letter_error)?;
+    state.store.forget_dead_letter(&resolved.kind, &resolved.entity_id);
+    tracing::info!(id, kind = %resolved.kind, entity = %resolved.entity_id, version = resolved.version, "dead letter replayed");
+    Ok(axum::Json(resolved).into_response())
+}
+
+/// `DELETE /api/admin/dead-letters/{id}`: resolves a dead letter without
+/// writing it (the operator accepts that this version is not persisted).
+#[utoipa::path(delete, path = "/api/admin/dead-letters/{id}", tag = "admin",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "The dead letter's id")),
+    responses(
+        (status = 200, description = "Discarded", body = DeadLetter),
+        (status = 401, description = "Missing or wrong token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No unresolved dead letter with that id", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The database does not answer", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn discard(State(state): State<AppState>, Path(id): Path<i64>) -> Result<Response, ApiError> {
+    let resolved = dead_letters::discard(&state.pool, id).await.map_err(dead_letter_error)?;
+    state.store.forget_dead_letter(&resolved.kind, &resolved.entity_id);
+    tracing::warn!(id, kind = %resolved.kind, entity = %resolved.entity_id, version = resolved.version, "dead letter discarded");
+    Ok(axum::Json(resolved).into_response())
 }

@@ -218,7 +218,15 @@ fn routes(admin: bool) -> OpenApiRouter<AppState> {
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))
         .routes(routes!(ops::openapi));
-    if admin { router.merge(OpenApiRouter::new().routes(routes!(admin::list))) } else { router }
+    if !admin {
+        return router;
+    }
+    router.merge(
+        OpenApiRouter::new()
+            .routes(routes!(admin::list))
+            .routes(routes!(admin::replay))
+            .routes(routes!(admin::discard)),
+    )
 }
 
 /// The OpenAPI document of the service (with the admin routes).

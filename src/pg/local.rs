@@ -127,12 +127,17 @@ pub struct LocalPostgresOptions {
     pub durable: bool,
     /// Extra `-c name=value` server settings.
     pub settings: Vec<(String, String)>,
+    /// Connect to a server already running on this folder (a serving
+    /// outbox's) instead of waiting for it to stop; such a server is not
+    /// stopped by this handle. For one-off commands (`migrate`,
+    /// `dead-letters`).
+    pub reuse_running: bool,
 }
 
 impl LocalPostgresOptions {
     /// Durable defaults for a cluster in `data_dir`.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
-        Self { data_dir: data_dir.into(), durable: true, settings: Vec::new() }
+        Self { data_dir: data_dir.into(), durable: true, settings: Vec::new(), reuse_running: false }
     }
 }
 
@@ -180,6 +185,12 @@ impl LocalPostgres {
             check_reachable(&data_dir, uid)?;
         }
 
+        if options.reuse_running
+            && let Some(endpoint) = running_endpoint(&data_dir)
+        {
+            tracing::info!(dir = %data_dir.display(), "using the PostgreSQL already running on this folder");
+            return Ok(Self { data_dir, bin_dir, log_path, run_as, endpoint, options, postmaster: Mutex::new(None) });
+        }
         let endpoint = if data_dir.as_os_str().len() <= MAX_SOCKET_DIR_LEN {
             Endpoint::Socket { dir: data_dir.clone(), port: 5432 }
         } else {
@@ -496,6 +507,23 @@ impl Drop for LocalPostgres {
         if let Err(e) = self.stop() {
             tracing::error!(error = %e, "could not stop PostgreSQL");
         }
+    }
+}
+
+/// Where a postmaster running (and ready) on `data_dir` listens, from its
+/// `postmaster.pid` (line 4: port, 5: socket folder, 6: listen address, 8:
+/// status).
+fn running_endpoint(data_dir: &Path) -> Option<Endpoint> {
+    let contents = fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    let lines: Vec<&str> = contents.lines().map(str::trim).collect();
+    let pid = lines.first()?.parse::<i32>().ok()?;
+    if kill(Pid::from_raw(pid), None).is_err() || lines.get(7) != Some(&"ready") {
+        return None;
+    }
+    let port = lines.get(3)?.parse::<u16>().ok()?;
+    match lines.get(4).filter(|dir| !dir.is_empty()) {
+        Some(dir) => Some(Endpoint::Socket { dir: PathBuf::from(dir), port }),
+        None => Some(Endpoint::Tcp { port }),
     }
 }
 

@@ -1,0 +1,574 @@
+//! Failure modes against a real PostgreSQL and the real binary (DESIGN
+//! I7–I10, §9): a database outage under steady writes, a poison record, a
+//! schema error, the spill file on shutdown, a crash under multi-entity
+//! load, the single-writer lease, and the operator's dead-letter tools.
+//! Every wait is bounded.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{ServerProcess, dedicated_postgres, fresh_db, http, poll_until, scratch_dir};
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+const ADMIN_TOKEN: &str = "test-admin-token";
+
+fn start(url: &str, data_dir: &Path, extra: &[(&str, &str)]) -> ServerProcess {
+    let mut envs = vec![
+        ("DATABASE_URL", url.to_owned()),
+        ("OUTBOX_DATA_DIR", data_dir.display().to_string()),
+        ("OUTBOX_RETRY_MAX_DELAY_MS", "500".to_owned()),
+        ("OUTBOX_ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
+    ];
+    envs.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    ServerProcess::start(&[], &envs)
+}
+
+async fn create_item(server: &ServerProcess, value: &str, extra: Value) -> reqwest::Response {
+    let mut body = json!({"identifiers": [{"key": "n", "value": value}]});
+    if !extra.is_null() {
+        body["enriched_data"] = extra;
+    }
+    http().post(server.url("/api/items")).json(&body).send().await.expect("POST /api/items")
+}
+
+async fn status(server: &ServerProcess) -> Value {
+    http().get(server.url("/api/outbox/status")).send().await.unwrap().json().await.unwrap()
+}
+
+async fn wait_drained(server: &ServerProcess, timeout: Duration) {
+    let drained = poll_until(timeout, || async { status(server).await["depth"] == 0 }).await;
+    assert!(drained, "the outbox drained: {}\n{}", status(server).await, server.log());
+}
+
+/// The value of a metric series whose line contains every `labels` part.
+async fn metric(server: &ServerProcess, name: &str, labels: &[&str]) -> f64 {
+    let text = http().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
+        .filter(|line| labels.iter().all(|l| line.contains(l)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Every live item in memory (paged through the API): dfid → (version, item).
+async fn memory_items(server: &ServerProcess) -> BTreeMap<String, (i64, Value)> {
+    let mut out = BTreeMap::new();
+    let mut path = "/api/items?limit=1000".to_owned();
+    loop {
+        let page: Value = http().get(server.url(&path)).send().await.unwrap().json().await.unwrap();
+        for item in page["items"].as_array().unwrap() {
+            let mut data = item.clone();
+            let version = data.as_object_mut().unwrap().remove("version").unwrap().as_i64().unwrap();
+            out.insert(item["dfid"].as_str().unwrap().to_owned(), (version, data));
+        }
+        match page["next"].as_str() {
+            Some(next) => path = format!("/api/items?limit=1000&after={next}"),
+            None => return out,
+        }
+    }
+}
+
+async fn database_items(client: &tokio_postgres::Client) -> BTreeMap<String, (i64, Value)> {
+    client
+        .query("SELECT id, version, data FROM items WHERE NOT deleted", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, String>(0), (r.get::<_, i64>(1), r.get::<_, Value>(2))))
+        .collect()
+}
+
+fn outbox_cli(url: &str, data_dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env("OUTBOX_DATA_DIR", data_dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run the outbox CLI");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outage_under_steady_writes_converges_without_loss() {
+    let postgres = dedicated_postgres("outage");
+    outbox::pg::create_database_if_missing(&postgres.config("postgres"), "app").await.unwrap();
+    let url = postgres.connection_string("app");
+    let server = start(&url, &scratch_dir("outage"), &[]);
+    server.wait_ready(Duration::from_secs(30)).await;
+
+    let started = Instant::now();
+    let mut acknowledged: Vec<(String, i64)> = Vec::new();
+    let mut refused = 0u32;
+    let mut stopped = false;
+    let mut restarted = false;
+    let mut i = 0u64;
+    while started.elapsed() < Duration::from_secs(30) {
+        if !stopped && started.elapsed() >= Duration::from_secs(10) {
+            std::thread::scope(|s| s.spawn(|| postgres.stop()).join().unwrap()).expect("stop PostgreSQL");
+            stopped = true;
+        }
+        if stopped && !restarted && started.elapsed() >= Duration::from_secs(20) {
+            std::thread::scope(|s| s.spawn(|| postgres.restart()).join().unwrap()).expect("start PostgreSQL");
+            restarted = true;
+        }
+        i += 1;
+        let response = create_item(&server, &i.to_string(), json!({"i": i})).await;
+        match response.status().as_u16() {
+            201 => {
+                let item: Value = response.json().await.unwrap();
+                let dfid = item["dfid"].as_str().unwrap().to_owned();
+                // Reads keep coming from memory, database or not.
+                let read = http().get(server.url(&format!("/api/items/{dfid}"))).send().await.unwrap();
+                assert_eq!(read.status(), 200);
+                acknowledged.push((dfid, item["version"].as_i64().unwrap()));
+            }
+            503 => refused += 1,
+            other => panic!("no 5xx but 503 during an outage; got {other}: {}", response.text().await.unwrap()),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        acknowledged.len() > 500,
+        "steady writes went on through the outage ({} acknowledged, {refused} refused)",
+        acknowledged.len()
+    );
+
+    wait_drained(&server, Duration::from_secs(30)).await;
+    let lag = status(&server).await["lag_seconds"].as_f64().unwrap();
+    assert!(lag < 1.0, "lag is back to ~0 ({lag} s)");
+    let client = outbox::pg::connect(&postgres.config("app")).await.unwrap();
+    let database = database_items(&client).await;
+    assert_eq!(database, memory_items(&server).await, "the database equals memory");
+    for (dfid, version) in &acknowledged {
+        assert!(database.get(dfid).is_some_and(|(v, _)| v >= version), "acknowledged {dfid} was lost");
+    }
+    let failures = metric(&server, "outbox_persist_failures_total", &["error_type=\"connection\""]).await
+        + metric(&server, "outbox_persist_failures_total", &["error_type=\"timeout\""]).await;
+    assert!(failures > 0.0, "the outage's failures are counted by type");
+    assert!(metric(&server, "outbox_retries_total", &[]).await > 0.0);
+    assert_eq!(metric(&server, "outbox_db_up", &[]).await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_records_are_quarantined_and_operators_resolve_them() {
+    let db = fresh_db("poison").await;
+    let data_dir = scratch_dir("poison");
+    // A long linger puts the concurrent creates below into shared batches.
+    let server = start(&db.url(), &data_dir, &[("OUTBOX_LINGER_MS", "300")]);
+    server.wait_ready(Duration::from_secs(30)).await;
+    let client = db.connect().await;
+    client
+        .batch_execute("ALTER TABLE items ADD CONSTRAINT no_poison CHECK (coalesce(data->'enriched_data'->>'poison', '') <> 'yes')")
+        .await
+        .unwrap();
+
+    // 40 creates in flight together, 5 of them poisoned.
+    let mut creates = Vec::new();
+    for i in 0..40 {
+        let url = server.url("/api/items");
+        let poison = i % 8 == 3;
+        creates.push(tokio::spawn(async move {
+            let body = json!({"identifiers": [{"key": "n", "value": i.to_string()}],
+                              "enriched_data": if poison { json!({"poison": "yes"}) } else { json!({}) }});
+            let item: Value = http().post(url).json(&body).send().await.unwrap().json().await.unwrap();
+            (item["dfid"].as_str().unwrap().to_owned(), poison)
+        }));
+    }
+    let mut healthy = Vec::new();
+    let mut poisoned = Vec::new();
+    for create in creates {
+        let (dfid, poison) = create.await.unwrap();
+        if poison { poisoned.push(dfid) } else { healthy.push(dfid) }
+    }
+    wait_drained(&server, Duration::from_secs(30)).await;
+
+    let database = database_items(&client).await;
+    assert!(healthy.iter().all(|d| database.contains_key(d)), "the healthy records of the batches committed");
+    assert!(poisoned.iter().all(|d| !database.contains_key(d)), "no poisoned record is in the table");
+    let letters = client
+        .query(
+            "SELECT id, entity_id, sqlstate, version FROM outbox_dead_letters WHERE resolved_at IS NULL ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let quarantined: BTreeSet<String> = letters.iter().map(|r| r.get::<_, String>(1)).collect();
+    assert_eq!(quarantined, poisoned.iter().cloned().collect(), "exactly the poisoned records are dead letters");
+    assert!(letters.iter().all(|r| r.get::<_, Option<String>>(2).as_deref() == Some("23514")));
+    for dfid in &poisoned {
+        let read = http().get(server.url(&format!("/api/items/{dfid}"))).send().await.unwrap();
+        assert_eq!(read.status(), 200, "a quarantined entity still reads from memory");
+    }
+    assert!(metric(&server, "outbox_dead_letters_total", &["entity=\"item\""]).await >= 5.0);
+    assert_eq!(metric(&server, "outbox_dead_letters", &[]).await, 5.0);
+
+    // A durable request for a poisoned record answers with the cause.
+    let durable = http()
+        .post(server.url("/api/items"))
+        .header("Prefer", "durable")
+        .json(&json!({"identifiers": [{"key": "n", "value": "d"}], "enriched_data": {"poison": "yes"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(durable.status(), 422);
+    let problem: Value = durable.json().await.unwrap();
+    assert!(problem["detail"].as_str().unwrap().contains("no_poison"), "the problem names the cause: {problem}");
+
+    // Admin routes: no token, wrong token.
+    let letters_url = server.url("/api/admin/dead-letters");
+    assert_eq!(http().get(&letters_url).send().await.unwrap().status(), 401);
+    assert_eq!(http().get(&letters_url).bearer_auth("nope").send().await.unwrap().status(), 401);
+    let listed: Value = http().get(&letters_url).bearer_auth(ADMIN_TOKEN).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["dead_letters"].as_array().unwrap().len(), 6);
+    let (ok, out, err) = outbox_cli(&db.url(), &data_dir, &["dead-letters", "list"]);
+    assert!(ok, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out).unwrap().as_array().unwrap().len(), 6);
+
+    // A replay while the constraint holds fails and keeps the dead letter.
+    let id_of = |dfid: &str| letters.iter().find(|r| r.get::<_, String>(1) == dfid).unwrap().get::<_, i64>(0);
+    let replay_url = |id: i64| server.url(&format!("/api/admin/dead-letters/{id}/replay"));
+    let refused = http().post(replay_url(id_of(&poisoned[0]))).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+    assert_eq!(refused.status(), 422);
+
+    // A newer version of a poisoned entity that the database accepts
+    // resolves its dead letter.
+    let update = http()
+        .put(server.url(&format!("/api/items/{}", poisoned[2])))
+        .header("Prefer", "durable")
+        .json(&json!({"enriched_data": {"poison": null}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(update.status(), 200);
+    let resolution: Option<String> = client
+        .query_one("SELECT resolution FROM outbox_dead_letters WHERE id = $1", &[&id_of(&poisoned[2])])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(resolution.is_some_and(|r| r.starts_with("superseded")), "the newer version resolved the dead letter");
+
+    client.batch_execute("ALTER TABLE items DROP CONSTRAINT no_poison").await.unwrap();
+    // Replay over HTTP and through the CLI; discard over HTTP and the CLI.
+    let replayed = http().post(replay_url(id_of(&poisoned[0]))).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+    assert_eq!(replayed.status(), 200);
+    let (ok, _, err) = outbox_cli(&db.url(), &data_dir, &["dead-letters", "replay", &id_of(&poisoned[1]).to_string()]);
+    assert!(ok, "{err}");
+    let discard_url = server.url(&format!("/api/admin/dead-letters/{}", id_of(&poisoned[3])));
+    assert_eq!(http().delete(&discard_url).bearer_auth(ADMIN_TOKEN).send().await.unwrap().status(), 200);
+    assert_eq!(http().delete(&discard_url).bearer_auth(ADMIN_TOKEN).send().await.unwrap().status(), 404);
+    let (ok, _, err) = outbox_cli(&db.url(), &data_dir, &["dead-letters", "discard", &id_of(&poisoned[4]).to_string()]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = outbox_cli(&db.url(), &data_dir, &["dead-letters", "discard", "999999"]);
+    assert!(!ok && err.contains("999999"), "a missing dead letter is a clear error: {err}");
+
+    let database = database_items(&client).await;
+    for dfid in &poisoned[..3] {
+        let (version, data) = database.get(dfid).expect("replayed or superseded records are in the table");
+        let memory: Value =
+            http().get(server.url(&format!("/api/items/{dfid}"))).send().await.unwrap().json().await.unwrap();
+        assert_eq!(*version, memory["version"].as_i64().unwrap());
+        assert_eq!(data["identifiers"], memory["identifiers"]);
+    }
+    assert!(
+        !database.contains_key(&poisoned[3]) && !database.contains_key(&poisoned[4]),
+        "discarded records stay unwritten"
+    );
+    let unresolved: i64 = client
+        .query_one("SELECT count(*) FROM outbox_dead_letters WHERE resolved_at IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(unresolved, 1, "only the durable request's record is left");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn schema_errors_wait_and_nothing_is_dead_lettered() {
+    let db = fresh_db("schema").await;
+    let server = start(&db.url(), &scratch_dir("schema"), &[]);
+    server.wait_ready(Duration::from_secs(30)).await;
+    let client = db.connect().await;
+    client.batch_execute("ALTER TABLE items RENAME COLUMN data TO data_renamed").await.unwrap();
+
+    let mut created = Vec::new();
+    for i in 0..20 {
+        let item: Value = create_item(&server, &i.to_string(), Value::Null).await.json().await.unwrap();
+        created.push(item["dfid"].as_str().unwrap().to_owned());
+    }
+    let failing = poll_until(Duration::from_secs(15), || async {
+        metric(&server, "outbox_persist_failures_total", &["error_type=\"schema\""]).await >= 2.0
+    })
+    .await;
+    assert!(failing, "schema failures are retried and counted\n{}", server.log());
+    let last_error = status(&server).await["last_error"].clone();
+    assert_eq!(last_error["class"], "schema", "{last_error}");
+    assert_eq!(last_error["sqlstate"], "42703");
+    assert_eq!(status(&server).await["depth"], 20, "the data waits");
+    let dead: i64 = client.query_one("SELECT count(*) FROM outbox_dead_letters", &[]).await.unwrap().get(0);
+    assert_eq!(dead, 0, "schema errors are never dead-lettered");
+
+    client.batch_execute("ALTER TABLE items RENAME COLUMN data_renamed TO data").await.unwrap();
+    wait_drained(&server, Duration::from_secs(30)).await;
+    let database = database_items(&client).await;
+    assert!(created.iter().all(|d| database.contains_key(d)), "everything commits once the schema is fixed");
+    assert_eq!(database, memory_items(&server).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_with_the_database_down_spills_and_the_next_start_replays() {
+    let postgres = dedicated_postgres("spill");
+    outbox::pg::create_database_if_missing(&postgres.config("postgres"), "app").await.unwrap();
+    let url = postgres.connection_string("app");
+    let data_dir = scratch_dir("spill");
+    let mut server = start(&url, &data_dir, &[("OUTBOX_DRAIN_TIMEOUT_S", "3")]);
+    server.wait_ready(Duration::from_secs(30)).await;
+    let before: Value = create_item(&server, "committed", Value::Null).await.json().await.unwrap();
+    wait_drained(&server, Duration::from_secs(10)).await;
+
+    std::thread::scope(|s| s.spawn(|| postgres.stop()).join().unwrap()).expect("stop PostgreSQL");
+    let mut acknowledged = Vec::new();
+    for i in 0..25 {
+        let item: Value = create_item(&server, &format!("down-{i}"), Value::Null).await.json().await.unwrap();
+        acknowledged.push((item["dfid"].as_str().unwrap().to_owned(), item["version"].as_i64().unwrap()));
+    }
+    let updated: Value = http()
+        .put(server.url(&format!("/api/items/{}", before["dfid"].as_str().unwrap())))
+        .json(&json!({"enriched_data": {"changed": "while down"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    acknowledged.push((updated["dfid"].as_str().unwrap().to_owned(), updated["version"].as_i64().unwrap()));
+    // A durable request is waiting when the signal comes: it must not hold
+    // the shutdown past its deadline.
+    let waiting = {
+        let url = server.url("/api/items");
+        tokio::spawn(async move {
+            http()
+                .post(url)
+                .header("Prefer", "durable")
+                .json(&json!({"identifiers": [{"key": "n", "value": "durable"}]}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let signalled = Instant::now();
+    server.signal(Signal::SIGTERM);
+    let status = server.wait(Duration::from_secs(30));
+    assert!(signalled.elapsed() < Duration::from_secs(10), "the drain deadline bounds the shutdown");
+    assert!(!status.success(), "exits non-zero after spilling");
+    assert!(server.log().contains("spilled"), "{}", server.log());
+    assert!(!matches!(waiting.await.unwrap(), Ok(200..=299)), "the durable request was not acknowledged");
+    let spill_dir = data_dir.join("spill");
+    let files = outbox::outbox::spill::list(&spill_dir).unwrap();
+    assert_eq!(files.len(), 1, "one spill file");
+    let spilled = outbox::outbox::spill::read(&files[0]).unwrap();
+    assert!(spilled.len() >= acknowledged.len());
+
+    std::thread::scope(|s| s.spawn(|| postgres.restart()).join().unwrap()).expect("start PostgreSQL");
+    let server = start(&url, &data_dir, &[]);
+    server.wait_ready(Duration::from_secs(30)).await;
+    assert!(outbox::outbox::spill::list(&spill_dir).unwrap().is_empty(), "the spill file is removed after its commit");
+    let client = outbox::pg::connect(&postgres.config("app")).await.unwrap();
+    let database = database_items(&client).await;
+    for (dfid, version) in &acknowledged {
+        assert!(
+            database.get(dfid).is_some_and(|(v, _)| v == version),
+            "acknowledged {dfid} v{version} is in the database"
+        );
+    }
+    assert_eq!(database, memory_items(&server).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_spill_file_stops_start_up_and_is_kept() {
+    let db = fresh_db("corrupt").await;
+    let data_dir = scratch_dir("corrupt");
+    let spill_dir = data_dir.join("spill");
+    let record = outbox::outbox::spill::SpillRecord {
+        kind: "item".into(),
+        id: "DFID-x".into(),
+        version: 3,
+        deleted: false,
+        data: Some(json!({"dfid": "DFID-x"})),
+    };
+    let path = outbox::outbox::spill::write(&spill_dir, "test", &[record.clone(), record]).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() * 2 / 3]).unwrap();
+
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .env("DATABASE_URL", db.url())
+        .env("OUTBOX_DATA_DIR", &data_dir)
+        .env("OUTBOX_LISTEN", "127.0.0.1:0")
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(30), output).await.expect("start-up stops").unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("corrupt") && stderr.contains(&path.display().to_string()), "a clear error: {stderr}");
+    assert!(path.exists(), "the corrupt spill file is kept");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_under_change_set_load_leaves_no_half_change_set() {
+    let db = fresh_db("crash").await;
+    let data_dir = scratch_dir("crash");
+    let mut server = start(&db.url(), &data_dir, &[]);
+    server.wait_ready(Duration::from_secs(30)).await;
+    let mut circuits = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        let circuit: Value = http()
+            .post(server.url("/api/circuits"))
+            .json(&json!({"name": name}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        circuits.push(circuit["id"].as_str().unwrap().to_owned());
+    }
+    let mut items = Vec::new();
+    for i in 0..200 {
+        let item: Value = create_item(&server, &i.to_string(), Value::Null).await.json().await.unwrap();
+        items.push(item["dfid"].as_str().unwrap().to_owned());
+    }
+    wait_drained(&server, Duration::from_secs(10)).await;
+    let client = db.connect().await;
+    let versions_before: BTreeMap<String, i64> = client
+        .query("SELECT id, version FROM items", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+
+    // Change sets in flight from eight clients: add an item to a circuit
+    // (circuit and item change together).
+    let mut load = Vec::new();
+    for worker in 0..8usize {
+        let (circuits, items, base) = (circuits.clone(), items.clone(), server.url(""));
+        load.push(tokio::spawn(async move {
+            for n in 0..items.len() {
+                let item = &items[(n * 8 + worker) % items.len()];
+                let circuit = &circuits[(n + worker) % circuits.len()];
+                let sent = http()
+                    .post(format!("{base}/api/circuits/{circuit}/items"))
+                    .json(&json!({"dfid": item}))
+                    .send()
+                    .await;
+                if sent.is_err() {
+                    return; // the server is gone
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    server.signal(Signal::SIGKILL);
+    server.wait(Duration::from_secs(10));
+    for task in load {
+        task.await.unwrap();
+    }
+
+    // The database holds whole change sets only: circuits and items agree.
+    let check = |client: tokio_postgres::Client| async move {
+        let rows = client.query("SELECT id, data FROM circuits", &[]).await.unwrap();
+        let circuit_items: BTreeMap<String, BTreeSet<String>> = rows
+            .iter()
+            .map(|r| {
+                let data: Value = r.get(1);
+                (r.get(0), data["items"].as_array().unwrap().iter().map(|d| d.as_str().unwrap().to_owned()).collect())
+            })
+            .collect();
+        let rows = client.query("SELECT id, version, data FROM items", &[]).await.unwrap();
+        let mut links = 0;
+        for row in &rows {
+            let dfid: String = row.get(0);
+            let data: Value = row.get(2);
+            for circuit in data["circuits"].as_array().unwrap() {
+                let circuit = circuit.as_str().unwrap();
+                assert!(circuit_items[circuit].contains(&dfid), "item {dfid} lists {circuit}, which does not list it");
+                links += 1;
+            }
+        }
+        let listed: usize = circuit_items.values().map(BTreeSet::len).sum();
+        assert_eq!(listed, links, "every circuit entry has its item's side");
+        rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).collect::<BTreeMap<_, _>>()
+    };
+    let after_crash = check(db.connect().await).await;
+    assert!(
+        after_crash.values().sum::<i64>() > versions_before.values().sum::<i64>(),
+        "some change sets committed before the kill"
+    );
+
+    let server = start(&db.url(), &data_dir, &[]);
+    server.wait_ready(Duration::from_secs(30)).await;
+    // More change sets after the restart; versions only grow.
+    for (n, item) in items.iter().enumerate().take(40) {
+        let circuit = &circuits[n % circuits.len()];
+        let response = http()
+            .post(server.url(&format!("/api/circuits/{circuit}/items")))
+            .json(&json!({"dfid": item}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    wait_drained(&server, Duration::from_secs(10)).await;
+    let after_restart = check(db.connect().await).await;
+    for (dfid, version) in &after_crash {
+        assert!(after_restart[dfid] >= *version && *version >= versions_before[dfid], "versions of {dfid} only grew");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_writer_per_database_and_a_fenced_writer_spills() {
+    let db = fresh_db("lease").await;
+    let mut first = start(&db.url(), &scratch_dir("lease-a"), &[]);
+    first.wait_ready(Duration::from_secs(30)).await;
+
+    let second_dir = scratch_dir("lease-b");
+    let mut second = start(&db.url(), &second_dir, &[]);
+    let waiting =
+        poll_until(Duration::from_secs(10), || async { second.log().contains("waiting for the single-writer lease") })
+            .await;
+    assert!(waiting, "the second server says it waits\n{}", second.log());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let readyz = http().get(second.url("/readyz")).send().await.unwrap();
+    assert_eq!(readyz.status(), 503, "the second server is not ready while the first runs");
+    let body: Value = readyz.json().await.unwrap();
+    assert!(body["reason"].as_str().unwrap().contains("lease"), "{body}");
+
+    first.signal(Signal::SIGTERM);
+    assert!(first.wait(Duration::from_secs(30)).success());
+    let stopped = Instant::now();
+    second.wait_ready(Duration::from_secs(15)).await;
+    assert!(stopped.elapsed() < Duration::from_secs(10), "the second server takes over within seconds");
+
+    // Force the epoch forward under the holder: it can no longer commit.
+    let client = db.connect().await;
+    let before = database_items(&client).await.len();
+    client.batch_execute("UPDATE outbox_lease SET epoch = epoch + 1, holder = 'usurper'").await.unwrap();
+    let item: Value = create_item(&second, "after-fence", Value::Null).await.json().await.unwrap();
+    let status = second.wait(Duration::from_secs(30));
+    assert!(!status.success(), "a fenced server exits non-zero\n{}", second.log());
+    assert!(second.log().contains("lease was taken"), "it says why\n{}", second.log());
+    assert_eq!(database_items(&client).await.len(), before, "a fenced server commits nothing");
+    let files = outbox::outbox::spill::list(&second_dir.join("spill")).unwrap();
+    assert_eq!(files.len(), 1, "it spills its unwritten records for the operator");
+    let spilled = outbox::outbox::spill::read(&files[0]).unwrap();
+    assert!(spilled.iter().any(|r| r.id == item["dfid"].as_str().unwrap()));
+}
