@@ -21,8 +21,9 @@ use crate::pg::{DbError, dead_letters};
 use crate::store::Store;
 use crate::worker::{DrainReport, Worker, WorkerConfig};
 
-/// How often the unresolved dead-letter gauge is read from the database.
-const DEAD_LETTER_GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the database is checked (and the unresolved dead letters
+/// counted) while the engine runs, idle or not.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Longest pause between two attempts of a start-up step that needs the
 /// database.
@@ -154,11 +155,12 @@ impl Engine {
         for (kind, id) in &keys {
             store.mark_dead_lettered(kind, id);
         }
-        metrics::gauge!(m::DEAD_LETTERS).set(keys.len() as f64);
+        m::dead_letters_unresolved(keys.len() as i64);
         if !keys.is_empty() {
             warn!(dead_letters = keys.len(), "unresolved dead letters are waiting for an operator");
         }
-        tokio::spawn(refresh_dead_letter_gauge(pool.clone(), background.clone()));
+        m::engine_started();
+        tokio::spawn(watch_database(store.clone(), pool.clone(), background.clone()));
 
         let worker = Worker::start(store.clone(), receiver, pool, config.worker, lease.clone());
         Ok(Some((Self { store, worker, lease, spill_dir: config.spill_dir, background }, report)))
@@ -192,7 +194,7 @@ impl Engine {
                     let reason = if lease_lost { "lease lost" } else { "drain deadline passed" };
                     match spill::write(dir, reason, &records) {
                         Ok(path) => {
-                            metrics::counter!(m::SPILLED_TOTAL).increment(records.len() as u64);
+                            m::spilled(records.len());
                             error!(records = records.len(), path = %path.display(), reason,
                                 "spilled unwritten changes to a file; the next start replays them");
                             spilled = Some((records.len(), path));
@@ -304,15 +306,21 @@ where
     }
 }
 
-async fn refresh_dead_letter_gauge(pool: Pool, cancel: CancellationToken) {
-    let gauge = metrics::gauge!(m::DEAD_LETTERS);
+/// Every few seconds, even when idle: checks that the database answers
+/// (`outbox_db_up`, the status route) and reads the unresolved dead letters.
+async fn watch_database(store: Store, pool: Pool, cancel: CancellationToken) {
     loop {
-        if cancel.run_until_cancelled(tokio::time::sleep(DEAD_LETTER_GAUGE_INTERVAL)).await.is_none() {
+        if cancel.run_until_cancelled(tokio::time::sleep(HEALTH_INTERVAL)).await.is_none() {
             return;
         }
-        if let Ok(Ok(count)) = tokio::time::timeout(Duration::from_secs(2), dead_letters::count_unresolved(&pool)).await
+        let up = matches!(tokio::time::timeout(Duration::from_secs(2), crate::pg::ping(&pool)).await, Ok(Ok(())));
+        m::database_reachable(up);
+        store.health().reachable(up);
+        if up
+            && let Ok(Ok(count)) =
+                tokio::time::timeout(Duration::from_secs(2), dead_letters::count_unresolved(&pool)).await
         {
-            gauge.set(count as f64);
+            m::dead_letters_unresolved(count);
         }
     }
 }

@@ -4,6 +4,7 @@
 //! else; the rest of the crate refers to these constants.
 
 use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -96,7 +97,7 @@ pub fn install() -> PrometheusHandle {
                 .install_recorder()
                 .expect("no other metrics recorder is installed in this process");
             describe();
-            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            register_series();
             handle
         })
         .clone()
@@ -134,4 +135,126 @@ fn describe() {
         Unit::Seconds,
         "HTTP request duration, by method, route template and status."
     );
+}
+
+/// Creates every series whose labels are known at start, at zero (or its
+/// starting value), so each exists from the first scrape and rules see
+/// `0`, not an absent series. Per-kind series are created when a store
+/// registers its kinds.
+fn register_series() {
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    for result in BATCH_RESULTS {
+        metrics::counter!(BATCHES_TOTAL, "result" => result).increment(0);
+    }
+    for error_type in ERROR_TYPES {
+        metrics::counter!(PERSIST_FAILURES_TOTAL, "error_type" => error_type).increment(0);
+    }
+    for reason in REJECT_REASONS {
+        metrics::counter!(REJECTED_TOTAL, "reason" => reason).increment(0);
+    }
+    metrics::counter!(RETRIES_TOTAL).increment(0);
+    metrics::counter!(SPILLED_TOTAL).increment(0);
+    metrics::gauge!(QUEUE_DEPTH).set(0.0);
+    metrics::gauge!(LAG_SECONDS).set(0.0);
+    let now = unix_seconds(SystemTime::now());
+    metrics::gauge!(OLDEST_PENDING_TIMESTAMP).set(now);
+    // Nothing is pending at start: count the start as the last time the
+    // outbox was known to be in step with the database.
+    metrics::gauge!(LAST_SUCCESS_TIMESTAMP).set(now);
+    metrics::gauge!(DEAD_LETTERS).set(0.0);
+    // Unknown until the first attempt: not up.
+    metrics::gauge!(DB_UP).set(0.0);
+    for histogram in [BATCH_ROWS, FLUSH_DURATION, PERSIST_LATENCY] {
+        let _ = metrics::histogram!(histogram);
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_seconds(time: SystemTime) -> f64 {
+    time.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+// Events: each fact the product reports is counted here, in one place.
+
+/// A batch (or part of one) was taken for writing.
+pub(crate) fn batch_taken(rows: usize) {
+    metrics::histogram!(BATCH_ROWS).record(rows as f64);
+}
+
+/// A batch transaction committed.
+pub(crate) fn flush_committed(elapsed: Duration) {
+    metrics::counter!(BATCHES_TOTAL, "result" => "ok").increment(1);
+    metrics::histogram!(FLUSH_DURATION).record(elapsed.as_secs_f64());
+    metrics::gauge!(DB_UP).set(1.0);
+    metrics::gauge!(LAST_SUCCESS_TIMESTAMP).set(unix_seconds(SystemTime::now()));
+}
+
+/// A batch transaction failed; `error_type` is one of [`ERROR_TYPES`].
+pub(crate) fn flush_failed(elapsed: Duration, error_type: &'static str, reached_database: bool) {
+    metrics::counter!(BATCHES_TOTAL, "result" => "error").increment(1);
+    metrics::counter!(PERSIST_FAILURES_TOTAL, "error_type" => error_type).increment(1);
+    metrics::histogram!(FLUSH_DURATION).record(elapsed.as_secs_f64());
+    metrics::gauge!(DB_UP).set(if reached_database { 1.0 } else { 0.0 });
+}
+
+/// A batch transaction found the lease taken and did not commit.
+pub(crate) fn flush_fenced(elapsed: Duration) {
+    metrics::counter!(BATCHES_TOTAL, "result" => "error").increment(1);
+    metrics::histogram!(FLUSH_DURATION).record(elapsed.as_secs_f64());
+}
+
+/// A retry of a failed batch was scheduled.
+pub(crate) fn retry_scheduled() {
+    metrics::counter!(RETRIES_TOTAL).increment(1);
+}
+
+/// A health check reached the database, or did not.
+pub(crate) fn database_reachable(up: bool) {
+    metrics::gauge!(DB_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// The engine started in step with the database.
+pub(crate) fn engine_started() {
+    database_reachable(true);
+    metrics::gauge!(LAST_SUCCESS_TIMESTAMP).set(unix_seconds(SystemTime::now()));
+}
+
+/// The number of unresolved dead letters, as the database holds it.
+pub(crate) fn dead_letters_unresolved(count: i64) {
+    metrics::gauge!(DEAD_LETTERS).set(count as f64);
+}
+
+/// Records were written to a spill file.
+pub(crate) fn spilled(records: usize) {
+    metrics::counter!(SPILLED_TOTAL).increment(records as u64);
+}
+
+/// An HTTP request was answered.
+pub(crate) fn http_request(method: &str, route: &str, status: u16, elapsed: Duration) {
+    let labels = [("method", method.to_owned()), ("route", route.to_owned()), ("status", status.to_string())];
+    metrics::counter!(HTTP_REQUESTS_TOTAL, &labels).increment(1);
+    metrics::histogram!(HTTP_REQUEST_DURATION, &labels).record(elapsed.as_secs_f64());
+}
+
+/// The outbox gauges: depth, lag, oldest pending change.
+pub(crate) struct OutboxGauges {
+    depth: metrics::Gauge,
+    lag: metrics::Gauge,
+    oldest: metrics::Gauge,
+}
+
+impl OutboxGauges {
+    pub(crate) fn new() -> Self {
+        Self {
+            depth: metrics::gauge!(QUEUE_DEPTH),
+            lag: metrics::gauge!(LAG_SECONDS),
+            oldest: metrics::gauge!(OLDEST_PENDING_TIMESTAMP),
+        }
+    }
+
+    pub(crate) fn refresh(&self, snapshot: &crate::outbox::OutboxSnapshot) {
+        self.depth.set(snapshot.depth as f64);
+        self.lag.set(snapshot.lag.as_secs_f64());
+        self.oldest.set(unix_seconds(snapshot.oldest_pending));
+    }
 }

@@ -34,11 +34,16 @@ ensure_postgres() {
     apt_install postgresql && have_postgres
 }
 
-# promtool, from Debian's prometheus package (which starts no service).
+# promtool and the Prometheus server, from Debian's prometheus package
+# (installing it starts no service here; the tests run their own).
+have_prometheus() {
+    command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1
+}
+
 ensure_promtool() {
-    if command -v promtool >/dev/null 2>&1; then
+    if have_prometheus; then
         return 0
     fi
-    echo "promtool not found; installing prometheus" >&2
-    apt_install prometheus && command -v promtool >/dev/null 2>&1
+    echo "promtool/prometheus not found; installing prometheus" >&2
+    apt_install prometheus && have_prometheus
 }

@@ -276,10 +276,7 @@ async fn track_http(request: Request, next: Next) -> Response {
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    let labels = [("method", method), ("route", route), ("status", status)];
-    metrics::counter!(m::HTTP_REQUESTS_TOTAL, &labels).increment(1);
-    metrics::histogram!(m::HTTP_REQUEST_DURATION, &labels).record(started.elapsed().as_secs_f64());
+    m::http_request(&method, &route, response.status().as_u16(), started.elapsed());
     response
 }
 

@@ -131,23 +131,6 @@ impl Lease {
         *self.state.borrow()
     }
 
-    /// Waits until the lease may be written under: `Some(epoch)` once held,
-    /// `None` if it is lost (or `cancel` fires).
-    pub async fn held(&self, cancel: &CancellationToken) -> Option<u64> {
-        let mut states = self.state.subscribe();
-        loop {
-            match *states.borrow_and_update() {
-                LeaseState::Held(epoch) => return Some(epoch),
-                LeaseState::Lost => return None,
-                LeaseState::Reacquiring => {}
-            }
-            tokio::select! {
-                changed = states.changed() => if changed.is_err() { return None },
-                _ = cancel.cancelled() => return None,
-            }
-        }
-    }
-
     /// Resolves when the lease is lost.
     pub async fn lost(&self) {
         let mut states = self.state.subscribe();

@@ -131,6 +131,10 @@ pub(crate) enum WriteError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("{0}")]
     Postgres(#[from] tokio_postgres::Error),
+    /// The lease's lock connection is lost (the database is unreachable):
+    /// no flush until it is re-taken.
+    #[error("the single-writer lease is being re-taken (its connection to the database was lost)")]
+    LeaseUnavailable,
     /// The lease's epoch is not ours: another process owns the database.
     #[error("the single-writer lease moved to epoch {current:?} (ours is {ours}); not committing")]
     Fenced { ours: u64, current: Option<u64> },

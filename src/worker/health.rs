@@ -52,6 +52,11 @@ impl Health {
         state.last_success = Some(at);
     }
 
+    /// A health check reached the database, or did not.
+    pub(crate) fn reachable(&self, up: bool) {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).db_up = Some(up);
+    }
+
     pub(crate) fn failure(&self, classified: &Classified, reached_database: bool, message: String) {
         let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         state.db_up = Some(reached_database);

@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use backon::{ExponentialBuilder, Retryable};
 use crossbeam_channel::{Receiver, Sender, select};
@@ -36,7 +36,7 @@ use tracing::{debug, error, info, info_span, warn};
 use crate::metrics as m;
 use crate::outbox::{Batch, DirtyRecord, OutboxReceiver, Quarantined, TicketError};
 use crate::pg::dead_letters::{self, NewDeadLetter};
-use crate::pg::lease::Lease;
+use crate::pg::lease::{Lease, LeaseState};
 use crate::pg::upsert::{self, Encoded, WriteError};
 use crate::store::Store;
 use crate::store::kind::KindId;
@@ -250,11 +250,11 @@ impl Coordinator {
         // dropped), so a disconnected channel is not selected again.
         let mut control = self.control.clone();
         let mut last_gauges = Instant::now() - GAUGE_INTERVAL;
-        let gauges = Gauges::new();
+        let gauges = m::OutboxGauges::new();
         loop {
             let now = Instant::now();
             if now.duration_since(last_gauges) >= GAUGE_INTERVAL {
-                gauges.refresh(&self.store);
+                gauges.refresh(&self.store.outbox());
                 last_gauges = now;
             }
             let next_gauges = last_gauges + GAUGE_INTERVAL;
@@ -319,7 +319,7 @@ impl Coordinator {
             if draining && idle.len() == self.writers.len() {
                 let depth = self.store.outbox().depth;
                 if depth == 0 || self.writers_aborted() {
-                    gauges.refresh(&self.store);
+                    gauges.refresh(&self.store.outbox());
                     return;
                 }
                 if due.is_none() && backlog.is_empty() && self.receiver.records.is_empty() {
@@ -327,7 +327,7 @@ impl Coordinator {
                         // Still nothing to take: the rest cannot be written by
                         // this worker; the drain reports (and spills) it.
                         error!(depth, "entities are pending that no batch can take; ending the drain");
-                        gauges.refresh(&self.store);
+                        gauges.refresh(&self.store.outbox());
                         return;
                     }
                     // Pending entities with no record to reach them would be a
@@ -347,34 +347,6 @@ impl Coordinator {
     fn writers_aborted(&self) -> bool {
         self.writers.iter().all(|w| w.is_closed())
     }
-}
-
-/// The outbox gauges, refreshed by the coordinator.
-struct Gauges {
-    depth: metrics::Gauge,
-    lag: metrics::Gauge,
-    oldest: metrics::Gauge,
-}
-
-impl Gauges {
-    fn new() -> Self {
-        Self {
-            depth: metrics::gauge!(m::QUEUE_DEPTH),
-            lag: metrics::gauge!(m::LAG_SECONDS),
-            oldest: metrics::gauge!(m::OLDEST_PENDING_TIMESTAMP),
-        }
-    }
-
-    fn refresh(&self, store: &Store) {
-        let snapshot = store.outbox();
-        self.depth.set(snapshot.depth as f64);
-        self.lag.set(snapshot.lag.as_secs_f64());
-        self.oldest.set(unix_seconds(snapshot.oldest_pending));
-    }
-}
-
-pub(crate) fn unix_seconds(time: SystemTime) -> f64 {
-    time.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 struct Writer {
@@ -416,7 +388,7 @@ impl Writer {
     async fn flush(&self, batch: &Batch) -> Outcome {
         let span = info_span!("flush", writer = self.index, rows = batch.rows.len(), groups = batch.groups.len());
         let _entered = span.enter();
-        metrics::histogram!(m::BATCH_ROWS).record(batch.rows.len() as f64);
+        m::batch_taken(batch.rows.len());
         let quarantined = match self.write_groups(batch, &batch.groups, 1).await {
             Ok(quarantined) => quarantined,
             Err(()) => return Outcome::Abandoned,
@@ -519,7 +491,7 @@ impl Writer {
             .adjust(move |_, delay| delay.map(|d| d.min(cap)))
             .notify(|e: &WriteError, delay| {
                 let classified = classify_write(e);
-                metrics::counter!(m::RETRIES_TOTAL).increment(1);
+                m::retry_scheduled();
                 let delay_ms = delay.as_millis() as u64;
                 if classified.unknown {
                     error!(error = %e, rows = rows.len(), delay_ms, "flush failed with an unrecognized error; retrying as transient");
@@ -565,38 +537,35 @@ impl Writer {
         resolve: &[(KindId, Vec<String>)],
         rows: usize,
     ) -> Result<(), WriteError> {
-        let epoch = match &self.lease {
-            Some(lease) => match lease.held(&self.abort).await {
-                Some(epoch) => Some(epoch),
-                None => return Err(WriteError::Fenced { ours: lease.epoch(), current: None }),
-            },
-            None => None,
-        };
         let started = Instant::now();
         let result = async {
+            // Flush only under the lease; while it is being re-taken (the
+            // database went away) the attempt fails like any other
+            // connection failure, and is counted and retried.
+            let epoch = match &self.lease {
+                Some(lease) => match lease.state() {
+                    LeaseState::Held(epoch) => Some(epoch),
+                    LeaseState::Reacquiring => return Err(WriteError::LeaseUnavailable),
+                    LeaseState::Lost => return Err(WriteError::Fenced { ours: lease.epoch(), current: None }),
+                },
+                None => None,
+            };
             let mut client = self.pool.get().await?;
             upsert::write(&mut client, self.store.kinds(), encoded, epoch, resolve).await
         }
         .await;
-        metrics::histogram!(m::FLUSH_DURATION).record(started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed();
         match &result {
             Ok(()) => {
-                let now = SystemTime::now();
-                metrics::counter!(m::BATCHES_TOTAL, "result" => "ok").increment(1);
-                metrics::gauge!(m::DB_UP).set(1.0);
-                metrics::gauge!(m::LAST_SUCCESS_TIMESTAMP).set(unix_seconds(now));
-                self.store.health().success(now);
-                debug!(rows, elapsed_us = started.elapsed().as_micros() as u64, "batch committed");
+                m::flush_committed(elapsed);
+                self.store.health().success(SystemTime::now());
+                debug!(rows, elapsed_us = elapsed.as_micros() as u64, "batch committed");
             }
-            Err(WriteError::Fenced { .. }) => {
-                metrics::counter!(m::BATCHES_TOTAL, "result" => "error").increment(1);
-            }
+            Err(WriteError::Fenced { .. }) => m::flush_fenced(elapsed),
             Err(e) => {
                 let classified = classify_write(e);
-                metrics::counter!(m::BATCHES_TOTAL, "result" => "error").increment(1);
-                metrics::counter!(m::PERSIST_FAILURES_TOTAL, "error_type" => classified.error_type).increment(1);
                 let reached_database = classified.sqlstate.is_some() && classified.error_type != "connection";
-                metrics::gauge!(m::DB_UP).set(if reached_database { 1.0 } else { 0.0 });
+                m::flush_failed(elapsed, classified.error_type, reached_database);
                 self.store.health().failure(&classified, reached_database, e.to_string());
             }
         }
@@ -634,7 +603,7 @@ impl Writer {
             match dead_letters::record(&self.pool, &letters).await {
                 Ok(()) => {
                     if let Ok(count) = dead_letters::count_unresolved(&self.pool).await {
-                        metrics::gauge!(m::DEAD_LETTERS).set(count as f64);
+                        m::dead_letters_unresolved(count);
                     }
                     return Ok(());
                 }
@@ -654,6 +623,9 @@ fn classify_write(error: &WriteError) -> Classified {
     match error {
         WriteError::Pool(e) => classify_pool(e),
         WriteError::Postgres(e) => classify_postgres(e),
+        WriteError::LeaseUnavailable => {
+            Classified { class: ErrorClass::Transient, error_type: "connection", sqlstate: None, unknown: false }
+        }
         WriteError::Fenced { .. } => {
             Classified { class: ErrorClass::Transient, error_type: "other", sqlstate: None, unknown: false }
         }
