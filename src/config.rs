@@ -63,7 +63,10 @@ pub struct Config {
 
     /// Longest pause, in milliseconds, between two attempts to write a batch
     /// that failed; the backoff grows exponentially up to it, with jitter.
-    #[arg(long, env = "OUTBOX_RETRY_MAX_DELAY_MS", value_name = "OUTBOX_RETRY_MAX_DELAY_MS", default_value_t = 10_000, value_parser = positive_u64, global = true)]
+    /// It bounds how long after a database returns the backlog starts
+    /// flowing again; two writers retrying every couple of seconds put no
+    /// load on a recovering database.
+    #[arg(long, env = "OUTBOX_RETRY_MAX_DELAY_MS", value_name = "OUTBOX_RETRY_MAX_DELAY_MS", default_value_t = 2_000, value_parser = positive_u64, global = true)]
     pub retry_max_delay_ms: u64,
 
     /// Seconds the shutdown waits for pending changes to be written before it
@@ -105,6 +108,17 @@ pub struct Config {
     /// request waiting on a database outage is bounded by this).
     #[arg(long, env = "OUTBOX_REQUEST_TIMEOUT_S", value_name = "OUTBOX_REQUEST_TIMEOUT_S", default_value_t = 30, value_parser = positive_u64, global = true)]
     pub request_timeout_s: u64,
+
+    /// For benchmarks only: the worker takes batches but writes nothing, so
+    /// every change is lost. Measures what persistence costs the server.
+    #[arg(
+        long,
+        env = "OUTBOX_BENCH_DISCARD_WRITES",
+        value_name = "OUTBOX_BENCH_DISCARD_WRITES",
+        default_value_t = false,
+        global = true
+    )]
+    pub bench_discard_writes: bool,
 
     /// Log filter, in `tracing` `EnvFilter` syntax (e.g. `info`,
     /// `outbox=debug,tower_http=info`).

@@ -125,6 +125,7 @@ pub mod api;
 pub mod commands;
 pub mod config;
 pub mod engine;
+pub mod loadgen;
 pub mod metrics;
 pub mod outbox;
 pub mod pg;

@@ -26,11 +26,39 @@ enum Command {
     Serve,
     /// Apply the database migrations and exit.
     Migrate,
+    /// Drive `POST /api/items` of a running server for a bounded time and
+    /// report throughput, latency and persistence lag.
+    Loadgen(LoadgenArgs),
     /// List, replay or discard quarantined records (dead letters).
     DeadLetters {
         #[command(subcommand)]
         action: DeadLetterCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct LoadgenArgs {
+    /// The server to drive.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    target: String,
+    /// Requests per second (omit: as fast as the connections allow).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Ask for durable acknowledgements (`Prefer: durable`).
+    #[arg(long)]
+    durable: bool,
+    /// Milliseconds between two samples of the server's lag (0: none).
+    #[arg(long, default_value_t = 50)]
+    lag_sample_ms: u64,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -81,6 +109,7 @@ fn main() -> ExitCode {
                 outbox::run(cli.config, shutdown).await.map_err(|e| e.to_string())
             }
             Command::Migrate => outbox::commands::migrate(&cli.config).await.map_err(|e| e.to_string()),
+            Command::Loadgen(args) => loadgen(args).await,
             Command::DeadLetters { action } => {
                 let action = match action {
                     DeadLetterCommand::List => DeadLetterAction::List,
@@ -140,4 +169,26 @@ async fn forward_signals(shutdown: CancellationToken) {
             warn!(signal = name, "already shutting down; the drain deadline (OUTBOX_DRAIN_TIMEOUT_S) bounds the wait");
         }
     }
+}
+
+async fn loadgen(args: LoadgenArgs) -> Result<(), String> {
+    if args.connections == 0 || args.seconds == 0 || args.rate == Some(0) {
+        return Err("loadgen: --connections, --seconds and --rate must be at least 1".into());
+    }
+    let config = outbox::loadgen::LoadConfig {
+        target: args.target,
+        rate: args.rate,
+        duration: std::time::Duration::from_secs(args.seconds),
+        connections: args.connections,
+        durable: args.durable,
+        lag_every: (args.lag_sample_ms > 0).then(|| std::time::Duration::from_millis(args.lag_sample_ms)),
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let report = outbox::loadgen::run(&config).await.map_err(|e| format!("loadgen: {e}"))?;
+    print!("{report}");
+    if let Some(path) = args.json {
+        let json = serde_json::to_string_pretty(&report).expect("a report serializes");
+        std::fs::write(&path, json).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    Ok(())
 }

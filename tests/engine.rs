@@ -129,7 +129,13 @@ fn memory_rows<E: Entity>(store: &Store) -> BTreeMap<String, (u64, bool, Option<
 }
 
 fn config(batch_max: usize, writers: usize) -> WorkerConfig {
-    WorkerConfig { batch_max, linger: Duration::from_millis(1), retry_max_delay: Duration::from_millis(200), writers }
+    WorkerConfig {
+        batch_max,
+        linger: Duration::from_millis(1),
+        retry_max_delay: Duration::from_millis(200),
+        writers,
+        discard: false,
+    }
 }
 
 /// An engine as the server runs it: migrations, the single-writer lease

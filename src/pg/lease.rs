@@ -210,7 +210,7 @@ impl Lease {
                 Err(e) => warn!(error = %e, "cannot re-take the lease yet"),
             }
             cancel.run_until_cancelled(tokio::time::sleep(delay)).await?;
-            delay = (delay * 2).min(POLL * 5);
+            delay = (delay * 2).min(POLL);
         }
     }
 

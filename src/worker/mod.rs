@@ -60,11 +60,20 @@ pub struct WorkerConfig {
     pub retry_max_delay: Duration,
     /// Batches written at once, each on its own connection.
     pub writers: usize,
+    /// Benchmarks only: take batches and write nothing (changes are lost),
+    /// to measure what persistence costs the rest of the server.
+    pub discard: bool,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        Self { batch_max: 1000, linger: Duration::from_millis(5), retry_max_delay: Duration::from_secs(10), writers: 2 }
+        Self {
+            batch_max: 1000,
+            linger: Duration::from_millis(5),
+            retry_max_delay: Duration::from_secs(2),
+            writers: 2,
+            discard: false,
+        }
     }
 }
 
@@ -76,6 +85,7 @@ impl WorkerConfig {
             linger: config.linger(),
             retry_max_delay: config.retry_max_delay(),
             writers: config.writers,
+            discard: config.bench_discard_writes,
         }
     }
 }
@@ -149,6 +159,7 @@ impl Worker {
                 store: store.clone(),
                 pool: pool.clone(),
                 lease: lease.clone(),
+                discard: config.discard,
                 retry_max_delay: config.retry_max_delay,
                 abort: abort.clone(),
                 done: done_tx.clone(),
@@ -354,6 +365,7 @@ struct Writer {
     store: Store,
     pool: Pool,
     lease: Option<Arc<Lease>>,
+    discard: bool,
     retry_max_delay: Duration,
     abort: CancellationToken,
     done: Sender<Completion>,
@@ -389,6 +401,9 @@ impl Writer {
         let span = info_span!("flush", writer = self.index, rows = batch.rows.len(), groups = batch.groups.len());
         let _entered = span.enter();
         m::batch_taken(batch.rows.len());
+        if self.discard {
+            return Outcome::Committed(Vec::new());
+        }
         let quarantined = match self.write_groups(batch, &batch.groups, 1).await {
             Ok(quarantined) => quarantined,
             Err(()) => return Outcome::Abandoned,
