@@ -273,8 +273,17 @@ impl Coordinator {
                 Some(at) if !idle.is_empty() => at.min(next_gauges),
                 _ => next_gauges,
             };
+            // Listen for records only while nothing waits to be written. Once
+            // a batch is due (or writers are busy), more records would only
+            // wake this thread, once per change, for nothing: they are drained
+            // from the channel when the batch is taken.
+            let records = if due.is_none() && backlog.is_empty() {
+                self.receiver.records.clone()
+            } else {
+                crossbeam_channel::never()
+            };
             select! {
-                recv(self.receiver.records) -> record => {
+                recv(records) -> record => {
                     // The coordinator holds a store, so the channel stays open.
                     if let Ok(record) = record {
                         backlog.push_back(record);
