@@ -1,0 +1,944 @@
+//! The benchmark suite behind `scripts/bench` (DESIGN §8, P2–P6), writing
+//! `BENCHMARKS.md` together with the P1 figures criterion measured just
+//! before (`benches/store.rs`).
+//!
+//! Everything runs on this machine in one run, against one private
+//! PostgreSQL with default durability (fsync and synchronous commit on),
+//! every measurement repeated and reported as min / median / max:
+//!
+//! * P2: the same rows written into the same table by (a) one upsert per
+//!   change, each in a spawned task; (b) write-through, each request awaiting
+//!   its upsert; (c) the outbox worker; (d) the best of several hand-written
+//!   batched writers (UNNEST upserts, COPY into a staging table, batch size
+//!   and connections varied); (e) plain COPY into an empty table.
+//! * P3: `POST /api/items` throughput and latency of the release binary
+//!   with persistence on and off (`OUTBOX_BENCH_DISCARD_WRITES`), runs
+//!   alternating, same load generator (`outbox::loadgen`).
+//! * P4: lag percentiles at half the sustainable write rate of P3.
+//! * P5: hydration of 1,000,000 items by the release binary, with its peak
+//!   resident memory.
+//! * P6: a 30 s database outage under steady load: loss, and how long after
+//!   the database's return the lag is back under a second.
+//!
+//! The suite starts only processes it owns (its PostgreSQL, the server) and
+//! stops them by their PIDs; all traffic stays on loopback.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures_util::pin_mut;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use outbox::api::model::{Identifier, Item, ItemStatus};
+use outbox::engine::EngineConfig;
+use outbox::loadgen::{LoadConfig, LoadReport};
+use outbox::pg::{LocalPostgres, LocalPostgresOptions};
+use outbox::worker::WorkerConfig;
+use outbox::{Engine, pg};
+use serde_json::Value;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{Json, ToSql, Type};
+use tokio_util::sync::CancellationToken;
+
+/// Repetitions of every measurement.
+const RUNS: usize = 3;
+/// Rows the batched writers (c, d, e) write per run.
+const FAST_ROWS: usize = 200_000;
+/// Rows the one-row-per-transaction writers (a, b) write per run: the same
+/// rows' first ones (their rate is what is compared).
+const SLOW_ROWS: usize = 10_000;
+/// Concurrent requests of the old system's pattern and of write-through.
+const REQUEST_CONCURRENCY: usize = 16;
+/// Items hydrated in P5.
+const HYDRATE_ITEMS: usize = 1_000_000;
+/// Database name.
+const DB: &str = "bench";
+
+type Runs = Vec<f64>;
+
+fn stats(runs: &[f64]) -> (f64, f64, f64) {
+    let mut sorted = runs.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    (sorted[0], sorted[sorted.len() / 2], sorted[sorted.len() - 1])
+}
+
+fn fmt3(runs: &[f64], digits: usize) -> String {
+    let (min, median, max) = stats(runs);
+    format!("{min:.digits$} / **{median:.digits$}** / {max:.digits$}")
+}
+
+fn bench_item(n: usize) -> Item {
+    let now = Utc::now();
+    let mut data = serde_json::Map::new();
+    data.insert("name".into(), format!("hex bolt {n}").into());
+    data.insert("size".into(), "M8x40".into());
+    data.insert("material".into(), "stainless steel A2".into());
+    data.insert("weight_g".into(), (n % 500).into());
+    Item {
+        dfid: format!("DFID-bench-{n:08}"),
+        local_id: None,
+        status: ItemStatus::Active,
+        identifiers: vec![
+            Identifier { key: "gtin".into(), value: format!("{:013}", 4_000_000_000_000u64 + n as u64) },
+            Identifier { key: "sku".into(), value: format!("HB-{n}") },
+        ],
+        enriched_data: data,
+        merged_into: None,
+        circuits: Vec::new(),
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+struct Bench {
+    postgres: LocalPostgres,
+    config: tokio_postgres::Config,
+    url: String,
+    binary: PathBuf,
+    scratch: PathBuf,
+    items: Arc<Vec<Arc<Item>>>,
+}
+
+impl Bench {
+    async fn client(&self) -> tokio_postgres::Client {
+        pg::connect(&self.config).await.expect("connect to the bench database")
+    }
+
+    /// An empty items table, and a checkpoint so that one run's dirty pages
+    /// do not slow the next.
+    async fn reset(&self) {
+        let client = self.client().await;
+        client
+            .batch_execute("TRUNCATE items, circuits, local_ids, items_copy; CHECKPOINT")
+            .await
+            .expect("reset the tables");
+    }
+
+    async fn count_items(&self) -> i64 {
+        self.client().await.query_one("SELECT count(*) FROM items", &[]).await.unwrap().get(0)
+    }
+}
+
+const UPSERT_ONE: &str =
+    "INSERT INTO items AS t (id, version, deleted, data, updated_at) VALUES ($1, $2, false, $3, now())
+     ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version, deleted = EXCLUDED.deleted, data = EXCLUDED.data,
+     updated_at = EXCLUDED.updated_at WHERE t.version < EXCLUDED.version";
+
+/// (a) The old system: every change spawns a task that upserts its row.
+async fn naive(bench: &Bench) -> f64 {
+    let pool = pg::pool(bench.config.clone(), REQUEST_CONCURRENCY);
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(SLOW_ROWS);
+    for item in bench.items.iter().take(SLOW_ROWS) {
+        let (pool, item) = (pool.clone(), item.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = pool.get().await.expect("a connection");
+            let statement = client.prepare_cached(UPSERT_ONE).await.expect("prepare");
+            client.execute(&statement, &[&item.dfid, &1i64, &Json(&*item)]).await.expect("upsert");
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task");
+    }
+    let rate = SLOW_ROWS as f64 / started.elapsed().as_secs_f64();
+    pool.close();
+    rate
+}
+
+/// (b) Write-through: each request awaits its own upsert before answering;
+/// `REQUEST_CONCURRENCY` requests in flight.
+async fn write_through(bench: &Bench) -> f64 {
+    let pool = pg::pool(bench.config.clone(), REQUEST_CONCURRENCY);
+    let started = Instant::now();
+    let mut handlers = Vec::new();
+    for handler in 0..REQUEST_CONCURRENCY {
+        let (pool, items) = (pool.clone(), bench.items.clone());
+        handlers.push(tokio::spawn(async move {
+            let client = pool.get().await.expect("a connection");
+            let statement = client.prepare_cached(UPSERT_ONE).await.expect("prepare");
+            for item in items.iter().take(SLOW_ROWS).skip(handler).step_by(REQUEST_CONCURRENCY) {
+                client.execute(&statement, &[&item.dfid, &1i64, &Json(&**item)]).await.expect("upsert");
+            }
+        }));
+    }
+    for handler in handlers {
+        handler.await.expect("handler");
+    }
+    let rate = SLOW_ROWS as f64 / started.elapsed().as_secs_f64();
+    pool.close();
+    rate
+}
+
+/// (c) The outbox: every change through the store; the worker writes.
+async fn outbox_worker(bench: &Bench) -> f64 {
+    let pool = pg::pool(bench.config.clone(), 8);
+    let (store, receiver) = outbox::api::store_builder().capacity(FAST_ROWS * 2).build();
+    let config = EngineConfig { worker: WorkerConfig::default(), spill_dir: None, lease: true, holder: "bench".into() };
+    let (engine, _) =
+        Engine::start(store, receiver, pool.clone(), &bench.config, config, &CancellationToken::new(), &|_| {})
+            .await
+            .expect("start the engine")
+            .expect("not cancelled");
+    let started = Instant::now();
+    for item in bench.items.iter() {
+        engine.store().apply(|set| set.insert(Item::clone(item))).expect("insert");
+    }
+    while engine.store().outbox().depth > 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let rate = FAST_ROWS as f64 / started.elapsed().as_secs_f64();
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+    pool.close();
+    rate
+}
+
+/// (d) Hand-written batched upserts: `unnest` of parallel arrays, batches
+/// spread over `connections`, one transaction each, rows sorted by id.
+async fn unnest(bench: &Bench, batch: usize, connections: usize) -> f64 {
+    let sql = pg::upsert_sql("items");
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for connection in 0..connections {
+        let (config, items, sql) = (bench.config.clone(), bench.items.clone(), sql.clone());
+        workers.push(tokio::spawn(async move {
+            let mut client = pg::connect(&config).await.expect("connect");
+            let statement = client.prepare(&sql).await.expect("prepare");
+            for chunk in items.chunks(batch).skip(connection).step_by(connections) {
+                let mut rows: Vec<&Arc<Item>> = chunk.iter().collect();
+                rows.sort_by(|a, b| a.dfid.cmp(&b.dfid));
+                let ids: Vec<&str> = rows.iter().map(|i| i.dfid.as_str()).collect();
+                let versions = vec![1i64; rows.len()];
+                let deleted = vec![false; rows.len()];
+                let data: Vec<Json<&Item>> = rows.iter().map(|i| Json(&***i)).collect();
+                let transaction = client.transaction().await.expect("begin");
+                transaction.execute(&statement, &[&ids, &versions, &deleted, &data]).await.expect("upsert");
+                transaction.commit().await.expect("commit");
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.expect("worker");
+    }
+    FAST_ROWS as f64 / started.elapsed().as_secs_f64()
+}
+
+const COPY_TYPES: [Type; 4] = [Type::TEXT, Type::INT8, Type::BOOL, Type::JSONB];
+
+async fn copy_rows(
+    transaction: &tokio_postgres::Transaction<'_>,
+    into: &str,
+    rows: &[&Arc<Item>],
+) -> Result<(), tokio_postgres::Error> {
+    let sink = transaction.copy_in(&format!("COPY {into} (id, version, deleted, data) FROM STDIN BINARY")).await?;
+    let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
+    pin_mut!(writer);
+    for item in rows {
+        let values: [&(dyn ToSql + Sync); 4] = [&item.dfid, &1i64, &false, &Json(&***item)];
+        writer.as_mut().write(&values).await?;
+    }
+    writer.finish().await?;
+    Ok(())
+}
+
+/// (d) Hand-written: COPY each batch into a per-connection temporary
+/// staging table, then one version-guarded `INSERT ... SELECT`.
+async fn copy_staging(bench: &Bench, batch: usize, connections: usize) -> f64 {
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for connection in 0..connections {
+        let (config, items) = (bench.config.clone(), bench.items.clone());
+        workers.push(tokio::spawn(async move {
+            let mut client = pg::connect(&config).await.expect("connect");
+            client
+                .batch_execute(
+                    "CREATE TEMP TABLE stage (id text, version bigint, deleted boolean, data jsonb) ON COMMIT DELETE ROWS",
+                )
+                .await
+                .expect("staging table");
+            for chunk in items.chunks(batch).skip(connection).step_by(connections) {
+                let rows: Vec<&Arc<Item>> = chunk.iter().collect();
+                let transaction = client.transaction().await.expect("begin");
+                copy_rows(&transaction, "stage", &rows).await.expect("copy");
+                transaction
+                    .batch_execute(
+                        "INSERT INTO items AS t (id, version, deleted, data, updated_at)
+                         SELECT id, version, deleted, data, now() FROM stage ORDER BY id
+                         ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version, deleted = EXCLUDED.deleted,
+                           data = EXCLUDED.data, updated_at = EXCLUDED.updated_at WHERE t.version < EXCLUDED.version",
+                    )
+                    .await
+                    .expect("insert from stage");
+                transaction.commit().await.expect("commit");
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.expect("worker");
+    }
+    FAST_ROWS as f64 / started.elapsed().as_secs_f64()
+}
+
+/// (e) The machine's ceiling: plain COPY into an empty table with the same
+/// columns and indexes, split over two connections.
+async fn plain_copy(bench: &Bench) -> f64 {
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    let half = FAST_ROWS.div_ceil(2);
+    for connection in 0..2 {
+        let (config, items) = (bench.config.clone(), bench.items.clone());
+        workers.push(tokio::spawn(async move {
+            let mut client = pg::connect(&config).await.expect("connect");
+            let rows: Vec<&Arc<Item>> = items.iter().skip(connection * half).take(half).collect();
+            let transaction = client.transaction().await.expect("begin");
+            copy_rows(&transaction, "items_copy", &rows).await.expect("copy");
+            transaction.commit().await.expect("commit");
+        }));
+    }
+    for worker in workers {
+        worker.await.expect("worker");
+    }
+    FAST_ROWS as f64 / started.elapsed().as_secs_f64()
+}
+
+#[derive(Default)]
+struct Persistence {
+    naive: Runs,
+    write_through: Runs,
+    outbox: Runs,
+    candidates: Vec<(String, Runs)>,
+    hand_written: Runs,
+    copy: Runs,
+    outbox_over_hand: Runs,
+    outbox_over_naive: Runs,
+    outbox_over_copy: Runs,
+}
+
+async fn persistence(bench: &Bench) -> Persistence {
+    let mut p = Persistence::default();
+    let names = [
+        "UNNEST, 1000 rows, 1 connection",
+        "UNNEST, 1000 rows, 2 connections",
+        "UNNEST, 5000 rows, 2 connections",
+        "COPY to staging, 1000 rows, 2 connections",
+        "COPY to staging, 5000 rows, 2 connections",
+    ];
+    p.candidates = names.iter().map(|n| (n.to_string(), Vec::new())).collect();
+    for run in 0..RUNS {
+        eprintln!("P2 run {}/{RUNS}", run + 1);
+        bench.reset().await;
+        let a = naive(bench).await;
+        bench.reset().await;
+        let b = write_through(bench).await;
+        bench.reset().await;
+        let c = outbox_worker(bench).await;
+        assert_eq!(bench.count_items().await, FAST_ROWS as i64, "the outbox wrote every row");
+        let mut best = 0.0f64;
+        for (index, candidate) in p.candidates.iter_mut().enumerate() {
+            bench.reset().await;
+            let rate = match index {
+                0 => unnest(bench, 1000, 1).await,
+                1 => unnest(bench, 1000, 2).await,
+                2 => unnest(bench, 5000, 2).await,
+                3 => copy_staging(bench, 1000, 2).await,
+                _ => copy_staging(bench, 5000, 2).await,
+            };
+            assert_eq!(bench.count_items().await, FAST_ROWS as i64, "{} wrote every row", candidate.0);
+            eprintln!("  (d) candidate {}: {rate:.0} rows/s", candidate.0);
+            candidate.1.push(rate);
+            best = best.max(rate);
+        }
+        bench.reset().await;
+        let e = plain_copy(bench).await;
+        eprintln!("  a {a:.0}  b {b:.0}  c {c:.0}  d {best:.0}  e {e:.0} rows/s");
+        p.naive.push(a);
+        p.write_through.push(b);
+        p.outbox.push(c);
+        p.hand_written.push(best);
+        p.copy.push(e);
+        p.outbox_over_hand.push(c / best);
+        p.outbox_over_naive.push(c / a);
+        p.outbox_over_copy.push(c / e);
+    }
+    bench.reset().await;
+    p
+}
+
+/// The release server, run by the suite.
+struct Server {
+    child: Child,
+    addr: String,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    async fn start(bench: &Bench, envs: &[(&str, String)]) -> Server {
+        let data_dir = bench.scratch.join("server");
+        let _ = std::fs::remove_dir_all(&data_dir);
+        let mut command = Command::new(&bench.binary);
+        command
+            .env_remove("DATABASE_URL")
+            .env("DATABASE_URL", &bench.url)
+            .env("OUTBOX_DATA_DIR", &data_dir)
+            .env("OUTBOX_LISTEN", "127.0.0.1:0")
+            .env("OUTBOX_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (key, value) in envs {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("start the release server");
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Some(rest) = line.split("listening on http://").nth(1) {
+                        let _ = addr_tx.send(rest.split(['"', ' ']).next().unwrap_or_default().to_owned());
+                    }
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        let addr = addr_rx.recv_timeout(Duration::from_secs(60)).expect("the server listens");
+        let server = Server { child, addr, lines };
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let client = reqwest::Client::new();
+        loop {
+            if let Ok(response) = client.get(server.url("/readyz")).send().await
+                && response.status() == 200
+            {
+                break server;
+            }
+            assert!(Instant::now() < deadline, "the server became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Peak resident memory so far (VmHWM), in MiB.
+    fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+
+    /// A number field of the first JSON log line whose message is `message`.
+    fn logged(&self, message: &str, field: &str) -> Option<f64> {
+        self.lines.lock().unwrap().iter().find_map(|line| {
+            let value: Value = serde_json::from_str(line).ok()?;
+            (value["message"] == message).then(|| value[field].as_f64()).flatten()
+        })
+    }
+
+    fn stop(mut self) {
+        let _ = kill(Pid::from_raw(self.pid()), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn load(server: &Server, rate: Option<u64>, seconds: u64, lag_every: Option<Duration>) -> LoadConfig {
+    LoadConfig {
+        target: server.url(""),
+        rate,
+        duration: Duration::from_secs(seconds),
+        connections: 32,
+        durable: false,
+        lag_every,
+        progress: false,
+    }
+}
+
+#[derive(Default)]
+struct Http {
+    on: Vec<LoadReport>,
+    off: Vec<LoadReport>,
+    ratio: Runs,
+}
+
+async fn http(bench: &Bench) -> Http {
+    let mut h = Http::default();
+    for run in 0..RUNS {
+        for persist in [true, false] {
+            eprintln!("P3 run {}/{RUNS}, persistence {}", run + 1, if persist { "on" } else { "off" });
+            bench.reset().await;
+            let server = Server::start(bench, &[("OUTBOX_BENCH_DISCARD_WRITES", (!persist).to_string())]).await;
+            let report = outbox::loadgen::run(&load(&server, None, 8, None)).await.expect("load");
+            server.stop();
+            eprintln!(
+                "  {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+                report.throughput, report.latency.p50, report.latency.p99, report.errors
+            );
+            if persist { h.on.push(report) } else { h.off.push(report) }
+        }
+        h.ratio.push(h.on[run].throughput / h.off[run].throughput);
+    }
+    bench.reset().await;
+    h
+}
+
+#[derive(Default)]
+struct Lag {
+    rate: u64,
+    reports: Vec<LoadReport>,
+}
+
+async fn lag(bench: &Bench, sustainable: f64) -> Lag {
+    let rate = (sustainable / 2.0) as u64;
+    let mut l = Lag { rate, ..Lag::default() };
+    for run in 0..RUNS {
+        eprintln!("P4 run {}/{RUNS} at {rate} req/s", run + 1);
+        bench.reset().await;
+        let server = Server::start(bench, &[]).await;
+        let report =
+            outbox::loadgen::run(&load(&server, Some(rate), 10, Some(Duration::from_millis(10)))).await.expect("load");
+        server.stop();
+        let lag = report.lag.expect("lag sampled");
+        eprintln!("  lag p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms", lag.p50, lag.p99, lag.max);
+        l.reports.push(report);
+    }
+    bench.reset().await;
+    l
+}
+
+#[derive(Default)]
+struct Hydration {
+    seconds: Runs,
+    ready_seconds: Runs,
+    peak_rss_mib: Runs,
+    rows_per_second: Runs,
+}
+
+async fn hydration(bench: &Bench) -> Hydration {
+    eprintln!("P5: writing {HYDRATE_ITEMS} items");
+    bench.reset().await;
+    {
+        let mut client = bench.client().await;
+        let chunk = 100_000;
+        for start in (0..HYDRATE_ITEMS).step_by(chunk) {
+            let items: Vec<Arc<Item>> = (start..start + chunk).map(|n| Arc::new(bench_item(n))).collect();
+            let rows: Vec<&Arc<Item>> = items.iter().collect();
+            let transaction = client.transaction().await.unwrap();
+            copy_rows(&transaction, "items", &rows).await.expect("copy items");
+            transaction.commit().await.unwrap();
+        }
+        client.batch_execute("VACUUM ANALYZE items").await.unwrap();
+        client.batch_execute("CHECKPOINT").await.unwrap();
+    }
+    let mut h = Hydration::default();
+    for run in 0..RUNS {
+        eprintln!("P5 run {}/{RUNS}", run + 1);
+        let started = Instant::now();
+        let server = Server::start(bench, &[]).await;
+        let ready = started.elapsed().as_secs_f64();
+        let hydration_ms = server.logged("hydration finished", "elapsed_ms").expect("hydration is logged");
+        let entities = server.logged("hydration finished", "entities").unwrap_or(0.0);
+        assert_eq!(entities as usize, HYDRATE_ITEMS, "every item hydrated");
+        let rss = server.peak_rss_mib();
+        server.stop();
+        eprintln!("  hydration {:.2} s, ready after {ready:.2} s, peak RSS {rss:.0} MiB", hydration_ms / 1000.0);
+        h.seconds.push(hydration_ms / 1000.0);
+        h.ready_seconds.push(ready);
+        h.peak_rss_mib.push(rss);
+        h.rows_per_second.push(HYDRATE_ITEMS as f64 / (hydration_ms / 1000.0));
+    }
+    bench.reset().await;
+    h
+}
+
+#[derive(Default)]
+struct Outage {
+    rate: u64,
+    acknowledged: Vec<u64>,
+    lost: Vec<i64>,
+    recovery_seconds: Runs,
+    peak_lag_seconds: Runs,
+    refused: Vec<u64>,
+}
+
+async fn outage(bench: &Bench, rate: u64) -> Outage {
+    let mut o = Outage { rate, ..Outage::default() };
+    for run in 0..RUNS {
+        eprintln!("P6 run {}/{RUNS}: 30 s outage at {rate} req/s", run + 1);
+        bench.reset().await;
+        let server = Server::start(bench, &[]).await;
+        let status = server.url("/api/outbox/status");
+        let started = Instant::now();
+        let samples: Arc<Mutex<Vec<(f64, f64)>>> = Arc::new(Mutex::new(Vec::new()));
+        let sampler = {
+            let samples = samples.clone();
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                loop {
+                    if let Ok(response) = client.get(&status).send().await
+                        && let Ok(body) = response.json::<Value>().await
+                    {
+                        let lag = body["lag_seconds"].as_f64().unwrap_or(0.0);
+                        samples.lock().unwrap().push((started.elapsed().as_secs_f64(), lag));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+        };
+        let config = load(&server, Some(rate), 55, None);
+        let load = tokio::spawn(async move { outbox::loadgen::run(&config).await });
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        std::thread::scope(|s| s.spawn(|| bench.postgres.stop()).join().unwrap()).expect("stop PostgreSQL");
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        std::thread::scope(|s| s.spawn(|| bench.postgres.restart()).join().unwrap()).expect("start PostgreSQL");
+        let back = started.elapsed().as_secs_f64();
+        let report = load.await.expect("load task").expect("load");
+        // Wait (bounded) for the backlog to be written.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while samples.lock().unwrap().last().is_none_or(|(_, lag)| *lag > 0.0) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        sampler.abort();
+        server.stop();
+        let samples = samples.lock().unwrap().clone();
+        let recovery = samples
+            .iter()
+            .filter(|(t, _)| *t >= back)
+            .find(|(t, lag)| *lag < 1.0 && samples.iter().filter(|(u, _)| u > t).all(|(_, l)| *l < 1.0))
+            .map_or(f64::INFINITY, |(t, _)| t - back);
+        let peak = samples.iter().map(|(_, l)| *l).fold(0.0, f64::max);
+        let stored = bench.count_items().await;
+        let lost = report.ok as i64 - stored;
+        eprintln!(
+            "  {} acknowledged, {} refused, {lost} lost, lag peak {peak:.1} s, back under 1 s {recovery:.1} s after the database",
+            report.ok, report.refused
+        );
+        o.acknowledged.push(report.ok);
+        o.refused.push(report.refused);
+        o.lost.push(lost);
+        o.recovery_seconds.push(recovery);
+        o.peak_lag_seconds.push(peak);
+    }
+    bench.reset().await;
+    o
+}
+
+/// P1 medians from criterion's output (nanoseconds), by benchmark id.
+fn criterion_medians(root: &Path) -> Vec<(String, f64, f64, f64)> {
+    let mut out = Vec::new();
+    for group in ["record_small", "record"] {
+        let Ok(entries) = std::fs::read_dir(root.join(group)) else { continue };
+        let mut names: Vec<String> = entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        for name in names {
+            let Ok(text) = std::fs::read_to_string(root.join(group).join(&name).join("new/estimates.json")) else {
+                continue;
+            };
+            let estimates: Value = serde_json::from_str(&text).unwrap_or_default();
+            let median = &estimates["median"];
+            let (low, point, high) = (
+                median["confidence_interval"]["lower_bound"].as_f64().unwrap_or(f64::NAN),
+                median["point_estimate"].as_f64().unwrap_or(f64::NAN),
+                median["confidence_interval"]["upper_bound"].as_f64().unwrap_or(f64::NAN),
+            );
+            out.push((format!("{group}/{name}"), low, point, high));
+        }
+    }
+    out
+}
+
+fn machine(postgres_version: &str) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .unwrap_or_else(|| "unknown".into());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or_else(|| "unknown".into(), |kb| format!("{:.1} GiB", kb / 1024.0 / 1024.0));
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!(
+        "{cores} cores ({cpu}), {memory} memory, PostgreSQL {postgres_version} (default durability: fsync, synchronous_commit on, full_page_writes on)"
+    )
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "**missed**" }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    machine: &str,
+    p1: &[(String, f64, f64, f64)],
+    p2: &Persistence,
+    p3: &Http,
+    p4: &Lag,
+    p5: &Hydration,
+    p6: &Outage,
+    elapsed: Duration,
+) -> String {
+    let mut md = String::new();
+    let w = &mut md;
+    let _ = writeln!(w, "# Benchmarks\n");
+    let _ = writeln!(
+        w,
+        "Generated by `scripts/bench` on {} in {:.1} minutes. Every figure comes from this one run on this machine; ratios compare measurements taken side by side in the same run.\n",
+        Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        elapsed.as_secs_f64() / 60.0
+    );
+    let _ = writeln!(
+        w,
+        "**Machine:** {machine}. The database, the server, the load generator and the benchmark share the same cores, so absolute figures are lower than on separate machines; the ratios are the point.\n"
+    );
+    let _ = writeln!(w, "Figures are **min / median / max** over {RUNS} runs unless said otherwise.\n");
+
+    let _ = writeln!(w, "## Summary\n");
+    let _ = writeln!(w, "| target | measured (median) | verdict |\n|---|---|---|");
+    let small = p1.iter().find(|(n, ..)| n == "record_small/update_one").map_or(f64::NAN, |r| r.2);
+    let small_pair = p1.iter().find(|(n, ..)| n == "record_small/change_set_two").map_or(f64::NAN, |r| r.2);
+    let _ = writeln!(
+        w,
+        "| P1 recording a change ≤ 1 µs | {:.0} ns one entity, {:.0} ns two-entity change set | {} |",
+        small,
+        small_pair,
+        verdict(small <= 1000.0)
+    );
+    let (_, hand, _) = stats(&p2.outbox_over_hand);
+    let (_, naive, _) = stats(&p2.outbox_over_naive);
+    let _ = writeln!(
+        w,
+        "| P2 worker ≥ 90 % of the best hand-written batch writer | {:.0} % | {} |",
+        hand * 100.0,
+        verdict(hand >= 0.9)
+    );
+    let _ = writeln!(w, "| P2 worker ≥ 30× the naive pattern | {naive:.0}× | {} |", verdict(naive >= 30.0));
+    let (_, http_ratio, _) = stats(&p3.ratio);
+    let _ = writeln!(
+        w,
+        "| P3 throughput with persistence ≥ 85 % of without | {:.0} % | {} |",
+        http_ratio * 100.0,
+        verdict(http_ratio >= 0.85)
+    );
+    let lag99: Runs = p4.reports.iter().map(|r| r.lag.map_or(f64::NAN, |l| l.p99)).collect();
+    let (_, lag99m, _) = stats(&lag99);
+    let _ = writeln!(
+        w,
+        "| P4 p99 lag ≤ 200 ms at half the sustainable rate | {lag99m:.1} ms at {} req/s | {} |",
+        p4.rate,
+        verdict(lag99m <= 200.0)
+    );
+    let (_, hyd, _) = stats(&p5.seconds);
+    let (_, rss, _) = stats(&p5.peak_rss_mib);
+    let _ = writeln!(
+        w,
+        "| P5 hydration of 1,000,000 items ≤ 5 s | {hyd:.2} s, peak RSS {rss:.0} MiB | {} |",
+        verdict(hyd <= 5.0)
+    );
+    let lost: i64 = p6.lost.iter().sum();
+    let (_, rec, _) = stats(&p6.recovery_seconds);
+    let _ = writeln!(
+        w,
+        "| P6 30 s outage: zero loss, lag < 1 s within 10 s of the database's return | {lost} lost, {rec:.1} s | {} |\n",
+        verdict(lost == 0 && rec <= 10.0)
+    );
+
+    let _ = writeln!(w, "## P1: recording a change\n");
+    let _ = writeln!(
+        w,
+        "Method: criterion (`benches/store.rs`), 1 s warm-up, 3 s measurement, 100 samples; the median with its 95 % confidence interval. The store holds 10,000 entities; a worker that discards its batches drains the outbox meanwhile (so most changes take the full path: a new pending mark and a record on the channel). `record_small` changes a two-field entity, which isolates the store's own cost; `record` changes a reference item (identifiers, enriched data, timestamps), so it includes cloning the item and keeping its three indexes. `_contended` runs with a second thread changing other entities all the time; `_coalesced` changes an entity already pending.\n"
+    );
+    let _ = writeln!(w, "| benchmark | median (ns) | 95 % CI (ns) |\n|---|---|---|");
+    for (name, low, point, high) in p1 {
+        let _ = writeln!(w, "| `{name}` | {point:.0} | {low:.0} – {high:.0} |");
+    }
+    let _ = writeln!(w);
+
+    let _ = writeln!(w, "## P2: persistence throughput, side by side\n");
+    let _ = writeln!(
+        w,
+        "Method: the same reference items (~330 bytes of JSON each) written into the same `items` table (primary key, a generated `status` column and its index) of one local database, emptied and checkpointed before each method. (a) and (b) write the first {SLOW_ROWS} of them, one transaction per row, {REQUEST_CONCURRENCY} at a time; (c), (d) and (e) write all {FAST_ROWS}. (c) applies every item through the store as its own change, and is timed until the outbox is empty (default settings: batches of up to 1000 rows, 5 ms linger, 2 writers, the lease's fencing check in every transaction). (d) is the best, per run, of the hand-written writers below; (e) is a plain binary COPY into an empty table with the same columns and indexes, on two connections.\n"
+    );
+    let _ = writeln!(w, "| method | rows/s |\n|---|---|");
+    let _ = writeln!(w, "| (a) naive: a spawned task per change, one upsert each | {} |", fmt3(&p2.naive, 0));
+    let _ = writeln!(w, "| (b) write-through: each request awaits its upsert | {} |", fmt3(&p2.write_through, 0));
+    let _ = writeln!(w, "| (c) outbox worker | {} |", fmt3(&p2.outbox, 0));
+    let _ = writeln!(w, "| (d) best hand-written batched upsert | {} |", fmt3(&p2.hand_written, 0));
+    let _ = writeln!(w, "| (e) plain COPY into an empty table | {} |", fmt3(&p2.copy, 0));
+    let _ = writeln!(w, "\nHand-written candidates for (d):\n\n| writer | rows/s |\n|---|---|");
+    for (name, runs) in &p2.candidates {
+        let _ = writeln!(w, "| {name} | {} |", fmt3(runs, 0));
+    }
+    let _ = writeln!(w, "\n| ratio (per run, same run) | min / median / max | target |\n|---|---|---|");
+    let _ = writeln!(w, "| (c)/(d) | {} | ≥ 0.90 |", fmt3(&p2.outbox_over_hand, 2));
+    let _ = writeln!(w, "| (c)/(a) | {} | ≥ 30 |", fmt3(&p2.outbox_over_naive, 1));
+    let _ = writeln!(w, "| (c)/(e) | {} | (ceiling) |\n", fmt3(&p2.outbox_over_copy, 2));
+
+    let _ = writeln!(w, "## P3: HTTP throughput, persistence on vs off\n");
+    let _ = writeln!(
+        w,
+        "Method: the release binary serving `POST /api/items` with its defaults, driven by `outbox loadgen`'s code (32 connections, open loop, 8 s), persistence on, then off (`OUTBOX_BENCH_DISCARD_WRITES=true`: the worker takes batches and writes nothing), alternating, each run on a fresh server and an empty table. Latency is measured from send to answer.\n"
+    );
+    let _ = writeln!(w, "| | req/s | p50 ms | p99 ms |\n|---|---|---|---|");
+    for (name, reports) in [("persistence on", &p3.on), ("persistence off", &p3.off)] {
+        let t: Runs = reports.iter().map(|r| r.throughput).collect();
+        let p50: Runs = reports.iter().map(|r| r.latency.p50).collect();
+        let p99: Runs = reports.iter().map(|r| r.latency.p99).collect();
+        let _ = writeln!(w, "| {name} | {} | {} | {} |", fmt3(&t, 0), fmt3(&p50, 2), fmt3(&p99, 2));
+    }
+    let _ = writeln!(w, "\nRatio on/off per pair of runs: {} (target ≥ 0.85).\n", fmt3(&p3.ratio, 2));
+
+    let _ = writeln!(w, "## P4: lag under load\n");
+    let _ = writeln!(
+        w,
+        "Method: the release binary at a fixed {} req/s (half the median sustainable rate of P3 with persistence on) for 10 s, requests scheduled ahead so a stall is charged to the requests it delays; the engine's lag (`/api/outbox/status`) sampled every 10 ms.\n",
+        p4.rate
+    );
+    let _ = writeln!(w, "| | p50 | p90 | p99 | max |\n|---|---|---|---|---|");
+    let col = |f: fn(&outbox::loadgen::Percentiles) -> f64, lag: bool| -> Runs {
+        p4.reports.iter().map(|r| if lag { r.lag.as_ref().map_or(f64::NAN, f) } else { f(&r.latency) }).collect()
+    };
+    let _ = writeln!(
+        w,
+        "| lag (ms) | {} | {} | {} | {} |",
+        fmt3(&col(|p| p.p50, true), 1),
+        fmt3(&col(|p| p.p90, true), 1),
+        fmt3(&col(|p| p.p99, true), 1),
+        fmt3(&col(|p| p.max, true), 1)
+    );
+    let _ = writeln!(
+        w,
+        "| request latency (ms) | {} | {} | {} | {} |\n",
+        fmt3(&col(|p| p.p50, false), 2),
+        fmt3(&col(|p| p.p90, false), 2),
+        fmt3(&col(|p| p.p99, false), 2),
+        fmt3(&col(|p| p.max, false), 2)
+    );
+
+    let _ = writeln!(w, "## P5: hydration\n");
+    let _ = writeln!(
+        w,
+        "Method: {HYDRATE_ITEMS} reference items COPYed into `items`, then the release binary started against the database; hydration time is what the server logs (`hydration finished`, streamed rows decoded into the store and its item indexes), readiness is from process start to `/readyz` 200, and peak memory is the process's `VmHWM`.\n"
+    );
+    let _ = writeln!(w, "| | min / median / max |\n|---|---|");
+    let _ = writeln!(w, "| hydration (s) | {} |", fmt3(&p5.seconds, 2));
+    let _ = writeln!(w, "| rows/s | {} |", fmt3(&p5.rows_per_second, 0));
+    let _ = writeln!(w, "| start to ready (s) | {} |", fmt3(&p5.ready_seconds, 2));
+    let _ = writeln!(w, "| peak RSS (MiB) | {} |\n", fmt3(&p5.peak_rss_mib, 0));
+
+    let _ = writeln!(w, "## P6: a 30 s outage under steady load\n");
+    let _ = writeln!(
+        w,
+        "Method: the release binary at a steady {} req/s for 55 s; PostgreSQL stopped 10 s in and started again 30 s later; lag sampled every 100 ms. Lost = acknowledged creates minus rows in the table once the backlog is written. Recovery = time from the database's return until the lag is under 1 s for good.\n",
+        p6.rate
+    );
+    let _ = writeln!(
+        w,
+        "| run | acknowledged | refused (503) | lost | peak lag (s) | recovery (s) |\n|---|---|---|---|---|---|"
+    );
+    for run in 0..p6.lost.len() {
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {:.1} | {:.1} |",
+            run + 1,
+            p6.acknowledged[run],
+            p6.refused[run],
+            p6.lost[run],
+            p6.peak_lag_seconds[run],
+            p6.recovery_seconds[run]
+        );
+    }
+    let _ = writeln!(w);
+    md
+}
+
+fn main() {
+    let started = Instant::now();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let binary =
+        std::env::var_os("OUTBOX_BIN").map(PathBuf::from).unwrap_or_else(|| root.join("target/release/outbox"));
+    assert!(binary.exists(), "build the release binary first (cargo build --release): {}", binary.display());
+    let scratch = root.join("target/bench");
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).unwrap();
+    std::fs::set_permissions(&scratch, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        eprintln!("starting a private PostgreSQL (default durability)");
+        let postgres = tokio::task::spawn_blocking({
+            let dir = scratch.join("postgres");
+            move || LocalPostgres::start(LocalPostgresOptions::new(dir)).expect("start PostgreSQL")
+        })
+        .await
+        .unwrap();
+        let admin = postgres.config("postgres");
+        pg::create_database_if_missing(&admin, DB).await.unwrap();
+        let config = postgres.config(DB);
+        let url = postgres.connection_string(DB);
+        let pool = pg::pool(config.clone(), 1);
+        pg::migrate(&pool).await.expect("migrations");
+        pool.close();
+        let client = pg::connect(&config).await.unwrap();
+        client.batch_execute("CREATE TABLE IF NOT EXISTS items_copy (LIKE items INCLUDING ALL)").await.unwrap();
+        let version: String = client.query_one("SHOW server_version", &[]).await.unwrap().get(0);
+        drop(client);
+        let items: Vec<Arc<Item>> = (0..FAST_ROWS).map(|n| Arc::new(bench_item(n))).collect();
+        let bench = Bench { postgres, config, url, binary, scratch: scratch.clone(), items: Arc::new(items) };
+
+        // `OUTBOX_BENCH_ONLY=p2,p5` runs only those parts, for profiling,
+        // and leaves BENCHMARKS.md alone.
+        if let Ok(only) = std::env::var("OUTBOX_BENCH_ONLY") {
+            for part in only.split(',') {
+                match part.trim() {
+                    "p2" => drop(persistence(&bench).await),
+                    "p3" => drop(http(&bench).await),
+                    "p4" => drop(lag(&bench, 14_000.0).await),
+                    "p5" => drop(hydration(&bench).await),
+                    "p6" => drop(outage(&bench, 7_000).await),
+                    other => panic!("unknown part {other}"),
+                }
+            }
+            let postgres = bench.postgres;
+            tokio::task::spawn_blocking(move || postgres.stop()).await.unwrap().expect("stop PostgreSQL");
+            return;
+        }
+        let p2 = persistence(&bench).await;
+        let p3 = http(&bench).await;
+        let sustainable = stats(&p3.on.iter().map(|r| r.throughput).collect::<Vec<_>>()).1;
+        let p4 = lag(&bench, sustainable).await;
+        let p5 = hydration(&bench).await;
+        let p6 = outage(&bench, p4.rate).await;
+        let p1 = criterion_medians(&root.join("target/criterion"));
+        let machine = machine(&version);
+        let markdown = report(&machine, &p1, &p2, &p3, &p4, &p5, &p6, started.elapsed());
+        let notes = std::fs::read_to_string(root.join("benches/NOTES.md")).unwrap_or_default();
+        std::fs::write(root.join("BENCHMARKS.md"), format!("{markdown}{notes}")).expect("write BENCHMARKS.md");
+        eprintln!("wrote BENCHMARKS.md in {:.1} minutes", started.elapsed().as_secs_f64() / 60.0);
+        let postgres = bench.postgres;
+        tokio::task::spawn_blocking(move || postgres.stop()).await.unwrap().expect("stop PostgreSQL");
+    });
+}
