@@ -29,7 +29,9 @@ fn item(n: usize) -> Item {
         local_id: None,
         status: ItemStatus::Active,
         identifiers: vec![Identifier { key: "gtin".into(), value: format!("{n:013}") }],
-        enriched_data: serde_json::json!({"name": "bolt", "size": "M8"}).as_object().unwrap().clone(),
+        enriched_data: outbox::api::model::JsonObject::from_map(
+            serde_json::json!({"name": "bolt", "size": "M8"}).as_object().unwrap(),
+        ),
         merged_into: None,
         circuits: Vec::new(),
         created_at: now,
@@ -61,7 +63,7 @@ fn store(runtime: &tokio::runtime::Runtime) -> (Store, Worker) {
 fn update_one(store: &Store, id: &str, n: u64) {
     store
         .apply(|set| {
-            set.update::<Item>(id, |item| item.enriched_data.insert("n".into(), n.into()).map(|_| ()).unwrap_or(()))
+            set.update::<Item>(id, |item| item.updated_at = chrono::DateTime::from_timestamp(n as i64, 0).unwrap())
         })
         .expect("update");
 }
@@ -69,12 +71,9 @@ fn update_one(store: &Store, id: &str, n: u64) {
 fn change_set_two(store: &Store, a: &str, b: &str, n: u64) {
     store
         .apply(|set| -> Result<(), StoreError> {
-            set.update::<Item>(a, |item| {
-                item.enriched_data.insert("n".into(), n.into());
-            })?;
-            set.update::<Item>(b, |item| {
-                item.enriched_data.insert("n".into(), n.into());
-            })?;
+            let at = chrono::DateTime::from_timestamp(n as i64, 0).unwrap();
+            set.update::<Item>(a, |item| item.updated_at = at)?;
+            set.update::<Item>(b, |item| item.updated_at = at)?;
             Ok(())
         })
         .expect("change set");

@@ -87,7 +87,7 @@ fn bench_item(n: usize) -> Item {
             Identifier { key: "gtin".into(), value: format!("{:013}", 4_000_000_000_000u64 + n as u64) },
             Identifier { key: "sku".into(), value: format!("HB-{n}") },
         ],
-        enriched_data: data,
+        enriched_data: outbox::api::model::JsonObject::from_map(&data),
         merged_into: None,
         circuits: Vec::new(),
         created_at: now,

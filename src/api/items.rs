@@ -14,7 +14,7 @@ use super::AppState;
 use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, ApiQuery, wants_durable};
 use super::index::{ItemFilter, ItemIndex};
-use super::model::{Circuit, Identifier, Item, ItemStatus, new_dfid};
+use super::model::{Circuit, Identifier, Item, ItemStatus, JsonObject, new_dfid};
 use super::validate::{self, DEFAULT_PAGE, MAX_BATCH, MAX_IDENTIFIERS, MAX_PAGE};
 use crate::store::{ChangeSet, StoreError, Versioned};
 
@@ -65,7 +65,7 @@ impl CreateItem {
             local_id,
             status: ItemStatus::Active,
             identifiers: validate::dedup_identifiers(self.identifiers),
-            enriched_data: self.enriched_data.unwrap_or_default(),
+            enriched_data: self.enriched_data.as_ref().map(JsonObject::from_map).unwrap_or_default(),
             merged_into: None,
             circuits: Vec::new(),
             created_at: now,
@@ -327,7 +327,7 @@ pub async fn update(
                     identifiers.len()
                 )));
             }
-            let mut data = item.enriched_data.clone();
+            let mut data = item.enriched_data.to_map();
             for (key, value) in body.enriched_data.unwrap_or_default() {
                 if value.is_null() {
                     data.remove(&key);
@@ -338,7 +338,7 @@ pub async fn update(
             validate::enriched_data(&data, "the item's enriched_data after the update")?;
             Ok(set.update::<Item>(&dfid, |item| {
                 item.identifiers = identifiers;
-                item.enriched_data = data;
+                item.enriched_data = JsonObject::from_map(&data);
                 item.updated_at = Utc::now();
             })?)
         })
@@ -438,7 +438,7 @@ pub async fn split(
                 local_id: None,
                 status: ItemStatus::Active,
                 identifiers: moved.clone(),
-                enriched_data: Map::new(),
+                enriched_data: JsonObject::empty(),
                 merged_into: None,
                 circuits: Vec::new(),
                 created_at: now,

@@ -3,9 +3,68 @@
 //! engine knows nothing else about them.
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
+
+/// A JSON object kept as its serialized text. An item's free-form data is
+/// read and written whole far more often than it is looked into (every
+/// response and every flush serialize it; only an update merges keys), so
+/// holding the text costs a fraction of the memory of a parsed map and
+/// hydrates several times faster.
+#[derive(Debug, Clone)]
+pub struct JsonObject(Box<RawValue>);
+
+impl JsonObject {
+    /// `{}`.
+    pub fn empty() -> Self {
+        Self(RawValue::from_string("{}".to_owned()).expect("{} is JSON"))
+    }
+
+    /// From a parsed object.
+    pub fn from_map(map: &Map<String, Value>) -> Self {
+        Self(serde_json::value::to_raw_value(map).expect("a JSON map serializes"))
+    }
+
+    /// The parsed object.
+    pub fn to_map(&self) -> Map<String, Value> {
+        serde_json::from_str(self.0.get()).expect("a JsonObject holds a JSON object")
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl Default for JsonObject {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
+impl PartialEq for JsonObject {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get() || self.to_map() == other.to_map()
+    }
+}
+
+impl Serialize for JsonObject {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for JsonObject {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = Box::<RawValue>::deserialize(deserializer)?;
+        if !raw.get().trim_start().starts_with('{') {
+            return Err(serde::de::Error::custom("expected a JSON object"));
+        }
+        Ok(Self(raw))
+    }
+}
 
 use crate::store::Entity;
 
@@ -57,7 +116,7 @@ pub struct Item {
     /// Free-form data, merged key by key on update.
     #[serde(default)]
     #[schema(value_type = Object)]
-    pub enriched_data: Map<String, Value>,
+    pub enriched_data: JsonObject,
     /// The item this one was merged into.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merged_into: Option<String>,

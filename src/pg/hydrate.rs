@@ -13,8 +13,11 @@ use super::DbError;
 use super::upsert::JsonbRef;
 use crate::store::{HydratedRow, Store};
 
-/// Rows handed to the store per lock acquisition.
-const CHUNK: usize = 10_000;
+/// Rows handed to a decoder, and to the store per lock acquisition.
+const CHUNK: usize = 4_096;
+
+/// Threads decoding rows.
+const DECODERS: usize = 2;
 
 pub(crate) fn select_sql(table: &str) -> String {
     format!("SELECT id, version, deleted, data FROM {}", super::quote_ident(table))
@@ -58,47 +61,91 @@ impl From<tokio_postgres::Error> for HydrateError {
 }
 
 /// Loads every entity of every kind of `store` from the database.
+///
+/// Rows are streamed and decoded on this task while a blocking thread puts
+/// the previous chunk into the store (and its indexes), so decoding and
+/// indexing use both cores.
 pub async fn hydrate(store: &Store, pool: &Pool) -> Result<HydrationReport, HydrateError> {
     let started = Instant::now();
     let client = pool.get().await.map_err(DbError::from)?;
     let mut report = HydrationReport::default();
     for (kind_id, kind) in store.kinds().iter().enumerate() {
         let kind_started = Instant::now();
+        // The planner's row estimate sizes the table once instead of
+        // rehashing it a dozen times on the way to a million entities.
+        let estimate: i64 = client
+            .query_opt("SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass($1)", &[&kind.table])
+            .await?
+            .map_or(0, |row| row.get(0));
+        store.reserve(kind_id, usize::try_from(estimate).unwrap_or(0));
+
+        // Rows arrive on this task; two threads decode them (JSON decoding
+        // is the most expensive step, so it gets both cores while
+        // PostgreSQL waits on socket buffers) and one puts decoded chunks
+        // into the store and its indexes.
+        let (raw, raw_rx) = tokio::sync::mpsc::channel::<Vec<tokio_postgres::Row>>(4);
+        // Shared by the decoders; each holds it only to take one chunk.
+        let raw_rx = std::sync::Arc::new(std::sync::Mutex::new(raw_rx));
+        let (decoded, decoded_rx) = crossbeam_channel::bounded::<Vec<HydratedRow>>(4);
+        let decoders: Vec<_> = (0..DECODERS)
+            .map(|_| {
+                let (raw_rx, decoded) = (raw_rx.clone(), decoded.clone());
+                let (decode, name, table) = (kind.decode, kind.name, kind.table);
+                tokio::task::spawn_blocking(move || -> Result<(), HydrateError> {
+                    loop {
+                        let next = raw_rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner).blocking_recv();
+                        let Some(rows) = next else { break };
+                        let chunk = rows
+                            .iter()
+                            .map(|row| decode_row(decode, name, table, row))
+                            .collect::<Result<Vec<_>, _>>()?;
+                        if decoded.send(chunk).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        drop((raw_rx, decoded));
+        let inserter = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || {
+                for chunk in decoded_rx {
+                    store.hydrate(kind_id, chunk);
+                }
+            })
+        };
         let statement = client.prepare_cached(&kind.select_sql).await?;
         let rows = client.query_raw(&statement, std::iter::empty::<&(dyn ToSql + Sync)>()).await?;
         pin_mut!(rows);
-        let mut chunk: Vec<HydratedRow> = Vec::with_capacity(CHUNK);
+        let mut chunk = Vec::with_capacity(CHUNK);
         let mut count = 0u64;
-        while let Some(row) = rows.next().await {
-            let row = row?;
-            let id: &str = row.try_get(0)?;
-            let version: i64 = row.try_get(1)?;
-            let deleted: bool = row.try_get(2)?;
-            let data: Option<JsonbRef<'_>> = row.try_get(3)?;
-            let value = match (deleted, data) {
-                (false, Some(json)) => Some((kind.decode)(json.0).map_err(|e| HydrateError::Decode {
-                    kind: kind.name,
-                    table: kind.table,
-                    id: id.to_owned(),
-                    error: e.to_string(),
-                })?),
-                (false, None) => {
-                    return Err(HydrateError::Decode {
-                        kind: kind.name,
-                        table: kind.table,
-                        id: id.to_owned(),
-                        error: "a live row has no data".into(),
-                    });
+        let streamed = async {
+            while let Some(row) = rows.next().await {
+                chunk.push(row?);
+                count += 1;
+                if chunk.len() == CHUNK {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+                    // Waits only while both decoders are busy: back-pressure.
+                    if raw.send(full).await.is_err() {
+                        break; // a decoder failed; its error is reported below
+                    }
                 }
-                (true, _) => None,
-            };
-            chunk.push((Arc::from(id), u64::try_from(version).unwrap_or(0), value));
-            count += 1;
-            if chunk.len() == CHUNK {
-                store.hydrate(kind_id, std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)));
             }
+            let _ = raw.send(std::mem::take(&mut chunk)).await;
+            Ok::<(), HydrateError>(())
         }
-        store.hydrate(kind_id, chunk);
+        .await;
+        drop(raw);
+        let mut decoding = Ok(());
+        for decoder in decoders {
+            let result = decoder.await.expect("a hydration decoder does not panic");
+            decoding = decoding.and(result);
+        }
+        inserter.await.expect("the hydration inserter does not panic");
+        streamed?;
+        decoding?;
         kind.hydrated.set(count as f64);
         tracing::info!(
             kind = kind.name,
@@ -111,4 +158,23 @@ pub async fn hydrate(store: &Store, pool: &Pool) -> Result<HydrationReport, Hydr
     }
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+fn decode_row(
+    decode: crate::store::kind::Decode,
+    kind: &'static str,
+    table: &'static str,
+    row: &tokio_postgres::Row,
+) -> Result<HydratedRow, HydrateError> {
+    let id: &str = row.try_get(0)?;
+    let version: i64 = row.try_get(1)?;
+    let deleted: bool = row.try_get(2)?;
+    let data: Option<JsonbRef<'_>> = row.try_get(3)?;
+    let decode_error = |error: String| HydrateError::Decode { kind, table, id: id.to_owned(), error };
+    let value = match (deleted, data) {
+        (false, Some(json)) => Some(decode(json.0).map_err(|e| decode_error(e.to_string()))?),
+        (false, None) => return Err(decode_error("a live row has no data".into())),
+        (true, _) => None,
+    };
+    Ok((Arc::from(id), u64::try_from(version).unwrap_or(0), value))
 }

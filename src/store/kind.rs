@@ -73,7 +73,7 @@ pub(crate) fn downcast<E: Entity>(value: &Arc<dyn Stored>) -> Arc<E> {
 /// Index of a kind in the store's list of kinds.
 pub(crate) type KindId = usize;
 
-type Decode = fn(&[u8]) -> Result<Arc<dyn Stored>, serde_json::Error>;
+pub(crate) type Decode = fn(&[u8]) -> Result<Arc<dyn Stored>, serde_json::Error>;
 
 fn decode<E: Entity>(json: &[u8]) -> Result<Arc<dyn Stored>, serde_json::Error> {
     Ok(Arc::new(serde_json::from_slice::<E>(json)?))
@@ -128,11 +128,18 @@ impl KindInfo {
 pub trait Index<E: Entity>: Send + Sync + 'static {
     /// Entity `id` changed from `old` to `new` (`None`: absent or deleted).
     fn update(&mut self, id: &Arc<str>, old: Option<&E>, new: Option<&E>);
+
+    /// About `additional` entities are about to be loaded (hydration): a
+    /// chance to size the index once.
+    fn reserve(&mut self, additional: usize) {
+        let _ = additional;
+    }
 }
 
 /// An index in its type-erased form.
 pub(crate) trait ErasedIndex: Send + Sync {
     fn update(&mut self, id: &Arc<str>, old: Option<&dyn Stored>, new: Option<&dyn Stored>);
+    fn reserve(&mut self, additional: usize);
     fn as_any(&self) -> &dyn Any;
 }
 
@@ -148,6 +155,10 @@ impl<E: Entity, I: Index<E>> ErasedIndex for TypedIndex<E, I> {
             value.and_then(|v| v.as_any().downcast_ref::<E>())
         }
         self.index.update(id, cast::<E>(old), cast::<E>(new));
+    }
+
+    fn reserve(&mut self, additional: usize) {
+        self.index.reserve(additional);
     }
 
     fn as_any(&self) -> &dyn Any {

@@ -431,6 +431,16 @@ impl Store {
         self.read_state().closed
     }
 
+    /// Makes room for `additional` more entities of a kind (before
+    /// hydration).
+    pub(crate) fn reserve(&self, kind: KindId, additional: usize) {
+        let mut guard = self.write_state();
+        guard.tables[kind].reserve(additional);
+        for index in &mut guard.indexes[kind] {
+            index.reserve(additional);
+        }
+    }
+
     /// Loads entities read from the database at start-up: no outbox
     /// record, the database already has them. A row never replaces a newer
     /// version already in memory.
@@ -438,7 +448,6 @@ impl Store {
         let mut guard = self.write_state();
         let state = &mut *guard;
         let table = &mut state.tables[kind];
-        table.reserve(rows.len());
         for (id, version, value) in rows {
             let slot = table.entry(id.clone()).or_insert_with(|| Slot { value: None, version: 0, track: None });
             if slot.track.is_some() {
