@@ -5,7 +5,8 @@
 //!   runtime worker, I12): it blocks on the outbox channel, starts a batch
 //!   when `batch_max` records are waiting or `linger` after the first one
 //!   arrived (STYLE 6), takes whole groups from the store, and hands each
-//!   batch to an idle writer. It also refreshes the depth and lag gauges
+//!   batch to a writer with room (each holds the batch it writes and the
+//!   next). It also refreshes the depth and lag gauges
 //!   every second, idle or not.
 //! * **Writers** are async tasks, one per database connection they use at a
 //!   time. Each encodes its batch once and writes it, retrying failures with
@@ -44,6 +45,9 @@ use classify::{Classified, ErrorClass, classify_pool, classify_postgres};
 
 /// How often the coordinator refreshes the depth and lag gauges.
 const GAUGE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Batches a writer holds at once: the one it writes and the next.
+const WRITER_DEPTH: usize = 2;
 
 /// First pause after a failed flush; it doubles up to the configured cap.
 const RETRY_MIN_DELAY: Duration = Duration::from_millis(50);
@@ -253,7 +257,15 @@ impl Coordinator {
         // Records at the front of `backlog` whose groups wait for a batch
         // in flight: they do not count towards a full batch.
         let mut blocked = 0usize;
-        let mut idle: Vec<usize> = (0..self.writers.len()).rev().collect();
+        // Batches handed to each writer and not yet completed. A writer
+        // holds up to `WRITER_DEPTH`: the one it writes and the next, so it
+        // goes on without waiting for this thread to be scheduled (on a
+        // machine whose cores PostgreSQL keeps busy, that wait is a large
+        // part of a batch's time).
+        let mut outstanding: Vec<usize> = vec![0; self.writers.len()];
+        let free = |outstanding: &[usize]| {
+            outstanding.iter().enumerate().filter(|(_, n)| **n < WRITER_DEPTH).min_by_key(|(_, n)| **n).map(|(w, _)| w)
+        };
         let mut due: Option<Instant> = None;
         let mut draining = false;
         let mut swept = false;
@@ -270,7 +282,7 @@ impl Coordinator {
             }
             let next_gauges = last_gauges + GAUGE_INTERVAL;
             let wake = match due {
-                Some(at) if !idle.is_empty() => at.min(next_gauges),
+                Some(at) if free(&outstanding).is_some() => at.min(next_gauges),
                 _ => next_gauges,
             };
             // Listen for records only while nothing waits to be written. Once
@@ -297,7 +309,7 @@ impl Coordinator {
                         Outcome::Committed(quarantined) => self.store.commit(&completion.batch, quarantined),
                         Outcome::Abandoned => self.store.abandon(&completion.batch),
                     }
-                    idle.push(completion.writer);
+                    outstanding[completion.writer] -= 1;
                     blocked = 0;
                     // Records that waited for this batch's entities may go now.
                     if !backlog.is_empty() {
@@ -315,7 +327,7 @@ impl Coordinator {
                 due = Some(Instant::now());
             }
 
-            while let (Some(&writer), Some(at)) = (idle.last(), due) {
+            while let (Some(writer), Some(at)) = (free(&outstanding), due) {
                 if at > Instant::now() && !draining {
                     break;
                 }
@@ -328,7 +340,7 @@ impl Coordinator {
                     break;
                 }
                 debug!(writer, rows = batch.rows.len(), groups = batch.groups.len(), "batch taken");
-                idle.pop();
+                outstanding[writer] += 1;
                 if self.writers[writer].send(batch).is_err() {
                     error!(writer, "writer task is gone; the runtime is shutting down");
                     return;
@@ -336,7 +348,7 @@ impl Coordinator {
                 due = (backlog.len() > blocked || !self.receiver.records.is_empty()).then(Instant::now);
             }
 
-            if draining && idle.len() == self.writers.len() {
+            if draining && outstanding.iter().all(|n| *n == 0) {
                 let depth = self.store.outbox().depth;
                 if depth == 0 || self.writers_aborted() {
                     gauges.refresh(&self.store.outbox());
