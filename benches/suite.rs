@@ -24,7 +24,7 @@
 //! stops them by their PIDs; all traffic stays on loopback.
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -418,8 +418,15 @@ impl Server {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         {
             let lines = lines.clone();
+            // Every server's log is kept next to the suite's PostgreSQL.
+            static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut log = std::fs::File::create(bench.scratch.join(format!("server-{n:02}.log"))).ok();
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Some(log) = log.as_mut() {
+                        let _ = writeln!(log, "{line}");
+                    }
                     if let Some(rest) = line.split("listening on http://").nth(1) {
                         let _ = addr_tx.send(rest.split(['"', ' ']).next().unwrap_or_default().to_owned());
                     }
@@ -954,7 +961,7 @@ fn main() {
                     "p3" => drop(http(&bench).await),
                     "p4" => drop(lag(&bench, 14_000.0).await),
                     "p5" => drop(hydration(&bench).await),
-                    "p6" => drop(outage(&bench, 7_000).await),
+                    "p6" => drop(outage(&bench, 80_000 / 30).await),
                     other => panic!("unknown part {other}"),
                 }
             }

@@ -67,7 +67,11 @@ impl From<tokio_postgres::Error> for HydrateError {
 /// indexing use both cores.
 pub async fn hydrate(store: &Store, pool: &Pool) -> Result<HydrationReport, HydrateError> {
     let started = Instant::now();
-    let client = pool.get().await.map_err(DbError::from)?;
+    let mut client = pool.get().await.map_err(DbError::from)?;
+    // One read-only transaction for every kind: a consistent snapshot, and
+    // the pool's statement timeout lifted for this long read.
+    let client = client.build_transaction().read_only(true).start().await?;
+    client.batch_execute("SET LOCAL statement_timeout = 0").await?;
     let mut report = HydrationReport::default();
     for (kind_id, kind) in store.kinds().iter().enumerate() {
         let kind_started = Instant::now();
@@ -156,6 +160,7 @@ pub async fn hydrate(store: &Store, pool: &Pool) -> Result<HydrationReport, Hydr
         report.per_kind.push((kind.name, count));
         report.total += count;
     }
+    client.commit().await?;
     report.elapsed = started.elapsed();
     Ok(report)
 }

@@ -23,6 +23,10 @@ pub const LOCAL_DATABASE: &str = "outbox";
 /// How long opening a connection may take before it counts as a failure.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Longest a statement of a pooled connection may run, and a transaction
+/// stay idle, before the server ends it.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How long a caller waits for a free pooled connection. Short, so that a
 /// database outage shows up as a fast, classified error instead of a hang.
 const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -83,6 +87,17 @@ pub fn pool(mut config: tokio_postgres::Config, size: usize) -> Pool {
     }
     if config.get_application_name().is_none() {
         config.application_name("outbox");
+    }
+    if config.get_options().is_none() {
+        // A statement stuck on a lock, or a session left inside a
+        // transaction, would hold a batch (and its locks) forever: let the
+        // server end them, so the flush fails, is retried, and moves on.
+        // Long reads (hydration) lift the limit for their own transaction.
+        config.options(format!(
+            "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+            STATEMENT_TIMEOUT.as_millis(),
+            STATEMENT_TIMEOUT.as_millis()
+        ));
     }
     let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)

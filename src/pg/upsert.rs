@@ -131,6 +131,10 @@ pub(crate) enum WriteError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("{0}")]
     Postgres(#[from] tokio_postgres::Error),
+    /// The attempt took longer than the server's statement timeout allows
+    /// (the connection hung); it is abandoned and retried.
+    #[error("the flush attempt did not finish within {0:?}")]
+    TimedOut(std::time::Duration),
     /// The lease's lock connection is lost (the database is unreachable):
     /// no flush until it is re-taken.
     #[error("the single-writer lease is being re-taken (its connection to the database was lost)")]

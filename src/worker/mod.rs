@@ -36,6 +36,7 @@ use tracing::{debug, error, info, info_span, warn};
 
 use crate::metrics as m;
 use crate::outbox::{Batch, DirtyRecord, OutboxReceiver, Quarantined, TicketError};
+use crate::pg;
 use crate::pg::dead_letters::{self, NewDeadLetter};
 use crate::pg::lease::{Lease, LeaseState};
 use crate::pg::upsert::{self, Encoded, WriteError};
@@ -45,6 +46,10 @@ use classify::{Classified, ErrorClass, classify_pool, classify_postgres};
 
 /// How often the coordinator refreshes the depth and lag gauges.
 const GAUGE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Longest one flush attempt may take before it is given up and retried:
+/// past the server's own statement timeout.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(pg::STATEMENT_TIMEOUT.as_secs() * 2);
 
 /// Batches a writer holds at once: the one it writes and the next.
 const WRITER_DEPTH: usize = 2;
@@ -263,8 +268,13 @@ impl Coordinator {
         // machine whose cores PostgreSQL keeps busy, that wait is a large
         // part of a batch's time).
         let mut outstanding: Vec<usize> = vec![0; self.writers.len()];
-        let free = |outstanding: &[usize]| {
-            outstanding.iter().enumerate().filter(|(_, n)| **n < WRITER_DEPTH).min_by_key(|(_, n)| **n).map(|(w, _)| w)
+        // An idle writer takes any due batch. A busy writer takes its next
+        // one only when a full batch is waiting: below saturation, records
+        // keep gathering until a writer is free, which makes fewer, larger
+        // transactions (less database work per row).
+        let free = |outstanding: &[usize], full_batch_waiting: bool| {
+            let depth = if full_batch_waiting { WRITER_DEPTH } else { 1 };
+            outstanding.iter().enumerate().filter(|(_, n)| **n < depth).min_by_key(|(_, n)| **n).map(|(w, _)| w)
         };
         let mut due: Option<Instant> = None;
         let mut draining = false;
@@ -282,7 +292,7 @@ impl Coordinator {
             }
             let next_gauges = last_gauges + GAUGE_INTERVAL;
             let wake = match due {
-                Some(at) if free(&outstanding).is_some() => at.min(next_gauges),
+                Some(at) if free(&outstanding, false).is_some() => at.min(next_gauges),
                 _ => next_gauges,
             };
             // Listen for records only while nothing waits to be written. Once
@@ -327,7 +337,13 @@ impl Coordinator {
                 due = Some(Instant::now());
             }
 
-            while let (Some(writer), Some(at)) = (free(&outstanding), due) {
+            while let (Some(writer), Some(at)) = (
+                free(
+                    &outstanding,
+                    backlog.len().saturating_sub(blocked) + self.receiver.records.len() >= self.config.batch_max,
+                ),
+                due,
+            ) {
                 if at > Instant::now() && !draining {
                     break;
                 }
@@ -587,7 +603,14 @@ impl Writer {
                 None => None,
             };
             let mut client = self.pool.get().await?;
-            upsert::write(&mut client, self.store.kinds(), encoded, epoch, resolve).await
+            // The server ends a stuck statement after STATEMENT_TIMEOUT; a
+            // connection that hangs without an answer is given up here.
+            tokio::time::timeout(
+                ATTEMPT_TIMEOUT,
+                upsert::write(&mut client, self.store.kinds(), encoded, epoch, resolve),
+            )
+            .await
+            .unwrap_or(Err(WriteError::TimedOut(ATTEMPT_TIMEOUT)))
         }
         .await;
         let elapsed = started.elapsed();
@@ -659,6 +682,9 @@ fn classify_write(error: &WriteError) -> Classified {
     match error {
         WriteError::Pool(e) => classify_pool(e),
         WriteError::Postgres(e) => classify_postgres(e),
+        WriteError::TimedOut(_) => {
+            Classified { class: ErrorClass::Transient, error_type: "timeout", sqlstate: None, unknown: false }
+        }
         WriteError::LeaseUnavailable => {
             Classified { class: ErrorClass::Transient, error_type: "connection", sqlstate: None, unknown: false }
         }
