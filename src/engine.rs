@@ -19,6 +19,7 @@ use crate::pg::lease::{Lease, LeaseState};
 use crate::pg::upsert::{self, WriteError};
 use crate::pg::{DbError, dead_letters};
 use crate::store::Store;
+use crate::worker::classify::{ErrorClass, classify_postgres};
 use crate::worker::{DrainReport, Worker, WorkerConfig};
 
 /// How often the database is checked (and the unresolved dead letters
@@ -239,6 +240,12 @@ async fn replay_spill(
         match attempt {
             Ok(()) => break,
             Err(WriteError::Fenced { .. }) => return Err(EngineError::LeaseLost),
+            Err(WriteError::Postgres(e)) if classify_postgres(&e).class == ErrorClass::Permanent => {
+                return Err(EngineError::SpillContent {
+                    path: path.to_path_buf(),
+                    reason: format!("the database refuses its records: {e}"),
+                });
+            }
             Err(e) => {
                 error!(error = %e, path = %path.display(), "cannot replay the spill file yet; retrying");
                 if cancel.run_until_cancelled(tokio::time::sleep(delay)).await.is_none() {

@@ -531,3 +531,49 @@ async fn sigterm_right_after_writes_drains_every_acknowledged_change() {
         assert!(stored >= version);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_entity_whose_json_postgresql_refuses_is_dead_lettered_without_its_payload() {
+    let db = fresh_db("nul").await;
+    create_tables(&db, &["docs"]).await;
+    let engine = start(&db, Store::builder().kind::<Doc>(), config(1000, 1)).await;
+    let store = engine.store().clone();
+    let mut tickets = Vec::new();
+    for i in 0..50u64 {
+        // jsonb refuses the NUL character (\u0000): the row, and a dead
+        // letter carrying it as payload, can never be stored.
+        let body = if i == 17 { "nul \0 inside".to_owned() } else { "fine".to_owned() };
+        let ((), ticket) =
+            store.apply_durable(|set| set.insert(Doc { id: format!("d{i}"), body, n: i }).map(|_| ())).unwrap();
+        tickets.push(ticket);
+    }
+    for (i, ticket) in tickets.into_iter().enumerate() {
+        let outcome = tokio::time::timeout(Duration::from_secs(30), ticket.wait()).await.expect("ticket resolves");
+        if i == 17 {
+            let error = outcome.expect_err("the refused entity is quarantined");
+            assert!(matches!(error, outbox::outbox::TicketError::Quarantined { ref id, .. } if id == "d17"), "{error}");
+        } else {
+            outcome.expect("the others commit");
+        }
+    }
+    let rows = db_rows(&db, "docs").await;
+    assert_eq!(rows.len(), 49, "every other row committed");
+    assert!(!rows.contains_key("d17"));
+    assert_eq!(store.get::<Doc>("d17").expect("still live in memory").body, "nul \0 inside");
+
+    let pool = outbox::pg::pool(db.config.clone(), 2);
+    let letters = outbox::pg::dead_letters::list_unresolved(&pool, 10).await.expect("list");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!((letter.kind.as_str(), letter.entity_id.as_str(), letter.version), ("doc", "d17", 1));
+    assert_eq!(letter.payload, None, "the payload the database refuses is left out");
+    assert!(letter.message.contains("payload not storable"), "{}", letter.message);
+
+    // A corrected version commits and resolves the dead letter.
+    let ((), ticket) =
+        store.apply_durable(|set| set.update::<Doc>("d17", |d| d.body = "clean".into()).map(|_| ())).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), ticket.wait()).await.expect("resolves").expect("commits");
+    assert_eq!(outbox::pg::dead_letters::count_unresolved(&pool).await.unwrap(), 0);
+    assert_eq!(db_rows(&db, "docs").await.len(), 50);
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+}

@@ -423,6 +423,43 @@ async fn a_corrupt_spill_file_stops_start_up_and_is_kept() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_spill_file_the_database_refuses_stops_start_up_and_is_kept() {
+    let db = fresh_db("refused-spill").await;
+    let data_dir = scratch_dir("refused-spill");
+    // Well-formed JSON that jsonb can never store (the NUL character).
+    let data = json!({
+        "dfid": "DFID-nul", "status": "active", "identifiers": [], "circuits": [],
+        "enriched_data": {"note": "nul \u{0} inside"},
+        "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z",
+    });
+    let record = outbox::outbox::spill::SpillRecord {
+        kind: "item".into(),
+        id: "DFID-nul".into(),
+        version: 2,
+        deleted: false,
+        data: Some(data),
+    };
+    let path = outbox::outbox::spill::write(&data_dir.join("spill"), "test", &[record]).unwrap();
+
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .env("DATABASE_URL", db.url())
+        .env("OUTBOX_DATA_DIR", &data_dir)
+        .env("OUTBOX_LISTEN", "127.0.0.1:0")
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(30), output).await.expect("start-up stops").unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("refuses its records") && stderr.contains(&path.display().to_string()),
+        "a clear error: {stderr}"
+    );
+    assert!(path.exists(), "the refused spill file is kept");
+    let client = db.connect().await;
+    let rows: i64 = client.query_one("SELECT count(*) FROM items", &[]).await.unwrap().get(0);
+    assert_eq!(rows, 0, "nothing of it was written");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn kill_9_under_change_set_load_leaves_no_half_change_set() {
     let db = fresh_db("crash").await;
     let data_dir = scratch_dir("crash");

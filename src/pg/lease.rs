@@ -32,6 +32,10 @@ const LOCK_KEY: i64 = 0x6f75_7462_6f78;
 /// lock connection.
 const POLL: Duration = Duration::from_secs(1);
 
+/// How long the lock may stay held at our own epoch, while we re-take the
+/// lease, before the holding session is taken for our own stale one.
+const STALE_SESSION_AFTER: Duration = Duration::from_secs(10);
+
 /// The fencing check run first in every flush transaction: returns the
 /// current epoch, holding a share lock on the lease row until commit.
 pub(crate) const FENCE_SQL: &str = "SELECT epoch FROM outbox_lease WHERE name = $1 FOR SHARE";
@@ -73,6 +77,29 @@ async fn current(client: &tokio_postgres::Client) -> Result<Option<(u64, String)
         .query_opt("SELECT epoch, holder FROM outbox_lease WHERE name = $1", &[&LEASE_NAME])
         .await?
         .map(|row| (row.get::<_, i64>(0) as u64, row.get(1))))
+}
+
+/// Ends the session holding the lease's advisory lock: called only when it
+/// has held the lock at our own epoch for a while, i.e. it is this
+/// process's old lock connection. Needs the right to signal that backend
+/// (the same role, or `pg_signal_backend`); without it, a warning says what
+/// blocks the re-take.
+async fn end_stale_session(client: &tokio_postgres::Client) {
+    let ended = client
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks
+             WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()
+               AND ((classid::bigint << 32) | objid::bigint) = $1",
+            &[&LOCK_KEY],
+        )
+        .await;
+    match ended {
+        Ok(rows) if rows.iter().any(|r| r.get::<_, bool>(0)) => {
+            warn!("ended this process's stale lock session to re-take the lease");
+        }
+        Ok(_) => warn!("the lease lock is held at our epoch by a session that cannot be ended; waiting"),
+        Err(e) => warn!(error = %e, "cannot end the stale lease session; waiting"),
+    }
 }
 
 impl Lease {
@@ -162,7 +189,9 @@ impl Lease {
             let alive = {
                 let guard = self.lock_connection.lock().await;
                 match guard.as_ref() {
-                    Some(client) if !client.is_closed() => client.simple_query("SELECT 1").await.is_ok(),
+                    Some(client) if !client.is_closed() => {
+                        matches!(tokio::time::timeout(POLL * 5, client.simple_query("SELECT 1")).await, Ok(Ok(_)))
+                    }
                     _ => false,
                 }
             };
@@ -190,6 +219,7 @@ impl Lease {
     /// took it; `None`: cancelled.
     async fn retake(&self, cancel: &CancellationToken) -> Option<bool> {
         let mut delay = Duration::from_millis(100);
+        let mut held_at_our_epoch_since: Option<std::time::Instant> = None;
         loop {
             let attempt = async {
                 let client = super::connect(&self.config).await?;
@@ -204,9 +234,17 @@ impl Lease {
                     *self.lock_connection.lock().await = Some(client);
                     return Some(true);
                 }
-                // Our epoch, but the lock is held: a new holder is about to
-                // increment it, or our old session is not yet gone. Look again.
-                Ok((_, false, _)) => {}
+                // Our epoch, but the lock is held: a new holder about to
+                // increment it (a matter of milliseconds), or our own old
+                // session, which the server has not noticed is gone (a
+                // network cut). If it lasts, end that session.
+                Ok((client, false, _)) => {
+                    let since = *held_at_our_epoch_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() > STALE_SESSION_AFTER {
+                        end_stale_session(&client).await;
+                        held_at_our_epoch_since = None;
+                    }
+                }
                 Err(e) => warn!(error = %e, "cannot re-take the lease yet"),
             }
             cancel.run_until_cancelled(tokio::time::sleep(delay)).await?;

@@ -25,7 +25,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Longest a statement of a pooled connection may run, and a transaction
 /// stay idle, before the server ends it.
-pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// TCP keepalive idle time: a connection to a database host that vanished
+/// (no reset, no FIN) is found dead in about a minute, not hours.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 
 /// How long a caller waits for a free pooled connection. Short, so that a
 /// database outage shows up as a fast, classified error instead of a hang.
@@ -50,6 +54,9 @@ pub enum DbError {
     /// A migration failed.
     #[error("migration failed: {0}")]
     Migration(#[from] refinery::Error),
+    /// The database did not answer in time.
+    #[error("the database did not answer within {0:?}")]
+    Timeout(Duration),
 }
 
 /// Parses `DATABASE_URL` (URL or `key=value` form).
@@ -88,6 +95,7 @@ pub fn pool(mut config: tokio_postgres::Config, size: usize) -> Pool {
     if config.get_application_name().is_none() {
         config.application_name("outbox");
     }
+    config.keepalives_idle(KEEPALIVE_IDLE);
     if config.get_options().is_none() {
         // A statement stuck on a lock, or a session left inside a
         // transaction, would hold a batch (and its locks) forever: let the
@@ -112,6 +120,11 @@ pub fn pool(mut config: tokio_postgres::Config, size: usize) -> Pool {
 
 /// Opens one connection outside any pool, driving it on a spawned task.
 pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DbError> {
+    let mut config = config.clone();
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    config.keepalives_idle(KEEPALIVE_IDLE);
     let (client, connection) = config.connect(NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {

@@ -628,17 +628,22 @@ impl Store {
                 if !slot.occupies() {
                     continue;
                 }
-                let data = slot.value.as_ref().map(|value| {
-                    let mut json = Vec::new();
-                    match value.write_json(&mut json).map(|()| serde_json::from_slice(&json)) {
-                        Ok(Ok(value)) => value,
-                        Ok(Err(e)) | Err(e) => {
-                            tracing::error!(kind = self.shared.kinds[kind].name, id = %id, error = %e,
-                                "an unwritten entity cannot be serialized for the spill file");
-                            serde_json::Value::Null
+                let data = match &slot.value {
+                    None => None,
+                    Some(value) => {
+                        let mut json = Vec::new();
+                        match value.write_json(&mut json).map(|()| serde_json::from_slice(&json)) {
+                            Ok(Ok(value)) => Some(value),
+                            Ok(Err(e)) | Err(e) => {
+                                // Written as null it would replay as a live
+                                // entity without data; it cannot be kept.
+                                tracing::error!(kind = self.shared.kinds[kind].name, id = %id, version = slot.version,
+                                    error = %e, "an unwritten entity cannot be serialized; it is left out of the spill file");
+                                continue;
+                            }
                         }
                     }
-                });
+                };
                 records.push(SpillRecord {
                     kind: self.shared.kinds[kind].name.to_owned(),
                     id: id.to_string(),

@@ -37,6 +37,7 @@ use tracing::{debug, error, info, info_span, warn};
 use crate::metrics as m;
 use crate::outbox::{Batch, DirtyRecord, OutboxReceiver, Quarantined, TicketError};
 use crate::pg;
+use crate::pg::DbError;
 use crate::pg::dead_letters::{self, NewDeadLetter};
 use crate::pg::lease::{Lease, LeaseState};
 use crate::pg::upsert::{self, Encoded, WriteError};
@@ -49,7 +50,7 @@ const GAUGE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Longest one flush attempt may take before it is given up and retried:
 /// past the server's own statement timeout.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(pg::STATEMENT_TIMEOUT.as_secs() * 2);
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(pg::STATEMENT_TIMEOUT.as_secs() + 5);
 
 /// Batches a writer holds at once: the one it writes and the next.
 const WRITER_DEPTH: usize = 2;
@@ -285,6 +286,19 @@ impl Coordinator {
         let mut last_gauges = Instant::now() - GAUGE_INTERVAL;
         let gauges = m::OutboxGauges::new();
         loop {
+            if self.writers.iter().any(|writer| writer.is_closed()) {
+                // A writer ends only when the drain deadline aborts it, or
+                // if it panicked: either way its batches will not complete.
+                // Changes are refused from now on rather than accepted into
+                // a store nothing writes; what is pending is reported (and
+                // spilled) when the server stops.
+                if !self.store.is_closed() {
+                    error!("a writer has stopped; the worker stops and the store refuses changes");
+                    self.store.close();
+                }
+                gauges.refresh(&self.store.outbox());
+                return;
+            }
             let now = Instant::now();
             if now.duration_since(last_gauges) >= GAUGE_INTERVAL {
                 gauges.refresh(&self.store.outbox());
@@ -659,21 +673,40 @@ impl Writer {
         }
         let mut delay = RETRY_MIN_DELAY;
         loop {
-            match dead_letters::record(&self.pool, &letters).await {
-                Ok(()) => {
+            let recorded = tokio::select! {
+                recorded = tokio::time::timeout(ATTEMPT_TIMEOUT, dead_letters::record(&self.pool, &letters)) => recorded,
+                _ = self.abort.cancelled() => return Err(()),
+            };
+            let error = match recorded {
+                Ok(Ok(())) => {
                     if let Ok(count) = dead_letters::count_unresolved(&self.pool).await {
                         m::dead_letters_unresolved(count);
                     }
                     return Ok(());
                 }
-                Err(e) => {
-                    error!(error = %e, records = letters.len(), "cannot write dead letters; retrying");
-                    if self.abort.run_until_cancelled(tokio::time::sleep(delay)).await.is_none() {
-                        return Err(());
-                    }
-                    delay = (delay * 2).min(self.retry_max_delay);
+                Ok(Err(e)) => e,
+                Err(_) => DbError::Timeout(ATTEMPT_TIMEOUT),
+            };
+            let permanent = match &error {
+                DbError::Postgres(e) => classify_postgres(e).class == ErrorClass::Permanent,
+                _ => false,
+            };
+            if permanent && letters.iter().any(|l| l.payload.is_some()) {
+                // The payload itself is refused (it is what the database
+                // refused in the first place): keep the dead letters without
+                // it rather than never keeping them.
+                error!(error = %error, records = letters.len(), "dead-letter payloads are refused too; recording them without payload");
+                for letter in &mut letters {
+                    letter.payload = None;
+                    letter.message = format!("{} (payload not storable: {error})", letter.message);
                 }
+                continue;
             }
+            error!(error = %error, records = letters.len(), "cannot write dead letters; retrying");
+            if self.abort.run_until_cancelled(tokio::time::sleep(delay)).await.is_none() {
+                return Err(());
+            }
+            delay = (delay * 2).min(self.retry_max_delay);
         }
     }
 }
