@@ -59,6 +59,10 @@ const TUNED_BATCH: usize = 5000;
 /// Rows the one-row-per-transaction writers (a, b) write per run: the same
 /// rows' first ones (their rate is what is compared).
 const SLOW_ROWS: usize = 10_000;
+/// The load generator's connections: enough to keep both cores busy (under
+/// 10 % idle) with persistence on or off, so throughput is the server's
+/// capacity on this machine rather than a round-trip latency.
+const HTTP_CONNECTIONS: usize = 128;
 /// Concurrent requests of the old system's pattern and of write-through.
 const REQUEST_CONCURRENCY: usize = 16;
 /// Items hydrated in P5.
@@ -508,7 +512,7 @@ fn load(server: &Server, rate: Option<u64>, seconds: u64, lag_every: Option<Dura
         target: server.url(""),
         rate,
         duration: Duration::from_secs(seconds),
-        connections: 32,
+        connections: HTTP_CONNECTIONS,
         durable: false,
         lag_every,
         progress: false,
@@ -520,6 +524,98 @@ struct Http {
     on: Vec<LoadReport>,
     off: Vec<LoadReport>,
     ratio: Runs,
+    /// CPU used during each run, as shares of the machine's cores.
+    cpu_on: Vec<CpuShares>,
+    cpu_off: Vec<CpuShares>,
+}
+
+/// Where the machine's CPU went during a run, each as a share of all cores.
+#[derive(Clone, Copy, Default)]
+struct CpuShares {
+    postgres: f64,
+    server: f64,
+    load_generator: f64,
+    /// The machine's idle time (`/proc/stat`: idle and iowait).
+    idle: f64,
+}
+
+/// CPU seconds (user + system) used so far by each party of a run.
+struct CpuSample {
+    at: Instant,
+    postgres: f64,
+    server: f64,
+    load_generator: f64,
+    /// Ticks of the whole machine: idle (with iowait), and all.
+    idle_ticks: u64,
+    all_ticks: u64,
+}
+
+/// The machine's (idle + iowait, all) ticks from the first line of `/proc/stat`.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> =
+        stat.lines().next().unwrap_or_default().split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already counted in user).
+    let all = fields.iter().take(8).sum();
+    (fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0), all)
+}
+
+/// Fields 14–17 of `/proc/PID/stat` (utime, stime, cutime, cstime), in
+/// clock ticks, and the parent's pid (field 4).
+fn proc_times(pid: i32) -> Option<(i32, [u64; 4])> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields resume after ')'.
+    let rest: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+    let field = |n: usize| rest.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+    Some((field(4)? as i32, [field(14)?, field(15)?, field(16)?, field(17)?]))
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+impl CpuSample {
+    /// PostgreSQL's CPU is the postmaster's own, its reaped children's
+    /// (backends that ended), and its live children's.
+    fn take(postmaster: i32, server: i32) -> CpuSample {
+        let ticks = clock_ticks();
+        let own = |pid: i32| proc_times(pid).map_or(0.0, |(_, t)| (t[0] + t[1]) as f64 / ticks);
+        let mut postgres = proc_times(postmaster).map_or(0.0, |(_, t)| t.iter().sum::<u64>() as f64 / ticks);
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            if let Some((parent, t)) = proc_times(pid)
+                && parent == postmaster
+            {
+                postgres += (t[0] + t[1]) as f64 / ticks;
+            }
+        }
+        let (idle_ticks, all_ticks) = machine_ticks();
+        CpuSample {
+            at: Instant::now(),
+            postgres,
+            server: own(server),
+            load_generator: own(std::process::id() as i32),
+            idle_ticks,
+            all_ticks,
+        }
+    }
+
+    fn shares_since(&self, before: &CpuSample) -> CpuShares {
+        let capacity = self.at.duration_since(before.at).as_secs_f64()
+            * std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        CpuShares {
+            postgres: (self.postgres - before.postgres) / capacity,
+            server: (self.server - before.server) / capacity,
+            load_generator: (self.load_generator - before.load_generator) / capacity,
+            idle: (self.idle_ticks - before.idle_ticks) as f64 / (self.all_ticks - before.all_ticks).max(1) as f64,
+        }
+    }
 }
 
 async fn http(bench: &Bench) -> Http {
@@ -529,13 +625,29 @@ async fn http(bench: &Bench) -> Http {
             eprintln!("P3 run {}/{RUNS}, persistence {}", run + 1, if persist { "on" } else { "off" });
             bench.reset().await;
             let server = Server::start(bench, &[("OUTBOX_BENCH_DISCARD_WRITES", (!persist).to_string())]).await;
+            let postmaster = bench.postgres.pid().expect("the bench PostgreSQL runs");
+            let before = CpuSample::take(postmaster, server.pid());
             let report = outbox::loadgen::run(&load(&server, None, 8, None)).await.expect("load");
+            let cpu = CpuSample::take(postmaster, server.pid()).shares_since(&before);
             server.stop();
             eprintln!(
-                "  {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
-                report.throughput, report.latency.p50, report.latency.p99, report.errors
+                "  {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors; CPU: PostgreSQL {:.0} %, server {:.0} %, load generator {:.0} %, idle {:.0} %",
+                report.throughput,
+                report.latency.p50,
+                report.latency.p99,
+                report.errors,
+                cpu.postgres * 100.0,
+                cpu.server * 100.0,
+                cpu.load_generator * 100.0,
+                cpu.idle * 100.0
             );
-            if persist { h.on.push(report) } else { h.off.push(report) }
+            if persist {
+                h.on.push(report);
+                h.cpu_on.push(cpu);
+            } else {
+                h.off.push(report);
+                h.cpu_off.push(cpu);
+            }
         }
         h.ratio.push(h.on[run].throughput / h.off[run].throughput);
     }
@@ -867,7 +979,7 @@ fn report(
     let _ = writeln!(w, "## P3: HTTP throughput, persistence on vs off\n");
     let _ = writeln!(
         w,
-        "Method: the release binary serving `POST /api/items` with its defaults, driven by `outbox loadgen`'s code (32 connections, open loop, 8 s), persistence on, then off (`OUTBOX_BENCH_DISCARD_WRITES=true`: the worker takes batches and writes nothing), alternating, each run on a fresh server and an empty table. Latency is measured from send to answer.\n"
+        "Method: the release binary serving `POST /api/items` with its defaults, driven by `outbox loadgen`'s code ({HTTP_CONNECTIONS} connections, each sending its next request when the last is answered, 8 s), persistence on, then off (`OUTBOX_BENCH_DISCARD_WRITES=true`: the worker takes batches and writes nothing), alternating, each run on a fresh server and an empty table. Latency is measured from send to answer.\n"
     );
     let _ = writeln!(w, "| | req/s | p50 ms | p99 ms |\n|---|---|---|---|");
     for (name, reports) in [("persistence on", &p3.on), ("persistence off", &p3.off)] {
@@ -877,6 +989,31 @@ fn report(
         let _ = writeln!(w, "| {name} | {} | {} | {} |", fmt3(&t, 0), fmt3(&p50, 2), fmt3(&p99, 2));
     }
     let _ = writeln!(w, "\nRatio on/off per pair of runs: {} (target ≥ 0.85).\n", fmt3(&p3.ratio, 2));
+    let _ = writeln!(
+        w,
+        "Where the CPU went (share of all cores over each run's load, from `/proc`: PostgreSQL is the postmaster and all its backends; the load generator is the benchmark process; everything else is the rest of the machine, kernel and hypervisor steal included):\n"
+    );
+    let _ = writeln!(
+        w,
+        "| | PostgreSQL | server | load generator | everything else | idle | server CPU per request (µs) |\n|---|---|---|---|---|---|---|"
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    for (name, shares, reports) in [("persistence on", &p3.cpu_on, &p3.on), ("persistence off", &p3.cpu_off, &p3.off)] {
+        let pct = |f: fn(&CpuShares) -> f64| -> Runs { shares.iter().map(|s| f(s) * 100.0).collect() };
+        let per_request: Runs =
+            shares.iter().zip(reports.iter()).map(|(s, r)| s.server * cores / r.throughput * 1e6).collect();
+        let _ = writeln!(
+            w,
+            "| {name} | {} % | {} % | {} % | {} % | {} % | {} |",
+            fmt3(&pct(|s| s.postgres), 0),
+            fmt3(&pct(|s| s.server), 0),
+            fmt3(&pct(|s| s.load_generator), 0),
+            fmt3(&pct(|s| 1.0 - s.idle - s.postgres - s.server - s.load_generator), 0),
+            fmt3(&pct(|s| s.idle), 0),
+            fmt3(&per_request, 1)
+        );
+    }
+    let _ = writeln!(w);
 
     let _ = writeln!(w, "## P4: lag under load\n");
     let _ = writeln!(
