@@ -571,13 +571,17 @@ fn proc_times(pid: i32) -> Option<(i32, [u64; 4])> {
     Some((field(4)? as i32, [field(14)?, field(15)?, field(16)?, field(17)?]))
 }
 
+/// Clock ticks per second (`getconf CLK_TCK`), asked once.
 fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 impl CpuSample {

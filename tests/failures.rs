@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ServerProcess, dedicated_postgres, fresh_db, http, poll_until, scratch_dir};
+use common::{ServerProcess, TestDb, dedicated_postgres, fresh_db, http, poll_until, scratch_dir};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
@@ -394,6 +394,19 @@ async fn shutdown_with_the_database_down_spills_and_the_next_start_replays() {
     assert_eq!(database, memory_items(&server).await);
 }
 
+/// Starts the server on `db` and `data_dir`, expecting start-up to fail
+/// (within 30 s, non-zero); returns what it wrote to stderr.
+async fn start_up_failure(db: &TestDb, data_dir: &Path) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .env("DATABASE_URL", db.url())
+        .env("OUTBOX_DATA_DIR", data_dir)
+        .env("OUTBOX_LISTEN", "127.0.0.1:0")
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(30), output).await.expect("start-up stops").unwrap();
+    assert!(!output.status.success(), "start-up fails");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_corrupt_spill_file_stops_start_up_and_is_kept() {
     let db = fresh_db("corrupt").await;
@@ -410,14 +423,7 @@ async fn a_corrupt_spill_file_stops_start_up_and_is_kept() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() * 2 / 3]).unwrap();
 
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
-        .env("DATABASE_URL", db.url())
-        .env("OUTBOX_DATA_DIR", &data_dir)
-        .env("OUTBOX_LISTEN", "127.0.0.1:0")
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(30), output).await.expect("start-up stops").unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
+    let stderr = start_up_failure(&db, &data_dir).await;
     assert!(stderr.contains("corrupt") && stderr.contains(&path.display().to_string()), "a clear error: {stderr}");
     assert!(path.exists(), "the corrupt spill file is kept");
 }
@@ -441,14 +447,7 @@ async fn a_spill_file_the_database_refuses_stops_start_up_and_is_kept() {
     };
     let path = outbox::outbox::spill::write(&data_dir.join("spill"), "test", &[record]).unwrap();
 
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
-        .env("DATABASE_URL", db.url())
-        .env("OUTBOX_DATA_DIR", &data_dir)
-        .env("OUTBOX_LISTEN", "127.0.0.1:0")
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(30), output).await.expect("start-up stops").unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
+    let stderr = start_up_failure(&db, &data_dir).await;
     assert!(
         stderr.contains("refuses its records") && stderr.contains(&path.display().to_string()),
         "a clear error: {stderr}"
@@ -467,15 +466,7 @@ async fn kill_9_under_change_set_load_leaves_no_half_change_set() {
     server.wait_ready(Duration::from_secs(30)).await;
     let mut circuits = Vec::new();
     for name in ["a", "b", "c", "d"] {
-        let circuit: Value = http()
-            .post(server.url("/api/circuits"))
-            .json(&json!({"name": name}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let circuit: Value = server.send_json(reqwest::Method::POST, "/api/circuits", &json!({"name": name})).await;
         circuits.push(circuit["id"].as_str().unwrap().to_owned());
     }
     let mut items = Vec::new();

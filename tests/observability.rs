@@ -324,15 +324,13 @@ async fn metric_values_follow_what_happens() {
     const N: usize = 37;
     let mut dfids = Vec::new();
     for i in 0..N {
-        let item: Value = http()
-            .post(server.url("/api/items"))
-            .json(&json!({"identifiers": [{"key": "n", "value": i.to_string()}]}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let item: Value = server
+            .send_json(
+                reqwest::Method::POST,
+                "/api/items",
+                &json!({"identifiers": [{"key": "n", "value": i.to_string()}]}),
+            )
+            .await;
         dfids.push(item["dfid"].as_str().unwrap().to_owned());
     }
     drained(&server).await;
@@ -341,15 +339,9 @@ async fn metric_values_follow_what_happens() {
     assert_eq!(value(&after, mutations) - value(&before, mutations), N as f64);
 
     // A create and five updates within one linger: six changes, one row.
-    let item: Value = http()
-        .post(server.url("/api/items"))
-        .json(&json!({"identifiers": [{"key": "hot", "value": "1"}]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let item: Value = server
+        .send_json(reqwest::Method::POST, "/api/items", &json!({"identifiers": [{"key": "hot", "value": "1"}]}))
+        .await;
     let hot = item["dfid"].as_str().unwrap();
     for n in 0..5 {
         http()

@@ -380,7 +380,7 @@ impl Coordinator {
 
             if draining && outstanding.iter().all(|n| *n == 0) {
                 let depth = self.store.outbox().depth;
-                if depth == 0 || self.writers_aborted() {
+                if depth == 0 {
                     gauges.refresh(&self.store.outbox());
                     return;
                 }
@@ -404,10 +404,6 @@ impl Coordinator {
                 }
             }
         }
-    }
-
-    fn writers_aborted(&self) -> bool {
-        self.writers.iter().all(|w| w.is_closed())
     }
 }
 

@@ -218,6 +218,13 @@ impl ServerProcess {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// Sends `body` as JSON to `path` with `method` and returns the
+    /// answer's JSON body.
+    pub async fn send_json(&self, method: reqwest::Method, path: &str, body: &serde_json::Value) -> serde_json::Value {
+        let answer = http().request(method, self.url(path)).json(body).send().await.expect("send the request");
+        answer.json().await.expect("a JSON answer")
+    }
+
     /// The process id.
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
