@@ -195,7 +195,7 @@ fn random_change(store: &Store, rng: &mut Rng, ids: u64) {
                     set.delete::<Doc>(&id)?;
                 }
                 let id = tag_id(rng);
-                if set.contains::<Tag>(&id) && n % 3 == 0 {
+                if set.contains::<Tag>(&id) && n.is_multiple_of(3) {
                     set.delete::<Tag>(&id)?;
                 }
             }

@@ -47,3 +47,13 @@ ensure_promtool() {
     echo "promtool/prometheus not found; installing prometheus" >&2
     apt_install prometheus && have_prometheus
 }
+
+# cargo-audit (`cargo audit`), built from crates.io into cargo's bin folder
+# (~/.cargo/bin), so that later runs find it and build nothing.
+ensure_cargo_audit() {
+    if cargo audit --version >/dev/null 2>&1; then
+        return 0
+    fi
+    echo "cargo-audit not found; installing it (cargo install --locked cargo-audit)" >&2
+    cargo install --locked cargo-audit && cargo audit --version >/dev/null
+}
