@@ -43,6 +43,9 @@ pub const RETRIES_TOTAL: &str = "outbox_retries_total";
 pub const DEAD_LETTERS_TOTAL: &str = "outbox_dead_letters_total";
 /// Unresolved dead letters.
 pub const DEAD_LETTERS: &str = "outbox_dead_letters";
+/// Rows left unwritten because the database held an equal or newer version
+/// this process did not write, by entity kind.
+pub const CONFLICTS_TOTAL: &str = "outbox_conflicts_total";
 /// 1 when the last attempt reached the database.
 pub const DB_UP: &str = "outbox_db_up";
 /// Records written to the spill file.
@@ -125,6 +128,10 @@ fn describe() {
     describe_counter!(RETRIES_TOTAL, "Retries of failed batches scheduled.");
     describe_counter!(DEAD_LETTERS_TOTAL, "Records quarantined in outbox_dead_letters.");
     describe_gauge!(DEAD_LETTERS, "Unresolved dead letters.");
+    describe_counter!(
+        CONFLICTS_TOTAL,
+        "Rows not written because the database held an equal or newer version this process did not write; quarantined as conflicts."
+    );
     describe_gauge!(DB_UP, "1 when the last attempt reached the database, 0 otherwise.");
     describe_counter!(SPILLED_TOTAL, "Records written to the spill file at shutdown.");
     describe_gauge!(HYDRATED_ENTITIES, "Entities loaded from PostgreSQL at start-up.");
@@ -229,9 +236,27 @@ pub(crate) fn spilled(records: usize) {
     metrics::counter!(SPILLED_TOTAL).increment(records as u64);
 }
 
+/// The `method` label of an HTTP request: the standard methods by name,
+/// anything else `other`, so that a client cannot create series at will.
+pub fn method_label(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "OPTIONS" => "OPTIONS",
+        "CONNECT" => "CONNECT",
+        "TRACE" => "TRACE",
+        _ => "other",
+    }
+}
+
 /// An HTTP request was answered.
 pub(crate) fn http_request(method: &str, route: &str, status: u16, elapsed: Duration) {
-    let labels = [("method", method.to_owned()), ("route", route.to_owned()), ("status", status.to_string())];
+    let labels =
+        [("method", method_label(method).to_owned()), ("route", route.to_owned()), ("status", status.to_string())];
     metrics::counter!(HTTP_REQUESTS_TOTAL, &labels).increment(1);
     metrics::histogram!(HTTP_REQUEST_DURATION, &labels).record(elapsed.as_secs_f64());
 }

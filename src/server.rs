@@ -184,6 +184,7 @@ async fn serve(
             spill_dir: Some(config.spill_dir()),
             lease: true,
             holder: crate::engine::default_holder(),
+            wait_for_lease: true,
         };
         let progress = |step: &str| readiness.set(Phase::Starting(step.to_owned()));
         Ok(Engine::start(store, receiver, pool.clone(), &database.config, engine_config, &shutdown, &progress)

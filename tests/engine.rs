@@ -144,7 +144,8 @@ async fn start(db: &TestDb, builder: StoreBuilder, worker: WorkerConfig) -> Engi
     let pool = outbox::pg::pool(db.config.clone(), 8);
     outbox::pg::migrate(&pool).await.expect("migrations");
     let (store, receiver) = builder.build();
-    let config = EngineConfig { worker, spill_dir: None, lease: true, holder: "engine-test".into() };
+    let config =
+        EngineConfig { worker, spill_dir: None, lease: true, holder: "engine-test".into(), wait_for_lease: true };
     let (engine, _) = Engine::start(store, receiver, pool, &db.config, config, &CancellationToken::new(), &|_| {})
         .await
         .expect("start the engine")
@@ -533,47 +534,75 @@ async fn sigterm_right_after_writes_drains_every_acknowledged_change() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_entity_whose_json_postgresql_refuses_is_dead_lettered_without_its_payload() {
+async fn a_payload_jsonb_refuses_is_kept_as_text_and_other_dead_letters_keep_theirs() {
     let db = fresh_db("nul").await;
     create_tables(&db, &["docs"]).await;
+    db.connect()
+        .await
+        .batch_execute("ALTER TABLE docs ADD CONSTRAINT no_poison CHECK (data->>'body' <> 'poison')")
+        .await
+        .unwrap();
     let engine = start(&db, Store::builder().kind::<Doc>(), config(1000, 1)).await;
     let store = engine.store().clone();
     let mut tickets = Vec::new();
     for i in 0..50u64 {
-        // jsonb refuses the NUL character (\u0000): the row, and a dead
-        // letter carrying it as payload, can never be stored.
-        let body = if i == 17 { "nul \0 inside".to_owned() } else { "fine".to_owned() };
+        // jsonb refuses the NUL character (\u0000): the row, and its dead
+        // letter's payload as jsonb, can never be stored. Another row of the
+        // same batch is refused by a check.
+        let body = match i {
+            17 => "nul \0 inside".to_owned(),
+            33 => "poison".to_owned(),
+            _ => "fine".to_owned(),
+        };
         let ((), ticket) =
             store.apply_durable(|set| set.insert(Doc { id: format!("d{i}"), body, n: i }).map(|_| ())).unwrap();
         tickets.push(ticket);
     }
     for (i, ticket) in tickets.into_iter().enumerate() {
         let outcome = tokio::time::timeout(Duration::from_secs(30), ticket.wait()).await.expect("ticket resolves");
-        if i == 17 {
+        if i == 17 || i == 33 {
             let error = outcome.expect_err("the refused entity is quarantined");
-            assert!(matches!(error, outbox::outbox::TicketError::Quarantined { ref id, .. } if id == "d17"), "{error}");
+            let name = format!("d{i}");
+            assert!(matches!(error, outbox::outbox::TicketError::Quarantined { ref id, .. } if *id == name), "{error}");
         } else {
             outcome.expect("the others commit");
         }
     }
     let rows = db_rows(&db, "docs").await;
-    assert_eq!(rows.len(), 49, "every other row committed");
+    assert_eq!(rows.len(), 48, "every other row committed");
     assert!(!rows.contains_key("d17"));
     assert_eq!(store.get::<Doc>("d17").expect("still live in memory").body, "nul \0 inside");
 
     let pool = outbox::pg::pool(db.config.clone(), 2);
     let letters = outbox::pg::dead_letters::list_unresolved(&pool, 10).await.expect("list");
-    assert_eq!(letters.len(), 1, "{letters:?}");
-    let letter = &letters[0];
-    assert_eq!((letter.kind.as_str(), letter.entity_id.as_str(), letter.version), ("doc", "d17", 1));
-    assert_eq!(letter.payload, None, "the payload the database refuses is left out");
-    assert!(letter.message.contains("payload not storable"), "{}", letter.message);
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    let nul = letters.iter().find(|l| l.entity_id == "d17").unwrap();
+    assert_eq!((nul.kind.as_str(), nul.version), ("doc", 1));
+    assert_eq!(nul.payload.as_ref().unwrap()["body"], "nul \0 inside", "the payload jsonb refuses is kept as text");
+    let poison = letters.iter().find(|l| l.entity_id == "d33").unwrap();
+    assert_eq!(poison.payload.as_ref().unwrap()["body"], "poison", "the other dead letter keeps its payload");
+    let stored: (bool, bool) = db
+        .connect()
+        .await
+        .query_one("SELECT payload IS NULL, payload_text IS NULL FROM outbox_dead_letters WHERE entity_id = 'd33'", &[])
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(stored, (false, true), "stored as jsonb");
+
+    // After a restart, memory holds the quarantined state again.
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+    let engine = start(&db, Store::builder().kind::<Doc>(), config(1000, 1)).await;
+    let store = engine.store().clone();
+    let restored = store.get::<Doc>("d17").expect("restored from the dead letter");
+    assert_eq!((restored.body.as_str(), restored.version), ("nul \0 inside", 1));
+    assert_eq!(store.quarantined(), 2);
 
     // A corrected version commits and resolves the dead letter.
     let ((), ticket) =
         store.apply_durable(|set| set.update::<Doc>("d17", |d| d.body = "clean".into()).map(|_| ())).unwrap();
     tokio::time::timeout(Duration::from_secs(30), ticket.wait()).await.expect("resolves").expect("commits");
-    assert_eq!(outbox::pg::dead_letters::count_unresolved(&pool).await.unwrap(), 0);
-    assert_eq!(db_rows(&db, "docs").await.len(), 50);
+    assert_eq!(outbox::pg::dead_letters::count_unresolved(&pool).await.unwrap(), 1, "d33's stays");
+    assert_eq!(db_rows(&db, "docs").await.len(), 49);
     assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
 }

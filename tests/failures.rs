@@ -258,18 +258,27 @@ async fn poison_records_are_quarantined_and_operators_resolve_them() {
     assert!(resolution.is_some_and(|r| r.starts_with("superseded")), "the newer version resolved the dead letter");
 
     client.batch_execute("ALTER TABLE items DROP CONSTRAINT no_poison").await.unwrap();
-    // Replay over HTTP and through the CLI; discard over HTTP and the CLI.
-    let replayed = http().post(replay_url(id_of(&poisoned[0]))).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
-    assert_eq!(replayed.status(), 200);
+    // While a server holds the lease, the CLI does not write entities: it
+    // says to use the server's admin API.
     let (ok, _, err) = outbox_cli(&db.url(), &data_dir, &["dead-letters", "replay", &id_of(&poisoned[1]).to_string()]);
-    assert!(ok, "{err}");
-    let discard_url = server.url(&format!("/api/admin/dead-letters/{}", id_of(&poisoned[3])));
-    assert_eq!(http().delete(&discard_url).bearer_auth(ADMIN_TOKEN).send().await.unwrap().status(), 200);
-    assert_eq!(http().delete(&discard_url).bearer_auth(ADMIN_TOKEN).send().await.unwrap().status(), 404);
+    assert!(!ok && err.contains("admin API") && err.contains("/replay"), "the CLI refuses while a holder runs: {err}");
     let (ok, _, err) = outbox_cli(&db.url(), &data_dir, &["dead-letters", "discard", &id_of(&poisoned[4]).to_string()]);
-    assert!(ok, "{err}");
-    let (ok, _, err) = outbox_cli(&db.url(), &data_dir, &["dead-letters", "discard", "999999"]);
-    assert!(!ok && err.contains("999999"), "a missing dead letter is a clear error: {err}");
+    assert!(!ok && err.contains("admin API"), "{err}");
+    // Replay and discard over HTTP, through the holder's store.
+    for dfid in [&poisoned[0], &poisoned[1]] {
+        let replayed = http().post(replay_url(id_of(dfid))).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+        assert_eq!(replayed.status(), 200);
+        let body: Value = replayed.json().await.unwrap();
+        assert_eq!(body["dead_letters"][0]["resolution"], "replayed", "{body}");
+    }
+    for dfid in [&poisoned[3], &poisoned[4]] {
+        let discard_url = server.url(&format!("/api/admin/dead-letters/{}", id_of(dfid)));
+        assert_eq!(http().delete(&discard_url).bearer_auth(ADMIN_TOKEN).send().await.unwrap().status(), 200);
+        assert_eq!(http().delete(&discard_url).bearer_auth(ADMIN_TOKEN).send().await.unwrap().status(), 404);
+        // Memory reverted to what the database holds: nothing.
+        let read = http().get(server.url(&format!("/api/items/{dfid}"))).send().await.unwrap();
+        assert_eq!(read.status(), 404, "a discarded create is gone from memory too");
+    }
 
     let database = database_items(&client).await;
     for dfid in &poisoned[..3] {
@@ -283,12 +292,27 @@ async fn poison_records_are_quarantined_and_operators_resolve_them() {
         !database.contains_key(&poisoned[3]) && !database.contains_key(&poisoned[4]),
         "discarded records stay unwritten"
     );
-    let unresolved: i64 = client
-        .query_one("SELECT count(*) FROM outbox_dead_letters WHERE resolved_at IS NULL", &[])
+    let unresolved = client.query("SELECT id FROM outbox_dead_letters WHERE resolved_at IS NULL", &[]).await.unwrap();
+    assert_eq!(unresolved.len(), 1, "only the durable request's record is left");
+
+    // With no server running, the CLI takes the lease and replays through
+    // a store of its own.
+    let mut server = server;
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait(Duration::from_secs(30)).success());
+    let last = unresolved[0].get::<_, i64>(0);
+    let (ok, out, err) = outbox_cli(&db.url(), &data_dir, &["dead-letters", "replay", &last.to_string()]);
+    assert!(ok, "{err}");
+    let resolved: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(resolved[0]["resolution"], "replayed", "{resolved}");
+    let (ok, _, err) = outbox_cli(&db.url(), &data_dir, &["dead-letters", "discard", "999999"]);
+    assert!(!ok && err.contains("999999"), "a missing dead letter is a clear error: {err}");
+    let written: i64 = client
+        .query_one("SELECT count(*) FROM items WHERE data->'enriched_data'->>'poison' = 'yes'", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(unresolved, 1, "only the durable request's record is left");
+    assert_eq!(written, 3, "the replayed poisoned creates (two, and the durable one) are in the table");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -377,7 +401,8 @@ async fn shutdown_with_the_database_down_spills_and_the_next_start_replays() {
     let files = outbox::outbox::spill::list(&spill_dir).unwrap();
     assert_eq!(files.len(), 1, "one spill file");
     let spilled = outbox::outbox::spill::read(&files[0]).unwrap();
-    assert!(spilled.len() >= acknowledged.len());
+    assert!(spilled.records.len() >= acknowledged.len());
+    assert!(spilled.records.iter().all(|r| r.base.is_some() && r.group.is_some()), "records carry base and group");
 
     std::thread::scope(|s| s.spawn(|| postgres.restart()).join().unwrap()).expect("start PostgreSQL");
     let server = start(&url, &data_dir, &[]);
@@ -416,10 +441,12 @@ async fn a_corrupt_spill_file_stops_start_up_and_is_kept() {
         kind: "item".into(),
         id: "DFID-x".into(),
         version: 3,
+        base: Some(0),
+        group: Some(1),
         deleted: false,
-        data: Some(json!({"dfid": "DFID-x"})),
+        data: Some(serde_json::value::to_raw_value(&json!({"dfid": "DFID-x"})).unwrap()),
     };
-    let path = outbox::outbox::spill::write(&spill_dir, "test", &[record.clone(), record]).unwrap();
+    let (path, _) = outbox::outbox::spill::write(&spill_dir, "test", None, [record.clone(), record]).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() * 2 / 3]).unwrap();
 
@@ -428,34 +455,150 @@ async fn a_corrupt_spill_file_stops_start_up_and_is_kept() {
     assert!(path.exists(), "the corrupt spill file is kept");
 }
 
+/// An item as the reference service stores it, for hand-made spill files.
+fn item_json(dfid: &str, note: &str) -> Value {
+    json!({
+        "dfid": dfid, "status": "active", "identifiers": [{"key": "n", "value": dfid}], "circuits": [],
+        "enriched_data": {"note": note},
+        "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z",
+    })
+}
+
+fn spill_record(
+    dfid: &str,
+    version: u64,
+    base: u64,
+    group: u64,
+    data: Option<Value>,
+) -> outbox::outbox::spill::SpillRecord {
+    outbox::outbox::spill::SpillRecord {
+        kind: "item".into(),
+        id: dfid.into(),
+        version,
+        base: Some(base),
+        group: Some(group),
+        deleted: data.is_none(),
+        data: data.map(|d| serde_json::value::to_raw_value(&d).unwrap()),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn a_spill_file_the_database_refuses_stops_start_up_and_is_kept() {
+async fn a_refused_spill_record_is_quarantined_and_the_rest_replays() {
     let db = fresh_db("refused-spill").await;
     let data_dir = scratch_dir("refused-spill");
-    // Well-formed JSON that jsonb can never store (the NUL character).
-    let data = json!({
-        "dfid": "DFID-nul", "status": "active", "identifiers": [], "circuits": [],
-        "enriched_data": {"note": "nul \u{0} inside"},
-        "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z",
-    });
-    let record = outbox::outbox::spill::SpillRecord {
-        kind: "item".into(),
-        id: "DFID-nul".into(),
-        version: 2,
-        deleted: false,
-        data: Some(data),
-    };
-    let path = outbox::outbox::spill::write(&data_dir.join("spill"), "test", &[record]).unwrap();
+    // Well-formed JSON that jsonb can never store (the NUL character), in a
+    // group of two, beside two healthy groups.
+    let records = vec![
+        spill_record("DFID-ok-1", 1, 0, 1, Some(item_json("DFID-ok-1", "fine"))),
+        spill_record("DFID-nul", 2, 0, 2, Some(item_json("DFID-nul", "nul \u{0} inside"))),
+        spill_record("DFID-with-nul", 1, 0, 2, Some(item_json("DFID-with-nul", "same change set"))),
+        spill_record("DFID-ok-2", 4, 0, 3, Some(item_json("DFID-ok-2", "fine too"))),
+    ];
+    let (path, _) = outbox::outbox::spill::write(&data_dir.join("spill"), "test", Some(1), records).unwrap();
 
-    let stderr = start_up_failure(&db, &data_dir).await;
-    assert!(
-        stderr.contains("refuses its records") && stderr.contains(&path.display().to_string()),
-        "a clear error: {stderr}"
-    );
-    assert!(path.exists(), "the refused spill file is kept");
+    let server = start(&db.url(), &data_dir, &[]);
+    server.wait_ready(Duration::from_secs(30)).await;
+    assert!(!path.exists(), "the replayed spill file is removed");
     let client = db.connect().await;
-    let rows: i64 = client.query_one("SELECT count(*) FROM items", &[]).await.unwrap().get(0);
-    assert_eq!(rows, 0, "nothing of it was written");
+    let database = database_items(&client).await;
+    assert_eq!(
+        database.keys().cloned().collect::<Vec<_>>(),
+        ["DFID-ok-1", "DFID-ok-2"],
+        "the healthy groups are written"
+    );
+    let letters = client
+        .query("SELECT entity_id, cause, payload IS NULL AND payload_text IS NOT NULL, quarantine_id FROM outbox_dead_letters WHERE resolved_at IS NULL ORDER BY entity_id", &[])
+        .await
+        .unwrap();
+    let seen: Vec<(String, bool, bool)> = letters.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(
+        seen,
+        [("DFID-nul".to_owned(), true, true), ("DFID-with-nul".to_owned(), false, false)],
+        "the refused group is quarantined whole, the refused record named, its payload kept as text"
+    );
+    assert_eq!(letters[0].get::<_, i64>(3), letters[1].get::<_, i64>(3), "one quarantine id links the set");
+    // Memory holds the quarantined set, as before the restart.
+    let read: Value = http().get(server.url("/api/items/DFID-with-nul")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(read["version"], 1, "{read}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spill_never_overwrites_what_another_holder_wrote() {
+    let db = fresh_db("fenced-spill").await;
+    let data_dir = scratch_dir("fenced-spill");
+    let server = start(&db.url(), &data_dir, &[]);
+    server.wait_ready(Duration::from_secs(30)).await;
+    let mut dfids = Vec::new();
+    for i in 0..4 {
+        let item: Value = create_item(&server, &format!("x{i}"), Value::Null).await.json().await.unwrap();
+        dfids.push(item["dfid"].as_str().unwrap().to_owned());
+    }
+    wait_drained(&server, Duration::from_secs(10)).await;
+    let mut server = server;
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait(Duration::from_secs(30)).success());
+    // Each item is at version 1. What a process that lost the lease would
+    // spill, believing the database at version 1 (its base) ...
+    let spilled = vec![
+        spill_record(&dfids[0], 10, 1, 1, Some(item_json(&dfids[0], "zombie"))),
+        spill_record(&dfids[1], 10, 1, 2, Some(item_json(&dfids[1], "zombie, would resurrect"))),
+        spill_record(&dfids[2], 2, 1, 3, Some(item_json(&dfids[2], "zombie, lower"))),
+        spill_record(&dfids[3], 2, 1, 4, Some(item_json(&dfids[3], "zombie, untouched"))),
+    ];
+    let (path, _) = outbox::outbox::spill::write(&data_dir.join("spill"), "lease lost", Some(1), spilled).unwrap();
+    // ... while the new holder wrote version 6 of the first, deleted the
+    // second at 6, and wrote version 5 of the third.
+    let client = db.connect().await;
+    client
+        .batch_execute(&format!(
+            "UPDATE items SET version = 6, data = jsonb_set(data, '{{enriched_data}}', '{{\"by\": \"new holder\"}}') WHERE id = '{a}';
+             UPDATE items SET version = 6, deleted = true, data = NULL WHERE id = '{b}';
+             UPDATE items SET version = 5, data = jsonb_set(data, '{{enriched_data}}', '{{\"by\": \"new holder\"}}') WHERE id = '{c}';",
+            a = dfids[0], b = dfids[1], c = dfids[2]
+        ))
+        .await
+        .unwrap();
+
+    let server = start(&db.url(), &data_dir, &[]);
+    server.wait_ready(Duration::from_secs(30)).await;
+    assert!(!path.exists());
+    let rows: BTreeMap<String, (i64, bool, Option<Value>)> = client
+        .query("SELECT id, version, deleted, data FROM items", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+        .collect();
+    assert_eq!(rows[&dfids[0]].0, 6, "the newer holder's write is not overwritten");
+    assert_eq!(rows[&dfids[0]].2.as_ref().unwrap()["enriched_data"]["by"], "new holder");
+    assert!(rows[&dfids[1]].1 && rows[&dfids[1]].0 == 6, "the tombstone is not brought back");
+    assert_eq!(rows[&dfids[2]].0, 5, "a lower spilled version is not applied either");
+    assert_eq!(rows[&dfids[3]].0, 2, "a row still at its base is written");
+    assert_eq!(rows[&dfids[3]].2.as_ref().unwrap()["enriched_data"]["note"], "zombie, untouched");
+    let conflicts = client
+        .query(
+            "SELECT entity_id, version, database_version, reason FROM outbox_dead_letters WHERE resolved_at IS NULL ORDER BY entity_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut seen: Vec<(String, i64, Option<i64>, String)> =
+        conflicts.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    seen.sort();
+    let mut expected = vec![
+        (dfids[0].clone(), 10, Some(6), "conflict".to_owned()),
+        (dfids[1].clone(), 10, Some(6), "conflict".to_owned()),
+        (dfids[2].clone(), 2, Some(5), "conflict".to_owned()),
+    ];
+    expected.sort();
+    assert_eq!(seen, expected, "every record whose row moved on is a conflict, with both versions");
+    assert_eq!(metric(&server, "outbox_dead_letters", &[]).await, 3.0);
+    // Memory holds what the database holds.
+    let read: Value =
+        http().get(server.url(&format!("/api/items/{}", dfids[0]))).send().await.unwrap().json().await.unwrap();
+    assert_eq!(read["version"], 6);
+    let gone = http().get(server.url(&format!("/api/items/{}", dfids[1]))).send().await.unwrap();
+    assert_eq!(gone.status(), 404);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -598,5 +741,5 @@ async fn one_writer_per_database_and_a_fenced_writer_spills() {
     let files = outbox::outbox::spill::list(&second_dir.join("spill")).unwrap();
     assert_eq!(files.len(), 1, "it spills its unwritten records for the operator");
     let spilled = outbox::outbox::spill::read(&files[0]).unwrap();
-    assert!(spilled.iter().any(|r| r.id == item["dfid"].as_str().unwrap()));
+    assert!(spilled.records.iter().any(|r| r.id == item["dfid"].as_str().unwrap()));
 }

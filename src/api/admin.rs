@@ -1,24 +1,29 @@
-//! Operator routes (DESIGN A5, I8) under `/api/admin`, behind
-//! `Authorization: Bearer $OUTBOX_ADMIN_TOKEN`; not served at all when the
-//! token is unset.
+//! Operator routes under `/api/admin`, behind `Authorization: Bearer
+//! $OUTBOX_ADMIN_TOKEN`; not served at all when the token is unset. Replay
+//! and discard act on a whole quarantined set through this process's store
+//! (it must hold the lease and be ready), and answer once it is committed.
 
 use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::{ApiError, Problem};
-use crate::pg::dead_letters::{self, DeadLetter, DeadLetterError};
+use crate::engine::operator;
+use crate::pg::dead_letters::{self, DeadLetterError};
 
 /// Most dead letters one listing returns.
 const LIST_LIMIT: i64 = 1000;
 
-/// Refuses requests without the admin bearer token (401), comparing in
-/// constant time.
+/// Refuses requests without the admin bearer token (401). The token given
+/// and the one expected are compared as SHA-256 digests, in constant time:
+/// neither the bytes nor the length of the expected token show in the time
+/// a refusal takes.
 pub async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Some(expected) = state.admin_token.as_deref() else {
         return ApiError::not_found("no such route").into_response();
@@ -29,7 +34,8 @@ pub async fn require_token(State(state): State<AppState>, request: Request, next
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
-    if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+    let (given, expected) = (Sha256::digest(given.as_bytes()), Sha256::digest(expected.as_bytes()));
+    if bool::from(given.as_slice().ct_eq(expected.as_slice())) {
         next.run(request).await
     } else {
         let mut response =
@@ -43,8 +49,9 @@ pub async fn require_token(State(state): State<AppState>, request: Request, next
 /// Body of `GET /api/admin/dead-letters`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DeadLetterList {
-    /// Unresolved dead letters, oldest first (at most 1000).
-    pub dead_letters: Vec<DeadLetter>,
+    /// Dead letters, oldest first: the unresolved ones (at most 1000), or
+    /// the members of the set an action resolved.
+    pub dead_letters: Vec<dead_letters::DeadLetter>,
 }
 
 /// `GET /api/admin/dead-letters`: the unresolved dead letters.
@@ -65,51 +72,69 @@ pub async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
 fn dead_letter_error(e: DeadLetterError) -> ApiError {
     match e {
         DeadLetterError::NotFound(_) => ApiError::not_found(e.to_string()),
-        DeadLetterError::UnknownKind { .. } | DeadLetterError::StillRefused { .. } => {
+        DeadLetterError::UnknownKind { .. } | DeadLetterError::StillRefused(_) => {
             ApiError::unprocessable(e.to_string())
         }
+        DeadLetterError::NotReplayable { .. } => ApiError::conflict(e.to_string()),
+        DeadLetterError::Unavailable(_) => ApiError::unavailable(e.to_string(), std::time::Duration::from_secs(5)),
+        DeadLetterError::TimedOut(_) => ApiError::new(StatusCode::GATEWAY_TIMEOUT, "not-yet-durable", e.to_string()),
         DeadLetterError::Db(db) => {
             ApiError::unavailable(format!("the database does not answer: {db}"), std::time::Duration::from_secs(5))
         }
     }
 }
 
-/// `POST /api/admin/dead-letters/{id}/replay`: writes the quarantined
-/// record to its table (version-guarded: a newer row is kept) and resolves
-/// the dead letter, in one transaction.
-#[utoipa::path(post, path = "/api/admin/dead-letters/{id}/replay", tag = "admin",
-    security(("bearer" = [])),
-    params(("id" = i64, Path, description = "The dead letter's id")),
-    responses(
-        (status = 200, description = "Replayed and resolved", body = DeadLetter),
-        (status = 401, description = "Missing or wrong token", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No unresolved dead letter with that id", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "The database refuses the record again", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The database does not answer", body = Problem, content_type = "application/problem+json"),
-    ))]
-pub async fn replay(State(state): State<AppState>, Path(id): Path<i64>) -> Result<Response, ApiError> {
-    let tables = state.store.tables();
-    let table_of = |kind: &str| tables.iter().find(|(k, _)| *k == kind).map(|(_, t)| *t);
-    let resolved = dead_letters::replay(&state.pool, id, table_of).await.map_err(dead_letter_error)?;
-    state.store.forget_dead_letter(&resolved.kind, &resolved.entity_id);
-    tracing::info!(id, kind = %resolved.kind, entity = %resolved.entity_id, version = resolved.version, "dead letter replayed");
-    Ok(axum::Json(resolved).into_response())
+/// How long an action waits for its commit: the request's budget, less a
+/// moment to answer in.
+fn action_wait(state: &AppState) -> std::time::Duration {
+    state
+        .request_timeout
+        .saturating_sub(std::time::Duration::from_millis(500))
+        .max(std::time::Duration::from_millis(100))
 }
 
-/// `DELETE /api/admin/dead-letters/{id}`: resolves a dead letter without
-/// writing it (the operator accepts that this version is not persisted).
-#[utoipa::path(delete, path = "/api/admin/dead-letters/{id}", tag = "admin",
+/// `POST /api/admin/dead-letters/{id}/replay`: writes the quarantined set
+/// of this dead letter again, whole, at versions above both memory's and the
+/// database's (after the cause was fixed), through the store; answers with
+/// the set's dead letters, resolved, once committed.
+#[utoipa::path(post, path = "/api/admin/dead-letters/{id}/replay", tag = "admin",
     security(("bearer" = [])),
-    params(("id" = i64, Path, description = "The dead letter's id")),
+    params(("id" = i64, Path, description = "The id of any dead letter of the set")),
     responses(
-        (status = 200, description = "Discarded", body = DeadLetter),
+        (status = 200, description = "Replayed and resolved", body = DeadLetterList),
         (status = 401, description = "Missing or wrong token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No unresolved dead letter with that id", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The database does not answer", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The quarantined state is not available any more; discard the set", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The database refuses the set again", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Not the lease holder, starting, or the database does not answer", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "Not committed in time; it stays queued", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn replay(State(state): State<AppState>, Path(id): Path<i64>) -> Result<Response, ApiError> {
+    state.ensure_ready()?;
+    let resolved =
+        operator::replay(&state.store, &state.pool, id, action_wait(&state)).await.map_err(dead_letter_error)?;
+    tracing::info!(id, members = resolved.len(), "quarantined set replayed");
+    Ok(axum::Json(DeadLetterList { dead_letters: resolved }).into_response())
+}
+
+/// `DELETE /api/admin/dead-letters/{id}`: discards the quarantined set of
+/// this dead letter: memory reverts to what the database holds (written
+/// again above both versions, so they agree); answers with the set's dead
+/// letters, resolved, once committed.
+#[utoipa::path(delete, path = "/api/admin/dead-letters/{id}", tag = "admin",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "The id of any dead letter of the set")),
+    responses(
+        (status = 200, description = "Discarded", body = DeadLetterList),
+        (status = 401, description = "Missing or wrong token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No unresolved dead letter with that id", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Not the lease holder, starting, or the database does not answer", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "Not committed in time; it stays queued", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn discard(State(state): State<AppState>, Path(id): Path<i64>) -> Result<Response, ApiError> {
-    let resolved = dead_letters::discard(&state.pool, id).await.map_err(dead_letter_error)?;
-    state.store.forget_dead_letter(&resolved.kind, &resolved.entity_id);
-    tracing::warn!(id, kind = %resolved.kind, entity = %resolved.entity_id, version = resolved.version, "dead letter discarded");
-    Ok(axum::Json(resolved).into_response())
+    state.ensure_ready()?;
+    let resolved =
+        operator::discard(&state.store, &state.pool, id, action_wait(&state)).await.map_err(dead_letter_error)?;
+    tracing::warn!(id, members = resolved.len(), "quarantined set discarded: memory reverted to the database");
+    Ok(axum::Json(DeadLetterList { dead_letters: resolved }).into_response())
 }

@@ -12,7 +12,7 @@ use super::error::{ApiError, Problem};
 use super::extract::{ApiJson, wants_durable};
 use super::items::{existing, require_active};
 use super::model::{Circuit, Item};
-use super::validate::{self, MAX_CIRCUIT_ITEMS, MAX_NAME_LEN};
+use super::validate::{self, MAX_CIRCUIT_ITEMS, MAX_ITEM_CIRCUITS, MAX_NAME_LEN};
 use crate::store::Versioned;
 
 /// A circuit as the API returns it.
@@ -98,7 +98,7 @@ pub struct AddItem {
         (status = 200, description = "The circuit", body = CircuitView),
         (status = 404, description = "No such circuit or item", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The item is not active", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "The circuit is full", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The circuit is full, or the item is in too many circuits", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn add_item(
     State(state): State<AppState>,
@@ -114,13 +114,19 @@ pub async fn add_item(
                 set.get::<Circuit>(&id).ok_or_else(|| ApiError::not_found(format!("circuit {id} not found")))?;
             let item = existing(set, &body.dfid)?;
             require_active(&item, "adding it to a circuit")?;
-            if circuit.items.contains(&body.dfid) {
+            if circuit.items.iter().any(|d| **d == *body.dfid) {
                 set.watch::<Circuit>(&id);
                 set.watch::<Item>(&body.dfid);
                 return Ok(circuit);
             }
             if circuit.items.len() >= MAX_CIRCUIT_ITEMS {
                 return Err(ApiError::unprocessable(format!("circuit {id} holds {MAX_CIRCUIT_ITEMS} items already")));
+            }
+            if item.circuits.len() >= MAX_ITEM_CIRCUITS {
+                return Err(ApiError::unprocessable(format!(
+                    "item {} is in {MAX_ITEM_CIRCUITS} circuits already",
+                    body.dfid
+                )));
             }
             let now = Utc::now();
             set.update::<Item>(&body.dfid, |item| {
@@ -130,7 +136,7 @@ pub async fn add_item(
                 item.updated_at = now;
             })?;
             Ok(set.update::<Circuit>(&id, |c| {
-                c.items.push(body.dfid.clone());
+                c.items.push(std::sync::Arc::from(body.dfid.as_str()));
                 c.updated_at = now;
             })?)
         })

@@ -516,7 +516,7 @@ pub async fn delete(
             let now = Utc::now();
             for circuit in &item.circuits {
                 match set.update::<Circuit>(circuit, |c| {
-                    c.items.retain(|d| d != &dfid);
+                    c.items.retain(|d| **d != *dfid);
                     c.updated_at = now;
                 }) {
                     Ok(_) | Err(StoreError::NotFound { .. }) => {}

@@ -169,7 +169,7 @@ pub struct LocalUnmergeResult {
     responses(
         (status = 200, description = "Unmerged", body = LocalUnmergeResult),
         (status = 404, description = "No such local id", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The local id is not merged", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The local id is not merged, or its item was deleted since", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn unmerge(
     State(state): State<AppState>,
@@ -184,6 +184,12 @@ pub async fn unmerge(
             let Some(merge) = map.merge.clone() else {
                 return Err(ApiError::conflict(format!("local id {} is not merged", body.local_id)));
             };
+            if !set.contains::<Item>(&merge.source_before.dfid) {
+                return Err(ApiError::conflict(format!(
+                    "item {} of local id {} was deleted after the merge; it cannot be restored",
+                    merge.source_before.dfid, body.local_id
+                )));
+            }
             let now = Utc::now();
             let target = if set.contains::<Item>(&merge.target_dfid) {
                 Some(set.update::<Item>(&merge.target_dfid, |item| {

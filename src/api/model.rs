@@ -120,7 +120,7 @@ pub struct Item {
     /// The item this one was merged into.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merged_into: Option<String>,
-    /// Circuits the item belongs to.
+    /// Circuits the item belongs to (at most 100).
     #[serde(default)]
     pub circuits: Vec<String>,
     /// When it was created.
@@ -144,9 +144,12 @@ pub struct Circuit {
     pub id: String,
     /// Its name.
     pub name: String,
-    /// DFIDs of its items.
+    /// DFIDs of its items. Shared strings: a change copies the list by
+    /// reference counts, not by allocating every DFID again (a circuit may
+    /// hold thousands).
     #[serde(default)]
-    pub items: Vec<String>,
+    #[schema(value_type = Vec<String>)]
+    pub items: Vec<std::sync::Arc<str>>,
     /// When it was created.
     pub created_at: DateTime<Utc>,
     /// When it last changed.

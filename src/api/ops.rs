@@ -1,8 +1,11 @@
-//! Operational routes (DESIGN A5): health, readiness, metrics, the OpenAPI
-//! document and the outbox status.
+//! Operational routes: health, readiness, metrics, the OpenAPI document and
+//! the outbox status. Readiness and status answer from memory (what the
+//! writers and the health check last saw), never with a pooled connection:
+//! a flood of them cannot starve the writers, and they answer at once when
+//! the database hangs.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use axum::extract::{Extension, State};
 use axum::http::{StatusCode, header};
@@ -12,9 +15,6 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::{AppState, Phase};
-
-/// How long `/readyz` and the status route wait for the database.
-const DB_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Body of `/healthz` and `/readyz`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -34,7 +34,8 @@ pub async fn healthz() -> impl IntoResponse {
 }
 
 /// `GET /readyz`: 200 once start-up (migrations, hydration) is done and the
-/// database answers; 503 with the reason otherwise.
+/// database answered the last attempt or health check; 503 with the reason
+/// otherwise.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "Ready", body = HealthBody),
@@ -50,11 +51,12 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         Phase::ShuttingDown => return unavailable("shutting_down", "the server is shutting down".into()),
         Phase::Ready => {}
     }
-    match tokio::time::timeout(DB_CHECK_TIMEOUT, crate::pg::ping(&state.pool)).await {
-        Ok(Ok(())) => axum::Json(HealthBody { status: "ready".into(), reason: None }).into_response(),
-        Ok(Err(e)) => unavailable("unavailable", format!("database: {e}")),
-        Err(_) => unavailable("unavailable", format!("database: no answer within {DB_CHECK_TIMEOUT:?}")),
+    let health = state.store.health().snapshot();
+    if health.db_up == Some(false) {
+        let reason = health.last_error.map_or_else(|| "the database does not answer".to_owned(), |e| e.message);
+        return unavailable("unavailable", format!("database: {reason}"));
     }
+    axum::Json(HealthBody { status: "ready".into(), reason: None }).into_response()
 }
 
 /// `GET /metrics`: Prometheus text format.
@@ -107,8 +109,11 @@ pub struct OutboxStatus {
     pub last_success: Option<DateTime<Utc>>,
     /// The last write failure.
     pub last_error: Option<LastErrorBody>,
-    /// Unresolved dead letters (absent when the database does not answer).
+    /// Unresolved dead letters, as last counted in the database (absent
+    /// before the first count).
     pub dead_letters: Option<i64>,
+    /// Entities this process holds in quarantined change sets.
+    pub quarantined: usize,
 }
 
 fn utc(time: SystemTime) -> DateTime<Utc> {
@@ -121,10 +126,6 @@ fn utc(time: SystemTime) -> DateTime<Utc> {
 pub async fn status(State(state): State<AppState>) -> impl IntoResponse {
     let outbox = state.store.outbox();
     let health = state.store.health().snapshot();
-    let dead_letters = tokio::time::timeout(DB_CHECK_TIMEOUT, crate::pg::dead_letters::count_unresolved(&state.pool))
-        .await
-        .ok()
-        .and_then(Result::ok);
     axum::Json(OutboxStatus {
         depth: outbox.depth,
         capacity: outbox.capacity,
@@ -138,6 +139,7 @@ pub async fn status(State(state): State<AppState>) -> impl IntoResponse {
             message: e.message,
             at: utc(e.at),
         }),
-        dead_letters,
+        dead_letters: health.dead_letters,
+        quarantined: state.store.quarantined(),
     })
 }

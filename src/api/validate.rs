@@ -24,6 +24,9 @@ pub const MAX_BATCH: usize = 1000;
 pub const MAX_NAME_LEN: usize = 200;
 /// Most items in one circuit.
 pub const MAX_CIRCUIT_ITEMS: usize = 10_000;
+/// Most circuits one item belongs to: deleting an item changes it and all
+/// its circuits in one change set, which must fit the outbox.
+pub const MAX_ITEM_CIRCUITS: usize = 100;
 /// Most local ids in one local merge.
 pub const MAX_LOCAL_MERGE: usize = 100;
 /// Longest id accepted in a path or body, in bytes.

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{Receiver, Sender};
 
 pub use ticket::{Ticket, TicketError};
-pub(crate) use ticket::{TicketShared, Waiter};
+pub(crate) use ticket::{TicketShared, Waiter, push_waiter};
 
 use crate::store::kind::{KindId, Stored};
 
@@ -60,16 +60,45 @@ pub(crate) struct Row {
     pub(crate) seq: u64,
     /// When the entity's oldest unwritten change was made.
     pub(crate) since: Instant,
-    /// The entity has an unresolved dead letter this write supersedes.
-    pub(crate) dead_lettered: bool,
+    /// The version the database holds, as far as this process knows (0:
+    /// no row): what a spill file's compare-and-set replay expects.
+    pub(crate) base: u64,
+    /// The entity has an unresolved dead letter: how this write marks it
+    /// when it commits.
+    pub(crate) resolves: Option<Resolution>,
 }
 
-/// A group of a batch that the database refuses for good.
+/// How a committed write marks the unresolved dead letter of its entity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resolution {
+    /// A later change of the entity was written with its whole set.
+    Superseded,
+    /// An operator replayed the set.
+    Replayed,
+    /// An operator discarded the set (memory reverted to the database).
+    Discarded,
+}
+
+impl Resolution {
+    /// The text in the dead letter's `resolution` column.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Superseded => "superseded by a newer version",
+            Self::Replayed => "replayed",
+            Self::Discarded => "discarded",
+        }
+    }
+}
+
+/// A group of a batch that was quarantined: refused for good by the
+/// database, or in conflict with a version written elsewhere.
 pub(crate) struct Quarantined {
     /// Its rows in the batch.
     pub(crate) rows: Range<usize>,
-    /// What its tickets resolve with.
+    /// What its tickets resolve with; names the refused row.
     pub(crate) error: TicketError,
+    /// The quarantine id linking its dead letters.
+    pub(crate) set: u64,
 }
 
 /// Rows written in one transaction, made of whole groups (change sets are
@@ -96,6 +125,12 @@ pub(crate) struct Track {
     pub(crate) in_flight: Option<u64>,
     /// Tickets waiting for a version of this entity to commit.
     pub(crate) waiters: Vec<Waiter>,
+    /// The version the database holds, as far as this process knows (0: no
+    /// row).
+    pub(crate) base: u64,
+    /// While in flight: the id of its group in the batch (spill files keep
+    /// groups together).
+    pub(crate) batch_group: u64,
 }
 
 impl Track {
@@ -172,9 +207,15 @@ impl Ledger {
     }
 
     pub(crate) fn new_group(&mut self) -> u64 {
+        let id = self.next_group_id();
+        self.groups.insert(id, Vec::new());
+        id
+    }
+
+    /// A fresh group id, not registered (for groups of a batch).
+    pub(crate) fn next_group_id(&mut self) -> u64 {
         let id = self.next_group;
         self.next_group += 1;
-        self.groups.insert(id, Vec::new());
         id
     }
 }

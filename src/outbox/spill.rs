@@ -1,30 +1,40 @@
-//! Spill files (DESIGN I10): when changes cannot be written before the
-//! process must stop (the drain deadline passed with the database away, or
-//! the lease was lost), the newest version of every unwritten entity goes to
-//! a local file, fsynced with its folder. The next start replays every spill
-//! file into the database (version-guarded, in one transaction) before
-//! hydration, and removes a file only after its commit.
+//! Spill files: when changes cannot be written before the process must
+//! stop (the drain deadline passed with the database away, or the lease was
+//! lost), the newest version of every unwritten entity goes to a local file,
+//! fsynced with its folder. The next start replays every spill file before
+//! hydration and removes a file only after its records are in the database
+//! or quarantined.
 //!
-//! A file is JSON lines: a header naming the format and the record count,
-//! one line per record, and a footer repeating the count with a checksum
-//! (FNV-1a 64 of every byte before the footer). A missing footer, a count
-//! or checksum mismatch, or an unparsable line makes the file *corrupt*:
-//! start-up stops with a clear error and the file is kept for the operator.
+//! A record carries its *base*: the version the database held of the entity
+//! as far as the writing process knew. Replay is a compare-and-set: a record
+//! is written only where its row is still at its base, so a spill can never
+//! overwrite what another process wrote meanwhile (a new lease holder), nor
+//! bring back its tombstone; such a record becomes a conflict dead letter.
+//! Records changed together share a group, replayed whole.
+//!
+//! A file is JSON lines: a header naming the format and the epoch of the
+//! lease it was written under, one line per record (streamed), and a footer
+//! with the record count and a checksum (FNV-1a 64 of every byte before the
+//! footer). A missing footer, a count or checksum mismatch, or an
+//! unparsable line makes the file *corrupt*: start-up stops with a clear
+//! error and the file is kept for the operator.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 /// The format name in a spill file's header.
 const FORMAT: &str = "outbox-spill";
-/// The format version.
-const VERSION: u32 = 1;
+/// The format version written. Version 1 (no base, no groups, no epoch) is
+/// still read.
+const VERSION: u32 = 2;
 
 /// One entity's newest unwritten state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SpillRecord {
     /// Entity kind.
     pub kind: String,
@@ -32,11 +42,31 @@ pub struct SpillRecord {
     pub id: String,
     /// The version in memory.
     pub version: u64,
+    /// The version the database held, as far as the writer knew (0: no
+    /// row). Absent in files of format version 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<u64>,
+    /// Records of one group were changed together and are written
+    /// together. Absent in files of format version 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<u64>,
     /// A tombstone.
     pub deleted: bool,
     /// The entity's JSON (absent for a tombstone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<serde_json::Value>,
+    pub data: Option<Box<RawValue>>,
+}
+
+/// What a spill file holds.
+#[derive(Debug)]
+pub struct SpillContent {
+    /// The epoch of the lease the writer held (`None`: no lease, or format
+    /// version 1).
+    pub epoch: Option<u64>,
+    /// Why it was written.
+    pub reason: String,
+    /// The records.
+    pub records: Vec<SpillRecord>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -45,10 +75,16 @@ struct Header {
     version: u32,
     reason: String,
     created_at_unix: u64,
-    records: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    epoch: Option<u64>,
+    /// Announced by format version 1; version 2 streams its records and
+    /// counts them in the footer only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    records: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Footer {
     end: bool,
     records: u64,
@@ -111,46 +147,112 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>, SpillError> {
     Ok(files)
 }
 
-/// Writes `records` to a new spill file in `dir` (created if missing):
-/// written to a temporary name, fsynced, renamed, and the folder fsynced,
-/// so the file is either whole or absent.
-pub fn write(dir: &Path, reason: &str, records: &[SpillRecord]) -> Result<PathBuf, SpillError> {
-    fs::create_dir_all(dir).map_err(io_error(dir))?;
+/// A writer that checksums what passes through it.
+struct Checksummed<W> {
+    inner: W,
+    checksum: Fnv,
+}
+
+impl<W: Write> Write for Checksummed<W> {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let written = self.inner.write(bytes)?;
+        self.checksum.update(&bytes[..written]);
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Creates `dir` if missing, fsyncing each new folder in its parent, so
+/// that the folder is still there after a power loss.
+fn create_dir_durably(dir: &Path) -> Result<(), SpillError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dir_durably(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(SpillError::Io { path: dir.to_path_buf(), source: e }),
+    }
+    match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => sync_dir(parent),
+        None => sync_dir(Path::new(".")),
+    }
+}
+
+/// Writes `records` to a new spill file in `dir` (created if missing),
+/// streaming them: written to a temporary name, fsynced, renamed, and the
+/// folder fsynced, so the file is either whole or absent. Returns the file
+/// and the number of records. Blocking: call it off the async runtime.
+pub fn write(
+    dir: &Path,
+    reason: &str,
+    epoch: Option<u64>,
+    records: impl IntoIterator<Item = SpillRecord>,
+) -> Result<(PathBuf, u64), SpillError> {
+    create_dir_durably(dir)?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     let name = format!("{:020}-{:09}-{}.spill", now.as_secs(), now.subsec_nanos(), std::process::id());
     let path = dir.join(name);
     let temporary = path.with_extension("spill.tmp");
-    let mut body = Vec::with_capacity(records.len() * 256);
+    let file = OpenOptions::new().write(true).create_new(true).open(&temporary).map_err(io_error(&temporary))?;
+    let mut out = Checksummed { inner: BufWriter::with_capacity(1 << 20, file), checksum: Fnv::new() };
     let header = Header {
         format: FORMAT.into(),
         version: VERSION,
         reason: reason.into(),
         created_at_unix: now.as_secs(),
-        records: records.len() as u64,
+        epoch,
+        records: None,
     };
-    serde_json::to_writer(&mut body, &header).expect("a header serializes");
-    body.push(b'\n');
-    for record in records {
-        serde_json::to_writer(&mut body, record).expect("a record serializes");
-        body.push(b'\n');
+    let line = |out: &mut Checksummed<BufWriter<File>>, value: &dyn erased::Line| -> io::Result<()> {
+        value.write_to(out)?;
+        out.write_all(b"\n")
+    };
+    let mut written = 0u64;
+    let body = (|| {
+        line(&mut out, &header)?;
+        for record in records {
+            line(&mut out, &record)?;
+            written += 1;
+        }
+        let footer = Footer { end: true, records: written, fnv1a64: format!("{:016x}", out.checksum.0) };
+        line(&mut out, &footer)?;
+        let file = out.inner.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()
+    })();
+    if let Err(e) = body {
+        let _ = fs::remove_file(&temporary);
+        return Err(SpillError::Io { path: temporary, source: e });
     }
-    let mut checksum = Fnv::new();
-    checksum.update(&body);
-    let footer = Footer { end: true, records: records.len() as u64, fnv1a64: format!("{:016x}", checksum.0) };
-    serde_json::to_writer(&mut body, &footer).expect("a footer serializes");
-    body.push(b'\n');
-
-    let mut file = OpenOptions::new().write(true).create_new(true).open(&temporary).map_err(io_error(&temporary))?;
-    file.write_all(&body).map_err(io_error(&temporary))?;
-    file.sync_all().map_err(io_error(&temporary))?;
-    drop(file);
     fs::rename(&temporary, &path).map_err(io_error(&path))?;
     sync_dir(dir)?;
-    Ok(path)
+    Ok((path, written))
 }
 
-/// Reads and verifies a spill file.
-pub fn read(path: &Path) -> Result<Vec<SpillRecord>, SpillError> {
+/// Serializes one line of a spill file.
+mod erased {
+    use std::io::{self, Write};
+
+    pub(super) trait Line {
+        fn write_to(&self, out: &mut dyn Write) -> io::Result<()>;
+    }
+
+    impl<T: serde::Serialize> Line for T {
+        fn write_to(&self, out: &mut dyn Write) -> io::Result<()> {
+            serde_json::to_writer(out, self).map_err(io::Error::other)
+        }
+    }
+}
+
+/// Reads and verifies a spill file. Blocking: call it off the async
+/// runtime.
+pub fn read(path: &Path) -> Result<SpillContent, SpillError> {
     let corrupt = |reason: String| SpillError::Corrupt { path: path.to_path_buf(), reason };
     let file = File::open(path).map_err(io_error(path))?;
     let mut lines = BufReader::new(file).split(b'\n');
@@ -171,28 +273,30 @@ pub fn read(path: &Path) -> Result<Vec<SpillRecord>, SpillError> {
     let header_line = next_line(&mut checksum, true)?.ok_or_else(|| corrupt("the file is empty".into()))?;
     let header: Header =
         serde_json::from_slice(&header_line).map_err(|e| corrupt(format!("unreadable header: {e}")))?;
-    if header.format != FORMAT || header.version != VERSION {
+    if header.format != FORMAT || !(1..=VERSION).contains(&header.version) {
         return Err(corrupt(format!("unknown format {} version {}", header.format, header.version)));
     }
-    let mut records = Vec::with_capacity(header.records.min(1_000_000) as usize);
-    for index in 0..header.records {
+    // Records until the footer; the checksum covers every byte before it.
+    let mut records = Vec::with_capacity(header.records.unwrap_or(0).min(1_000_000) as usize);
+    let (footer, expected) = loop {
+        let before = checksum;
         let line = next_line(&mut checksum, true)?
-            .ok_or_else(|| corrupt(format!("truncated: {index} of {} records present", header.records)))?;
+            .ok_or_else(|| corrupt(format!("truncated after {} records: the end marker is missing", records.len())))?;
+        if let Ok(footer) = serde_json::from_slice::<Footer>(&line) {
+            break (footer, format!("{:016x}", before.0));
+        }
         match serde_json::from_slice::<SpillRecord>(&line) {
             Ok(record) => records.push(record),
             // A truncated file may end in half a record line.
-            Err(e) => return Err(corrupt(format!("record {index} is unreadable: {e}"))),
+            Err(e) => return Err(corrupt(format!("record {} is unreadable: {e}", records.len()))),
         }
-    }
-    let expected = format!("{:016x}", checksum.0);
-    let footer_line =
-        next_line(&mut checksum, false)?.ok_or_else(|| corrupt("truncated: the end marker is missing".into()))?;
-    let footer: Footer =
-        serde_json::from_slice(&footer_line).map_err(|e| corrupt(format!("unreadable end marker: {e}")))?;
-    if !footer.end || footer.records != header.records {
+    };
+    if !footer.end || footer.records != records.len() as u64 || header.records.is_some_and(|n| n != footer.records) {
         return Err(corrupt(format!(
-            "the end marker counts {} records, the header {}",
-            footer.records, header.records
+            "the end marker counts {} records, the file holds {}{}",
+            footer.records,
+            records.len(),
+            header.records.map(|n| format!(", the header announced {n}")).unwrap_or_default()
         )));
     }
     if footer.fnv1a64 != expected {
@@ -201,7 +305,7 @@ pub fn read(path: &Path) -> Result<Vec<SpillRecord>, SpillError> {
     if next_line(&mut checksum, false)?.is_some_and(|l| !l.is_empty()) {
         return Err(corrupt("data after the end marker".into()));
     }
-    Ok(records)
+    Ok(SpillContent { epoch: header.epoch, reason: header.reason, records })
 }
 
 /// Removes a replayed spill file and fsyncs its folder.
@@ -226,9 +330,15 @@ mod tests {
             kind: "item".into(),
             id: id.into(),
             version,
+            base: Some(version - 1),
+            group: Some(7),
             deleted: false,
-            data: Some(serde_json::json!({"id": id})),
+            data: Some(RawValue::from_string(format!("{{\"id\":\"{id}\"}}")).unwrap()),
         }
+    }
+
+    fn text(records: &[SpillRecord]) -> Vec<String> {
+        records.iter().map(|r| serde_json::to_string(r).unwrap()).collect()
     }
 
     fn scratch() -> PathBuf {
@@ -243,19 +353,40 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let dir = scratch();
+        let dir = scratch().join("nested").join("spill");
         let records = vec![record("a", 3), SpillRecord { deleted: true, data: None, ..record("b", 7) }];
-        let path = write(&dir, "test", &records).unwrap();
+        let (path, count) = write(&dir, "test", Some(4), records.clone()).unwrap();
+        assert_eq!(count, 2);
         assert_eq!(list(&dir).unwrap(), vec![path.clone()]);
-        assert_eq!(read(&path).unwrap(), records);
+        let content = read(&path).unwrap();
+        assert_eq!(text(&content.records), text(&records));
+        assert_eq!(content.epoch, Some(4));
         remove(&path).unwrap();
         assert!(list(&dir).unwrap().is_empty());
     }
 
     #[test]
+    fn format_1_files_are_read_without_base() {
+        let dir = scratch();
+        fs::create_dir_all(&dir).unwrap();
+        let body = "{\"format\":\"outbox-spill\",\"version\":1,\"reason\":\"old\",\"created_at_unix\":1,\"records\":1}\n\
+                    {\"kind\":\"item\",\"id\":\"a\",\"version\":2,\"deleted\":false,\"data\":{\"id\":\"a\"}}\n";
+        let mut checksum = Fnv::new();
+        checksum.update(body.as_bytes());
+        let path = dir.join("1.spill");
+        fs::write(&path, format!("{body}{{\"end\":true,\"records\":1,\"fnv1a64\":\"{:016x}\"}}\n", checksum.0))
+            .unwrap();
+        let content = read(&path).unwrap();
+        assert_eq!(content.records.len(), 1);
+        assert_eq!(content.records[0].base, None);
+        assert_eq!(content.epoch, None);
+    }
+
+    #[test]
     fn truncation_and_damage_are_detected() {
         let dir = scratch();
-        let path = write(&dir, "test", &[record("a", 1), record("b", 2), record("c", 3)]).unwrap();
+        let records = vec![record("a", 1), record("b", 2), record("c", 3)];
+        let (path, _) = write(&dir, "test", None, records).unwrap();
         let full = fs::read(&path).unwrap();
         // (A file missing only its final newline is still whole.)
         for cut in [0, 10, full.len() / 2, full.len() - 5] {

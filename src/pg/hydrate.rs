@@ -19,10 +19,6 @@ const CHUNK: usize = 4_096;
 /// Threads decoding rows.
 const DECODERS: usize = 2;
 
-pub(crate) fn select_sql(table: &str) -> String {
-    format!("SELECT id, version, deleted, data FROM {}", super::quote_ident(table))
-}
-
 /// What hydration loaded.
 #[derive(Debug, Clone, Default)]
 pub struct HydrationReport {
@@ -68,9 +64,16 @@ impl From<tokio_postgres::Error> for HydrateError {
 pub async fn hydrate(store: &Store, pool: &Pool) -> Result<HydrationReport, HydrateError> {
     let started = Instant::now();
     let mut client = pool.get().await.map_err(DbError::from)?;
-    // One read-only transaction for every kind: a consistent snapshot, and
-    // the pool's statement timeout lifted for this long read.
-    let client = client.build_transaction().read_only(true).start().await?;
+    // One read-only transaction at REPEATABLE READ for every kind: one
+    // snapshot for all of them (at READ COMMITTED each statement would take
+    // its own, and a change set committed between two kinds' reads would
+    // load half), and the pool's statement timeout lifted for this long read.
+    let client = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
     client.batch_execute("SET LOCAL statement_timeout = 0").await?;
     let mut report = HydrationReport::default();
     for (kind_id, kind) in store.kinds().iter().enumerate() {
@@ -120,7 +123,7 @@ pub async fn hydrate(store: &Store, pool: &Pool) -> Result<HydrationReport, Hydr
                 }
             })
         };
-        let statement = client.prepare_cached(&kind.select_sql).await?;
+        let statement = client.prepare_cached(&super::sql::table(kind.table).select).await?;
         let rows = client.query_raw(&statement, std::iter::empty::<&(dyn ToSql + Sync)>()).await?;
         pin_mut!(rows);
         let mut chunk = Vec::with_capacity(CHUNK);
@@ -182,4 +185,35 @@ fn decode_row(
         (true, _) => None,
     };
     Ok((Arc::from(id), u64::try_from(version).unwrap_or(0), value))
+}
+
+/// A row of an entity table as it is now.
+pub(crate) struct CurrentRow {
+    pub(crate) version: u64,
+    pub(crate) deleted: bool,
+    /// The entity's JSON (absent for a tombstone).
+    pub(crate) data: Option<Vec<u8>>,
+}
+
+/// The rows of `ids` in `table` now (absent ids: no row).
+pub(crate) async fn current_rows(
+    pool: &Pool,
+    table: &str,
+    ids: &[&str],
+) -> Result<std::collections::HashMap<String, CurrentRow>, DbError> {
+    let client = pool.get().await?;
+    let rows = client.query(&format!("{} WHERE id = ANY($1)", super::sql::table(table).select), &[&ids]).await?;
+    let mut current = std::collections::HashMap::with_capacity(rows.len());
+    for row in rows {
+        let data: Option<JsonbRef<'_>> = row.try_get(3)?;
+        current.insert(
+            row.try_get::<_, String>(0)?,
+            CurrentRow {
+                version: u64::try_from(row.try_get::<_, i64>(1)?).unwrap_or(0),
+                deleted: row.try_get(2)?,
+                data: data.map(|json| json.0.to_vec()),
+            },
+        );
+    }
+    Ok(current)
 }

@@ -32,6 +32,20 @@ const LOCK_KEY: i64 = 0x6f75_7462_6f78;
 /// lock connection.
 const POLL: Duration = Duration::from_secs(1);
 
+/// How long one check of the lock connection may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Checks in a row without an answer after which the lock connection is
+/// taken for lost.
+const UNANSWERED_CHECKS: u32 = 3;
+
+/// What a check of the lock connection found.
+enum Check {
+    Alive,
+    Unanswered,
+    Gone,
+}
+
 /// How long the lock may stay held at our own epoch, while we re-take the
 /// lease, before the holding session is taken for our own stale one.
 const STALE_SESSION_AFTER: Duration = Duration::from_secs(10);
@@ -127,6 +141,29 @@ impl Lease {
                 return Ok(None);
             }
         }
+        Self::take(config, client, holder).await.map(Some)
+    }
+
+    /// Takes the lease if no other process holds it; otherwise says who
+    /// does (`Ok(Err(holder))`).
+    pub async fn try_acquire(
+        config: &tokio_postgres::Config,
+        holder: &str,
+    ) -> Result<Result<std::sync::Arc<Self>, String>, DbError> {
+        let client = super::connect(config).await?;
+        if !try_lock(&client).await? {
+            let other = current(&client).await?.map(|(_, h)| h).unwrap_or_else(|| "another process".into());
+            return Ok(Err(other));
+        }
+        Self::take(config, client, holder).await.map(Ok)
+    }
+
+    /// With the lock held on `client`: increments the epoch.
+    async fn take(
+        config: &tokio_postgres::Config,
+        client: tokio_postgres::Client,
+        holder: &str,
+    ) -> Result<std::sync::Arc<Self>, DbError> {
         let row = client
             .query_one(
                 "INSERT INTO outbox_lease (name, epoch, holder, acquired_at) VALUES ($1, 1, $2, now())
@@ -139,13 +176,13 @@ impl Lease {
         let epoch = row.get::<_, i64>(0) as u64;
         info!(epoch, holder, "took the single-writer lease");
         let (state, _) = watch::channel(LeaseState::Held(epoch));
-        Ok(Some(std::sync::Arc::new(Self {
+        Ok(std::sync::Arc::new(Self {
             config: config.clone(),
             holder: holder.to_owned(),
             epoch: AtomicU64::new(epoch),
             state,
             lock_connection: Mutex::new(Some(client)),
-        })))
+        }))
     }
 
     /// The epoch this process holds.
@@ -179,6 +216,7 @@ impl Lease {
     /// re-takes the lock once the database answers and checks that the
     /// epoch is still ours. Runs until `cancel` fires or the lease is lost.
     pub async fn keep(self: std::sync::Arc<Self>, cancel: CancellationToken) {
+        let mut unanswered = 0u32;
         loop {
             if cancel.run_until_cancelled(tokio::time::sleep(POLL)).await.is_none() {
                 return;
@@ -186,17 +224,34 @@ impl Lease {
             if self.state() == LeaseState::Lost {
                 return;
             }
-            let alive = {
+            let check = {
                 let guard = self.lock_connection.lock().await;
                 match guard.as_ref() {
                     Some(client) if !client.is_closed() => {
-                        matches!(tokio::time::timeout(POLL * 5, client.simple_query("SELECT 1")).await, Ok(Ok(_)))
+                        match tokio::time::timeout(CHECK_TIMEOUT, client.simple_query("SELECT 1")).await {
+                            Ok(Ok(_)) => Check::Alive,
+                            Ok(Err(e)) if !client.is_closed() && e.as_db_error().is_some() => Check::Alive,
+                            Ok(Err(_)) => Check::Gone,
+                            Err(_) => Check::Unanswered,
+                        }
                     }
-                    _ => false,
+                    _ => Check::Gone,
                 }
             };
-            if alive {
-                continue;
+            match check {
+                Check::Alive => {
+                    unanswered = 0;
+                    continue;
+                }
+                // A slow answer is not a lost connection (the lock is held
+                // as long as the session lives); only a connection that
+                // stays silent for several checks is given up.
+                Check::Unanswered if unanswered + 1 < UNANSWERED_CHECKS => {
+                    unanswered += 1;
+                    warn!(unanswered, "the lease's lock connection did not answer a check in time");
+                    continue;
+                }
+                Check::Unanswered | Check::Gone => unanswered = 0,
             }
             warn!("lost the lease's lock connection; flushes wait until the lease is re-taken");
             self.state.send_replace(LeaseState::Reacquiring);

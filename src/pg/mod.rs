@@ -5,9 +5,10 @@ pub mod dead_letters;
 pub mod hydrate;
 pub mod lease;
 pub mod local;
+pub(crate) mod sql;
 pub(crate) mod upsert;
 
-pub use upsert::upsert_sql;
+pub use sql::upsert_sql;
 
 use std::time::Duration;
 
@@ -46,10 +47,10 @@ pub enum DbError {
     #[error("DATABASE_URL is not a valid PostgreSQL connection string: {0}")]
     BadUrl(#[source] tokio_postgres::Error),
     /// A statement or connection failed.
-    #[error("database error: {0}")]
+    #[error("database error: {}", ErrorText(.0))]
     Postgres(#[from] tokio_postgres::Error),
     /// No pooled connection could be had.
-    #[error("database pool: {0}")]
+    #[error("database pool: {}", PoolErrorText(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
     /// A migration failed.
     #[error("migration failed: {0}")]
@@ -57,6 +58,47 @@ pub enum DbError {
     /// The database did not answer in time.
     #[error("the database did not answer within {0:?}")]
     Timeout(Duration),
+}
+
+/// Shows a database error with what the server said (severity, SQLSTATE,
+/// message, detail, hint) or, for a connection failure, its cause:
+/// `tokio_postgres::Error`'s own text is only "db error".
+pub struct ErrorText<'a>(pub &'a tokio_postgres::Error);
+
+impl std::fmt::Display for ErrorText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.as_db_error() {
+            Some(db) => {
+                write!(f, "{} {}: {}", db.severity(), db.code().code(), db.message())?;
+                if let Some(detail) = db.detail() {
+                    write!(f, " (detail: {detail})")?;
+                }
+                if let Some(hint) = db.hint() {
+                    write!(f, " (hint: {hint})")?;
+                }
+                Ok(())
+            }
+            None => {
+                write!(f, "{}", self.0)?;
+                if let Some(source) = std::error::Error::source(self.0) {
+                    write!(f, ": {source}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// [`ErrorText`] for a pool error (whose backend error it shows).
+pub struct PoolErrorText<'a>(pub &'a deadpool_postgres::PoolError);
+
+impl std::fmt::Display for PoolErrorText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            deadpool_postgres::PoolError::Backend(e) => ErrorText(e).fmt(f),
+            other => other.fmt(f),
+        }
+    }
 }
 
 /// Parses `DATABASE_URL` (URL or `key=value` form).

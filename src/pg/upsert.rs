@@ -1,30 +1,22 @@
 //! The batch write: per kind, one version-guarded upsert of all its rows
 //! through `unnest` of parallel arrays, all kinds of a batch in one
-//! transaction (DESIGN I3, I4).
+//! transaction, and a check that the table holds every row as written.
+//!
+//! A row the guard left unwritten (the table holds an equal version with
+//! other content, or a newer one) was written by someone else: the
+//! transaction is rolled back and the rows are reported as conflicts, never
+//! silently dropped. An equal version with the same content is this
+//! process's own earlier write (a retry after a commit whose answer was
+//! lost), and is fine.
 
 use std::error::Error as StdError;
 
 use bytes::BufMut;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 
-use crate::outbox::Batch;
+use super::sql;
+use crate::outbox::{Batch, Resolution};
 use crate::store::kind::{KindId, KindInfo};
-
-/// The upsert statement for a kind's table. A row applies only when its
-/// version is newer than the stored one, so replays, retries and
-/// out-of-order commits never move the database backwards (I4), and a
-/// tombstone is never undone by an older write (I6).
-pub fn upsert_sql(table: &str) -> String {
-    let table = super::quote_ident(table);
-    format!(
-        "INSERT INTO {table} AS t (id, version, deleted, data, updated_at) \
-         SELECT u.id, u.version, u.deleted, u.data, now() \
-         FROM unnest($1::text[], $2::int8[], $3::bool[], $4::jsonb[]) AS u(id, version, deleted, data) \
-         ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version, deleted = EXCLUDED.deleted, \
-         data = EXCLUDED.data, updated_at = EXCLUDED.updated_at \
-         WHERE t.version < EXCLUDED.version"
-    )
-}
 
 /// Serialized JSON sent as `jsonb` in binary form (a version byte, then the
 /// text), skipping a round trip through `serde_json::Value`.
@@ -69,11 +61,18 @@ pub(crate) struct KindRows {
     pub(crate) versions: Vec<i64>,
     pub(crate) deleted: Vec<bool>,
     pub(crate) data: Vec<Option<Jsonb>>,
+    /// The version each row expects the table to hold (compare-and-set).
+    pub(crate) bases: Vec<i64>,
+    /// Each row's index in the batch.
+    pub(crate) rows: Vec<usize>,
 }
 
 /// A batch ready to send: encoded once, reused by every retry.
 pub(crate) struct Encoded {
     pub(crate) kinds: Vec<KindRows>,
+    /// Entities whose unresolved dead letters this write resolves: per
+    /// kind and resolution, their ids.
+    pub(crate) resolve: Vec<(KindId, Resolution, Vec<String>)>,
 }
 
 /// A row whose entity could not be serialized.
@@ -83,18 +82,19 @@ pub(crate) struct EncodeError {
     pub(crate) error: serde_json::Error,
 }
 
-/// Encodes the rows of `batch` (or only those at `rows`) per kind.
-pub(crate) fn encode(
-    kinds: &[KindInfo],
-    batch: &Batch,
-    rows: impl Iterator<Item = usize>,
-) -> Result<Encoded, EncodeError> {
+fn version(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Encodes the rows of `batch` at `rows` per kind.
+pub(crate) fn encode(batch: &Batch, rows: impl Iterator<Item = usize>) -> Result<Encoded, EncodeError> {
     let mut order: Vec<usize> = rows.collect();
     order.sort_by(|&a, &b| {
         let (a, b) = (&batch.rows[a], &batch.rows[b]);
         a.kind.cmp(&b.kind).then_with(|| a.id.cmp(&b.id))
     });
     let mut out: Vec<KindRows> = Vec::new();
+    let mut resolve: Vec<(KindId, Resolution, Vec<String>)> = Vec::new();
     for index in order {
         let row = &batch.rows[index];
         if out.last().is_none_or(|k| k.kind != row.kind) {
@@ -104,6 +104,8 @@ pub(crate) fn encode(
                 versions: Vec::new(),
                 deleted: Vec::new(),
                 data: Vec::new(),
+                bases: Vec::new(),
+                rows: Vec::new(),
             });
         }
         let part = out.last_mut().expect("pushed above");
@@ -116,20 +118,36 @@ pub(crate) fn encode(
             None => None,
         };
         part.ids.push(row.id.to_string());
-        part.versions.push(i64::try_from(row.version).unwrap_or(i64::MAX));
+        part.versions.push(version(row.version));
         part.deleted.push(row.value.is_none());
         part.data.push(data);
+        part.bases.push(version(row.base));
+        part.rows.push(index);
+        if let Some(resolution) = row.resolves {
+            match resolve.iter_mut().find(|(kind, r, _)| *kind == row.kind && *r == resolution) {
+                Some((_, _, ids)) => ids.push(row.id.to_string()),
+                None => resolve.push((row.kind, resolution, vec![row.id.to_string()])),
+            }
+        }
     }
-    debug_assert!(out.iter().all(|k| k.kind < kinds.len()));
-    Ok(Encoded { kinds: out })
+    Ok(Encoded { kinds: out, resolve })
+}
+
+/// A row the table does not hold as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Mismatch {
+    /// Its index in the batch.
+    pub(crate) row: usize,
+    /// The version the table holds (`None`: no row).
+    pub(crate) database_version: Option<u64>,
 }
 
 /// Why a batch transaction failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum WriteError {
-    #[error("no database connection: {0}")]
+    #[error("no database connection: {}", super::PoolErrorText(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
-    #[error("{0}")]
+    #[error("{}", super::ErrorText(.0))]
     Postgres(#[from] tokio_postgres::Error),
     /// The attempt took longer than the server's statement timeout allows
     /// (the connection hung); it is abandoned and retried.
@@ -142,86 +160,108 @@ pub(crate) enum WriteError {
     /// The lease's epoch is not ours: another process owns the database.
     #[error("the single-writer lease moved to epoch {current:?} (ours is {ours}); not committing")]
     Fenced { ours: u64, current: Option<u64> },
+    /// Rows the table holds in a version this process did not write: the
+    /// transaction was rolled back.
+    #[error("{} row(s) conflict with versions written elsewhere", .0.len())]
+    Conflicts(Vec<Mismatch>),
+}
+
+/// How rows are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Version-guarded upsert: the normal flush.
+    Upsert,
+    /// Compare-and-set against each row's base: spill-file replay.
+    CompareAndSet,
 }
 
 /// SQL resolving the unresolved dead letters of entities written now.
-const RESOLVE_DEAD_LETTERS_SQL: &str = "UPDATE outbox_dead_letters SET resolved_at = now(), \
-     resolution = 'superseded by a newer version' \
+const RESOLVE_DEAD_LETTERS_SQL: &str = "UPDATE outbox_dead_letters SET resolved_at = now(), resolution = $3 \
      WHERE resolved_at IS NULL AND kind = $1 AND entity_id = ANY($2)";
 
-/// Writes an encoded batch in one transaction: first the fencing check
-/// (when `epoch` is given) pipelined with one upsert per kind, then the resolution of
-/// dead letters superseded by these rows (`resolve`: per kind, ids).
+/// Writes an encoded batch in one transaction: the fencing check (when
+/// `epoch` is given) pipelined with one write per kind, a check that every
+/// row is in the table as written, and the resolution of dead letters these
+/// rows supersede. With `commit` false, the transaction is rolled back at
+/// the end whatever happens (a probe: does the database accept these rows?).
 pub(crate) async fn write(
     client: &mut deadpool_postgres::Client,
     kinds: &[KindInfo],
     encoded: &Encoded,
     epoch: Option<u64>,
-    resolve: &[(KindId, Vec<String>)],
+    mode: Mode,
+    commit: bool,
 ) -> Result<(), WriteError> {
     let transaction = client.transaction().await?;
-    let mut upserts = Vec::with_capacity(encoded.kinds.len());
+    let mut statements = Vec::with_capacity(encoded.kinds.len());
     for part in &encoded.kinds {
-        upserts.push((transaction.prepare_cached(&kinds[part.kind].upsert_sql).await?, part));
+        let sql = sql::table(kinds[part.kind].table);
+        let text = match mode {
+            Mode::Upsert => &sql.upsert,
+            Mode::CompareAndSet => &sql.compare_and_set,
+        };
+        statements.push((transaction.prepare_cached(text).await?, part));
     }
-    let upsert = async {
-        for (statement, part) in &upserts {
-            transaction.execute(statement, &[&part.ids, &part.versions, &part.deleted, &part.data]).await?;
+    let writes = async {
+        let mut written = Vec::with_capacity(statements.len());
+        for (statement, part) in &statements {
+            let count = match mode {
+                Mode::Upsert => {
+                    transaction.execute(statement, &[&part.ids, &part.versions, &part.deleted, &part.data]).await?
+                }
+                Mode::CompareAndSet => {
+                    let params: [&(dyn ToSql + Sync); 5] =
+                        [&part.ids, &part.versions, &part.deleted, &part.data, &part.bases];
+                    transaction.query_one(statement, &params).await?.get::<_, i64>(0) as u64
+                }
+            };
+            written.push(count);
         }
-        Ok::<_, tokio_postgres::Error>(())
+        Ok::<_, tokio_postgres::Error>(written)
     };
-    match epoch {
+    let written = match epoch {
         Some(ours) => {
-            // The fencing check and the upserts are sent together
+            // The fencing check and the writes are sent together
             // (pipelined: one round trip less per batch); the server runs
             // them in order, and the transaction commits only if the epoch
             // read under the share lock is still ours.
             let fence = transaction.prepare_cached(super::lease::FENCE_SQL).await?;
             let check = transaction.query_opt(&fence, &[&super::lease::LEASE_NAME]);
-            let (current, upserted) = futures_util::future::join(check, upsert).await;
+            let (current, written) = futures_util::future::join(check, writes).await;
             // A lost lease comes first: a fenced process reports nothing
             // as refused (no dead letters), it stops.
             let current = current?.map(|row| row.get::<_, i64>(0) as u64);
             if current != Some(ours) {
                 return Err(WriteError::Fenced { ours, current });
             }
-            upserted?;
+            written?
         }
-        None => upsert.await?,
+        None => writes.await?,
+    };
+    // A short count means the table holds some rows otherwise: find them.
+    let mut mismatches = Vec::new();
+    for (part, count) in encoded.kinds.iter().zip(written) {
+        if count as usize == part.ids.len() {
+            continue;
+        }
+        let statement = transaction.prepare_cached(&sql::table(kinds[part.kind].table).mismatches).await?;
+        for row in transaction.query(&statement, &[&part.ids, &part.versions, &part.deleted, &part.data]).await? {
+            let position = row.get::<_, i64>(0) as usize;
+            let database_version = row.get::<_, Option<i64>>(1).map(|v| v.max(0) as u64);
+            mismatches.push(Mismatch { row: part.rows[position - 1], database_version });
+        }
     }
-    for (kind, ids) in resolve {
+    if !mismatches.is_empty() {
+        return Err(WriteError::Conflicts(mismatches));
+    }
+    for (kind, resolution, ids) in &encoded.resolve {
         let statement = transaction.prepare_cached(RESOLVE_DEAD_LETTERS_SQL).await?;
-        transaction.execute(&statement, &[&kinds[*kind].name, ids]).await?;
+        transaction.execute(&statement, &[&kinds[*kind].name, ids, &resolution.as_str()]).await?;
     }
-    transaction.commit().await?;
+    if commit {
+        transaction.commit().await?;
+    } else {
+        transaction.rollback().await?;
+    }
     Ok(())
-}
-
-/// Encodes spill records (by kind name) for one transaction. Fails on a
-/// kind this store does not know.
-pub(crate) fn encode_spilled(
-    kinds: &[KindInfo],
-    records: &[crate::outbox::spill::SpillRecord],
-) -> Result<Encoded, String> {
-    let mut parts: Vec<KindRows> = Vec::new();
-    let mut sorted: Vec<&crate::outbox::spill::SpillRecord> = records.iter().collect();
-    sorted.sort_by(|a, b| a.kind.cmp(&b.kind).then_with(|| a.id.cmp(&b.id)));
-    for record in sorted {
-        let kind = kinds
-            .iter()
-            .position(|k| k.name == record.kind)
-            .ok_or_else(|| format!("records of kind {:?}, which this server does not have", record.kind))?;
-        if parts.last().is_none_or(|p| p.kind != kind) {
-            parts.push(KindRows { kind, ids: Vec::new(), versions: Vec::new(), deleted: Vec::new(), data: Vec::new() });
-        }
-        let part = parts.last_mut().expect("pushed above");
-        part.ids.push(record.id.clone());
-        part.versions.push(i64::try_from(record.version).unwrap_or(i64::MAX));
-        part.deleted.push(record.deleted);
-        part.data.push(match (&record.data, record.deleted) {
-            (Some(value), false) => Some(Jsonb(serde_json::to_vec(value).map_err(|e| e.to_string())?)),
-            _ => None,
-        });
-    }
-    Ok(Encoded { kinds: parts })
 }

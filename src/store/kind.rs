@@ -86,13 +86,12 @@ pub(crate) struct KindInfo {
     pub(crate) type_id: TypeId,
     pub(crate) name: &'static str,
     pub(crate) table: &'static str,
-    pub(crate) upsert_sql: String,
-    pub(crate) select_sql: String,
     pub(crate) decode: Decode,
     pub(crate) mutations: Counter,
     pub(crate) coalesced: Counter,
     pub(crate) persisted: Counter,
     pub(crate) dead_letters: Counter,
+    pub(crate) conflicts: Counter,
     pub(crate) hydrated: Gauge,
 }
 
@@ -103,17 +102,16 @@ impl KindInfo {
             type_id: TypeId::of::<E>(),
             name: E::KIND,
             table: E::TABLE,
-            upsert_sql: crate::pg::upsert::upsert_sql(E::TABLE),
-            select_sql: crate::pg::hydrate::select_sql(E::TABLE),
             decode: decode::<E>,
             mutations: metrics::counter!(m::MUTATIONS_TOTAL, &labels),
             coalesced: metrics::counter!(m::COALESCED_TOTAL, &labels),
             persisted: metrics::counter!(m::PERSISTED_TOTAL, &labels),
             dead_letters: metrics::counter!(m::DEAD_LETTERS_TOTAL, &labels),
+            conflicts: metrics::counter!(m::CONFLICTS_TOTAL, &labels),
             hydrated: metrics::gauge!(m::HYDRATED_ENTITIES, &labels),
         };
         // Register every series at zero so it exists from the first scrape.
-        for counter in [&kind.mutations, &kind.coalesced, &kind.persisted, &kind.dead_letters] {
+        for counter in [&kind.mutations, &kind.coalesced, &kind.persisted, &kind.dead_letters, &kind.conflicts] {
             counter.increment(0);
         }
         kind.hydrated.set(0.0);

@@ -22,10 +22,13 @@
 //! pointers under the lock and serializes outside it. It is a std lock, not
 //! a Tokio one, because nothing awaits while holding it.
 
+mod change_set;
 pub(crate) mod kind;
+mod persist;
+pub(crate) mod quarantine;
 
 use std::any::TypeId;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::fmt;
 use std::ops::Deref;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -33,23 +36,20 @@ use std::time::{Duration, Instant};
 
 use metrics::Counter;
 
+pub use change_set::ChangeSet;
 pub use kind::{Entity, Index};
 use kind::{ErasedIndex, KindId, KindInfo, Stored, TypedIndex, downcast};
+pub(crate) use persist::{LoadedMember, LoadedSet, Unwritten};
+use quarantine::QuarantineBook;
 
 use crate::metrics as m;
-use crate::outbox::spill::SpillRecord;
 use crate::outbox::{
-    Batch, DirtyRecord, EntityKey, Ledger, OutboxReceiver, OutboxSnapshot, Quarantined, Ticket, TicketError,
-    TicketShared, Track, Waiter,
+    EntityKey, Ledger, OutboxReceiver, OutboxSnapshot, Ticket, TicketShared, Track, Waiter, push_waiter,
 };
 
 /// The `Retry-After` hint given when the queue is full: time for the worker
 /// to write a few batches.
 pub const QUEUE_FULL_RETRY_AFTER: Duration = Duration::from_secs(1);
-
-/// Change sets larger than this index their staged entities in a map
-/// instead of scanning them.
-const STAGED_SCAN_LIMIT: usize = 16;
 
 /// An entity and the version it has in the store.
 pub struct Versioned<E> {
@@ -159,7 +159,7 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
-    fn occupies(&self) -> bool {
+    pub(crate) fn occupies(&self) -> bool {
         self.track.as_ref().is_some_and(|t| t.occupies())
     }
 }
@@ -177,9 +177,10 @@ pub(crate) struct State {
     pub(crate) indexes: Vec<Vec<Box<dyn ErasedIndex>>>,
     pub(crate) ledger: Ledger,
     pub(crate) closed: bool,
-    /// Entities with an unresolved dead letter: the write of a newer
-    /// version resolves it in the same transaction.
-    pub(crate) dead_lettered: HashSet<EntityKey>,
+    /// Quarantined change sets: their members are written together with
+    /// any later change of one of them, which resolves their dead letters
+    /// in the same transaction.
+    pub(crate) quarantine: QuarantineBook,
 }
 
 pub(crate) struct Shared {
@@ -252,7 +253,7 @@ impl StoreBuilder {
         }
         let shared = Shared {
             kinds: self.kinds,
-            state: RwLock::new(State { tables, indexes, ledger, closed: false, dead_lettered: HashSet::new() }),
+            state: RwLock::new(State { tables, indexes, ledger, closed: false, quarantine: QuarantineBook::default() }),
             rejected_queue_full: metrics::counter!(m::REJECTED_TOTAL, "reason" => "queue_full"),
             health: Default::default(),
         };
@@ -317,11 +318,10 @@ impl Store {
         if guard.closed {
             return Err(ApplyError::Refused(Refusal::Closed));
         }
-        let (value, staged, watched) = {
-            let mut set =
-                ChangeSet { kinds, state: &guard, staged: Vec::new(), index: HashMap::new(), watched: Vec::new() };
+        let (value, staged, watched, resolution) = {
+            let mut set = ChangeSet::new(kinds, &guard);
             let value = change(&mut set).map_err(ApplyError::Failed)?;
-            (value, set.staged, set.watched)
+            (value, set.staged, set.watched, set.resolution)
         };
         if staged.is_empty() {
             let ticket = want_ticket.then(|| watch_only(&mut guard, &watched));
@@ -329,9 +329,14 @@ impl Store {
         }
         let state = &mut *guard;
 
-        // Reserve room (I2) before touching anything.
-        // Staged under this same lock, so `occupied` is still true.
-        let newly_occupying = staged.iter().filter(|s| !s.occupied).count();
+        // A quarantined set stays whole: changing one of its members writes
+        // the current state of all of them with this change set.
+        let siblings = quarantined_siblings(state, &staged);
+
+        // Reserve room before touching anything. Staged under this same
+        // lock, so `occupied` is still true.
+        let newly_occupying = staged.iter().filter(|s| !s.occupied).count()
+            + siblings.iter().filter(|(kind, id)| !state.tables[*kind].get(id).is_some_and(Slot::occupies)).count();
         if newly_occupying > state.ledger.capacity {
             return Err(ApplyError::Refused(Refusal::TooLarge {
                 entities: newly_occupying,
@@ -347,23 +352,29 @@ impl Store {
         }
 
         let now = Instant::now();
-        // Watched entities the change set does not also change, and that
-        // still have something unwritten: the ticket waits for them too.
+        // Watched entities the change set does not also write: the ticket
+        // waits for those still unwritten, and fails for a quarantined one.
+        let mut watched_failure = None;
         let watched = if want_ticket {
-            watched
-                .into_iter()
-                .filter(|(kind, id)| !staged.iter().any(|s| s.kind == *kind && s.id == *id))
-                .filter_map(|(kind, id)| {
-                    let slot = state.tables[kind].get(&id).filter(|slot| slot.occupies())?;
-                    Some((kind, id.clone(), slot.version))
-                })
-                .collect()
+            let mut targets = Vec::new();
+            for key in watched {
+                if staged.iter().any(|s| s.kind == key.0 && s.id == key.1) || siblings.contains(&key) {
+                    continue;
+                }
+                match watch_target(state, &key) {
+                    Watch::Wait(version) => targets.push((key.0, key.1, version)),
+                    Watch::Durable => {}
+                    Watch::Failed(error) => watched_failure = Some(error),
+                }
+            }
+            targets
         } else {
             Vec::new()
         };
         let ticket = want_ticket.then(|| TicketShared::new(staged.len() + watched.len()));
         for s in &staged {
             let kind = &kinds[s.kind];
+            let base = state.quarantine.member(&(s.kind, s.id.clone())).map(|m| m.base);
             let slot = state.tables[s.kind].entry(s.id.clone()).or_insert_with(|| Slot {
                 value: None,
                 version: 0,
@@ -372,9 +383,12 @@ impl Store {
             for index in &mut state.indexes[s.kind] {
                 index.update(&s.id, slot.value.as_deref(), s.value.as_deref());
             }
+            let previous = slot.version;
             slot.version = s.version;
             slot.value = s.value.clone();
-            let track = slot.track.get_or_insert_with(Box::default);
+            let track = slot
+                .track
+                .get_or_insert_with(|| Box::new(Track { base: base.unwrap_or(previous), ..Track::default() }));
             if !track.occupies() {
                 state.ledger.depth += 1;
             }
@@ -385,15 +399,27 @@ impl Store {
             }
             kind.mutations.increment(1);
             if let Some((shared, _)) = &ticket {
-                track.waiters.push(Waiter { target: s.version, ticket: shared.clone() });
+                push_waiter(&mut track.waiters, Waiter::new(s.version, shared));
             }
         }
-        if staged.len() > 1 {
-            let members: Vec<EntityKey> = staged.iter().map(|s| (s.kind, s.id.clone())).collect();
+        for key in &siblings {
+            mark_pending(state, key, now);
+        }
+        if let Some(resolution) = resolution {
+            for s in &staged {
+                state.quarantine.resolve_as(&(s.kind, s.id.clone()), resolution);
+            }
+        }
+        if staged.len() + siblings.len() > 1 {
+            let mut members: Vec<EntityKey> = staged.iter().map(|s| (s.kind, s.id.clone())).collect();
+            members.extend(siblings);
             group(state, &members);
         }
         if let Some((shared, _)) = &ticket {
             add_waiters(state, watched, shared);
+            if let Some(error) = watched_failure {
+                shared.fail(error);
+            }
         }
         Ok((value, ticket.map(|(_, ticket)| ticket)))
     }
@@ -430,287 +456,42 @@ impl Store {
     pub fn is_closed(&self) -> bool {
         self.read_state().closed
     }
+}
 
-    /// Makes room for `additional` more entities of a kind (before
-    /// hydration).
-    pub(crate) fn reserve(&self, kind: KindId, additional: usize) {
-        let mut guard = self.write_state();
-        guard.tables[kind].reserve(additional);
-        for index in &mut guard.indexes[kind] {
-            index.reserve(additional);
-        }
+/// What a durable caller watching an entity it did not change waits for.
+enum Watch {
+    /// Nothing of it is unwritten.
+    Durable,
+    /// This version of it is still to be committed.
+    Wait(u64),
+    /// It is quarantined: its state is not durable.
+    Failed(crate::outbox::TicketError),
+}
+
+fn watch_target(state: &State, key: &EntityKey) -> Watch {
+    let Some(slot) = state.tables[key.0].get(&key.1) else { return Watch::Durable };
+    if slot.occupies() {
+        return Watch::Wait(slot.version);
     }
-
-    /// Loads entities read from the database at start-up: no outbox
-    /// record, the database already has them. A row never replaces a newer
-    /// version already in memory.
-    pub(crate) fn hydrate(&self, kind: KindId, rows: Vec<HydratedRow>) {
-        let mut guard = self.write_state();
-        let state = &mut *guard;
-        let table = &mut state.tables[kind];
-        for (id, version, value) in rows {
-            let slot = table.entry(id.clone()).or_insert_with(|| Slot { value: None, version: 0, track: None });
-            if slot.track.is_some() {
-                // Hydration precedes every change; an entity changed already
-                // keeps its newer, unwritten state.
-                tracing::warn!(kind = self.shared.kinds[kind].name, id = %id, "hydrating over an entity changed in memory; memory kept");
-                continue;
-            }
-            if slot.version < version {
-                for index in &mut state.indexes[kind] {
-                    index.update(&id, slot.value.as_deref(), value.as_deref());
-                }
-                slot.version = version;
-                slot.value = value;
-            }
-        }
-    }
-
-    /// Takes whole groups of pending entities, oldest first, until
-    /// `max_rows` rows (a group is never split, so a batch may exceed it by
-    /// one group). Records whose group has an entity still being written wait
-    /// at the front of `backlog` until that batch finishes.
-    pub(crate) fn take_batch(
-        &self,
-        receiver: &OutboxReceiver,
-        backlog: &mut VecDeque<DirtyRecord>,
-        max_rows: usize,
-    ) -> (Batch, usize) {
-        let mut guard = self.write_state();
-        // Drained under the lock: afterwards no record of an entity taken
-        // below can still be in the channel (see `Ledger::new`).
-        backlog.extend(receiver.records.try_iter());
-        let state = &mut *guard;
-        let mut batch = Batch::default();
-        let mut blocked = Vec::new();
-        while batch.rows.len() < max_rows {
-            let Some(record) = backlog.pop_front() else { break };
-            let Some(pending) = state.tables[record.kind]
-                .get(&record.id)
-                .and_then(|slot| slot.track.as_ref())
-                .and_then(|track| track.pending)
-                .filter(|pending| pending.seq == record.seq)
-            else {
-                continue; // stale: taken earlier with its group
-            };
-            let members = match pending.group {
-                Some(group) => state.ledger.groups.get(&group).cloned().unwrap_or_default(),
-                None => vec![(record.kind, record.id.clone())],
-            };
-            let in_flight = members.iter().any(|(kind, id)| {
-                state.tables[*kind].get(id).and_then(|s| s.track.as_ref()).is_some_and(|t| t.in_flight.is_some())
-            });
-            if in_flight {
-                blocked.push(record);
-                continue;
-            }
-            if let Some(group) = pending.group {
-                state.ledger.groups.remove(&group);
-            }
-            let start = batch.rows.len();
-            for (kind, id) in members {
-                let Some(slot) = state.tables[kind].get_mut(&id) else { continue };
-                let Some(track) = slot.track.as_mut() else { continue };
-                let Some(pending) = track.pending.take() else { continue };
-                track.in_flight = Some(slot.version);
-                let dead_lettered =
-                    !state.dead_lettered.is_empty() && state.dead_lettered.contains(&(kind, id.clone()));
-                batch.rows.push(crate::outbox::Row {
-                    kind,
-                    id,
-                    version: slot.version,
-                    value: slot.value.clone(),
-                    seq: pending.seq,
-                    since: pending.since,
-                    dead_lettered,
-                });
-            }
-            batch.groups.push(start..batch.rows.len());
-        }
-        let still_blocked = blocked.len();
-        for record in blocked.into_iter().rev() {
-            backlog.push_front(record);
-        }
-        (batch, still_blocked)
-    }
-
-    /// A batch committed: its versions are durable. Clears what it wrote,
-    /// resolves the tickets it satisfies, and settles lag.
-    ///
-    /// Rows of `quarantined` groups were refused for good and are in the
-    /// dead-letter table: they stop occupying the queue (the entity stays
-    /// live in memory), their tickets fail with the cause, and a newer
-    /// version of them is written normally and resolves the dead letter.
-    pub(crate) fn commit(&self, batch: &Batch, quarantined: &[Quarantined]) {
-        let now = Instant::now();
-        let mut persisted = vec![0u64; self.shared.kinds.len()];
-        let mut dead = vec![0u64; self.shared.kinds.len()];
-        let latency = metrics::histogram!(m::PERSIST_LATENCY);
-        let mut guard = self.write_state();
-        let state = &mut *guard;
-        for (index, row) in batch.rows.iter().enumerate() {
-            let refused = quarantined.iter().find(|q| q.rows.contains(&index));
-            state.ledger.settle(row.seq);
-            let key = (row.kind, row.id.clone());
-            match refused {
-                None => {
-                    persisted[row.kind] += 1;
-                    latency.record(now.saturating_duration_since(row.since).as_secs_f64());
-                    if row.dead_lettered {
-                        state.dead_lettered.remove(&key);
-                    }
-                }
-                Some(_) => {
-                    dead[row.kind] += 1;
-                    state.dead_lettered.insert(key);
-                }
-            }
-            let Some(slot) = state.tables[row.kind].get_mut(&row.id) else { continue };
-            let Some(track) = slot.track.as_mut() else { continue };
-            debug_assert_eq!(track.in_flight, Some(row.version), "a batch commits what it took");
-            track.in_flight = None;
-            track.waiters.retain(|waiter| {
-                if waiter.target > row.version {
-                    return true;
-                }
-                match refused {
-                    None => waiter.ticket.arrive(),
-                    Some(q) => waiter.ticket.fail(q.error.clone()),
-                }
-                false
-            });
-            if track.pending.is_none() {
-                state.ledger.depth -= 1;
-                if track.waiters.is_empty() {
-                    slot.track = None;
-                }
-            }
-        }
-        drop(guard);
-        for ((kind, count), dead) in self.shared.kinds.iter().zip(persisted).zip(dead) {
-            if count > 0 {
-                kind.persisted.increment(count);
-            }
-            if dead > 0 {
-                kind.dead_letters.increment(dead);
-            }
-        }
-    }
-
-    /// Kind and table of every kind, in registration order.
-    pub fn tables(&self) -> Vec<(&'static str, &'static str)> {
-        self.shared.kinds.iter().map(|k| (k.name, k.table)).collect()
-    }
-
-    /// Notes that an entity has an unresolved dead letter (loaded at
-    /// start-up), so that writing a newer version resolves it.
-    pub(crate) fn mark_dead_lettered(&self, kind: &str, id: &str) {
-        if let Some(kind) = self.shared.kinds.iter().position(|k| k.name == kind) {
-            self.write_state().dead_lettered.insert((kind, Arc::from(id)));
-        }
-    }
-
-    /// Forgets an entity's dead letter (replayed or discarded by an
-    /// operator).
-    pub fn forget_dead_letter(&self, kind: &str, id: &str) {
-        if let Some(kind) = self.shared.kinds.iter().position(|k| k.name == kind) {
-            self.write_state().dead_lettered.remove(&(kind, Arc::from(id)));
-        }
-    }
-
-    /// The newest state of every entity not yet written (pending or in a
-    /// batch that did not commit), for a spill file.
-    pub fn unwritten(&self) -> Vec<SpillRecord> {
-        let guard = self.read_state();
-        let mut records = Vec::new();
-        for (kind, table) in guard.tables.iter().enumerate() {
-            for (id, slot) in table {
-                if !slot.occupies() {
-                    continue;
-                }
-                let data = match &slot.value {
-                    None => None,
-                    Some(value) => {
-                        let mut json = Vec::new();
-                        match value.write_json(&mut json).map(|()| serde_json::from_slice(&json)) {
-                            Ok(Ok(value)) => Some(value),
-                            Ok(Err(e)) | Err(e) => {
-                                // Written as null it would replay as a live
-                                // entity without data; it cannot be kept.
-                                tracing::error!(kind = self.shared.kinds[kind].name, id = %id, version = slot.version,
-                                    error = %e, "an unwritten entity cannot be serialized; it is left out of the spill file");
-                                continue;
-                            }
-                        }
-                    }
-                };
-                records.push(SpillRecord {
-                    kind: self.shared.kinds[kind].name.to_owned(),
-                    id: id.to_string(),
-                    version: slot.version,
-                    deleted: slot.value.is_none(),
-                    data,
-                });
-            }
-        }
-        records
-    }
-
-    /// Records for every pending mark, for the drain's safety sweep.
-    pub(crate) fn pending_records(&self) -> Vec<DirtyRecord> {
-        let guard = self.read_state();
-        let mut records = Vec::new();
-        for (kind, table) in guard.tables.iter().enumerate() {
-            for (id, slot) in table {
-                if let Some(pending) = slot.track.as_ref().and_then(|t| t.pending) {
-                    records.push(DirtyRecord { kind, id: id.clone(), seq: pending.seq });
-                }
-            }
-        }
-        records
-    }
-
-    /// Fails every ticket still waiting: this process will write nothing
-    /// more (the drain deadline passed).
-    pub(crate) fn fail_waiters(&self) {
-        let mut guard = self.write_state();
-        for table in guard.tables.iter_mut() {
-            for slot in table.values_mut() {
-                if let Some(track) = slot.track.as_mut() {
-                    for waiter in track.waiters.drain(..) {
-                        waiter.ticket.fail(TicketError::Abandoned);
-                    }
-                }
-            }
-        }
-    }
-
-    /// The batch's rows will never be written by this process (the drain
-    /// deadline passed): their tickets fail. The rows stay in flight; the
-    /// caller reports or spills them.
-    pub(crate) fn abandon(&self, batch: &Batch) {
-        let mut guard = self.write_state();
-        for row in &batch.rows {
-            if let Some(track) = guard.tables[row.kind].get_mut(&row.id).and_then(|s| s.track.as_mut()) {
-                for waiter in track.waiters.drain(..) {
-                    waiter.ticket.fail(TicketError::Abandoned);
-                }
-            }
-        }
+    match state.quarantine.set_of(key) {
+        Some(set) => Watch::Failed(set.error.clone()),
+        None => Watch::Durable,
     }
 }
 
 /// A ticket for a change set that changed nothing but asked to wait for
 /// the entities it read (`ChangeSet::watch`): it resolves once their current
-/// versions are committed (at once when none is pending).
+/// versions are committed (at once when none is pending), and fails if one
+/// of them is quarantined.
 fn watch_only(state: &mut State, watched: &[EntityKey]) -> Ticket {
-    let targets: Vec<(KindId, Arc<str>, u64)> = watched
-        .iter()
-        .filter_map(|(kind, id)| {
-            let slot = state.tables[*kind].get(id).filter(|slot| slot.occupies())?;
-            Some((*kind, id.clone(), slot.version))
-        })
-        .collect();
+    let mut targets = Vec::new();
+    for key in watched {
+        match watch_target(state, key) {
+            Watch::Durable => {}
+            Watch::Wait(version) => targets.push((key.0, key.1.clone(), version)),
+            Watch::Failed(error) => return Ticket::failed(error),
+        }
+    }
     if targets.is_empty() {
         return Ticket::done();
     }
@@ -724,14 +505,55 @@ fn watch_only(state: &mut State, watched: &[EntityKey]) -> Ticket {
 fn add_waiters(state: &mut State, targets: Vec<(KindId, Arc<str>, u64)>, ticket: &Arc<TicketShared>) {
     for (kind, id, version) in targets {
         if let Some(track) = state.tables[kind].get_mut(&id).and_then(|s| s.track.as_mut()) {
-            track.waiters.push(Waiter { target: version, ticket: ticket.clone() });
+            push_waiter(&mut track.waiters, Waiter::new(version, ticket));
         }
+    }
+}
+
+/// The members of the quarantined sets that `staged` touches, other than
+/// the staged entities themselves.
+fn quarantined_siblings(state: &State, staged: &[change_set::Staged]) -> Vec<EntityKey> {
+    if state.quarantine.is_empty() {
+        return Vec::new();
+    }
+    let mut sets = Vec::new();
+    for s in staged {
+        if let Some(member) = state.quarantine.member(&(s.kind, s.id.clone()))
+            && !sets.contains(&member.set)
+        {
+            sets.push(member.set);
+        }
+    }
+    let mut siblings = Vec::new();
+    for set in sets {
+        for key in state.quarantine.set(set).map(|s| s.members.as_slice()).unwrap_or_default() {
+            if !staged.iter().any(|s| s.kind == key.0 && s.id == key.1) && !siblings.contains(key) {
+                siblings.push(key.clone());
+            }
+        }
+    }
+    siblings
+}
+
+/// Gives an entity a pending mark (it must be written again) without
+/// changing it: members of a quarantined set written with a change of
+/// another member. Counts it in the queue's depth if it did not occupy it.
+pub(crate) fn mark_pending(state: &mut State, (kind, id): &EntityKey, now: Instant) {
+    let base = state.quarantine.member(&(*kind, id.clone())).map(|m| m.base);
+    let Some(slot) = state.tables[*kind].get_mut(id) else { return };
+    let version = slot.version;
+    let track = slot.track.get_or_insert_with(|| Box::new(Track { base: base.unwrap_or(version), ..Track::default() }));
+    if !track.occupies() {
+        state.ledger.depth += 1;
+    }
+    if track.pending.is_none() {
+        track.pending = Some(state.ledger.mark(*kind, id, now));
     }
 }
 
 /// Puts the pending marks of `members` (changed together) into one group,
 /// merging the groups they were in.
-fn group(state: &mut State, members: &[EntityKey]) {
+pub(crate) fn group(state: &mut State, members: &[EntityKey]) {
     let group_of = |state: &State, (kind, id): &EntityKey| {
         state.tables[*kind].get(id).and_then(|s| s.track.as_ref()).and_then(|t| t.pending).and_then(|p| p.group)
     };
@@ -758,150 +580,10 @@ fn group(state: &mut State, members: &[EntityKey]) {
     state.ledger.groups.entry(target).or_default().extend(joining);
 }
 
-struct Staged {
-    kind: KindId,
-    id: Arc<str>,
-    value: Option<Arc<dyn Stored>>,
-    version: u64,
-    /// The entity occupied the queue when staged.
-    occupied: bool,
-}
-
-/// The changes of one [`Store::apply`], staged until its closure returns.
-/// Reads through it see its own staged changes.
-pub struct ChangeSet<'a> {
-    kinds: &'a [KindInfo],
-    state: &'a State,
-    staged: Vec<Staged>,
-    /// Positions in `staged`, used once it outgrows a linear scan.
-    index: HashMap<(KindId, Arc<str>), usize>,
-    /// Entities read but not changed whose durability a ticket waits for.
-    watched: Vec<EntityKey>,
-}
-
-impl ChangeSet<'_> {
-    fn staged_position(&self, kind: KindId, id: &str) -> Option<usize> {
-        if self.staged.len() <= STAGED_SCAN_LIMIT {
-            self.staged.iter().position(|s| s.kind == kind && &*s.id == id)
-        } else {
-            self.index.get(&(kind, Arc::from(id))).copied()
-        }
-    }
-
-    /// The entity's current value and version, staged changes included.
-    fn current(&self, kind: KindId, id: &str) -> (Option<&Arc<dyn Stored>>, u64) {
-        if let Some(position) = self.staged_position(kind, id) {
-            let staged = &self.staged[position];
-            return (staged.value.as_ref(), staged.version);
-        }
-        match self.state.tables[kind].get(id) {
-            Some(slot) => (slot.value.as_ref(), slot.version),
-            None => (None, 0),
-        }
-    }
-
-    /// Stages a new value (or a tombstone) and returns the version it gets:
-    /// one more than the version before this change set, however often the
-    /// change set touches it.
-    fn stage(&mut self, kind: KindId, id: &str, value: Option<Arc<dyn Stored>>) -> u64 {
-        if let Some(position) = self.staged_position(kind, id) {
-            let staged = &mut self.staged[position];
-            staged.value = value;
-            return staged.version;
-        }
-        // Share the table's key when the entity exists: no allocation.
-        let (id, version, occupied) = match self.state.tables[kind].get_key_value(id) {
-            Some((key, slot)) => (key.clone(), slot.version + 1, slot.occupies()),
-            None => (Arc::from(id), 1, false),
-        };
-        self.staged.push(Staged { kind, id: id.clone(), value, version, occupied });
-        if self.staged.len() > STAGED_SCAN_LIMIT {
-            if self.index.is_empty() {
-                self.index = self.staged.iter().enumerate().map(|(i, s)| ((s.kind, s.id.clone()), i)).collect();
-            } else {
-                self.index.insert((kind, id), self.staged.len() - 1);
-            }
-        }
-        version
-    }
-
-    /// The live entity `id`, as this change set would leave it so far.
-    pub fn get<E: Entity>(&self, id: &str) -> Option<Versioned<E>> {
-        let kind = kind_id_of::<E>(self.kinds);
-        match self.current(kind, id) {
-            (Some(value), version) => Some(Versioned { version, value: downcast::<E>(value) }),
-            (None, _) => None,
-        }
-    }
-
-    /// Whether `id` is live.
-    pub fn contains<E: Entity>(&self, id: &str) -> bool {
-        self.current(kind_id_of::<E>(self.kinds), id).0.is_some()
-    }
-
-    /// Asks a durable caller's ticket to also wait until the current
-    /// version of `id` is committed, without changing it: for requests that
-    /// turn out to change nothing (an idempotent repeat) but whose answer
-    /// shows state that may still be pending.
-    pub fn watch<E: Entity>(&mut self, id: &str) {
-        self.watched.push((kind_id_of::<E>(self.kinds), Arc::from(id)));
-    }
-
-    /// A read-only view of the store as it was before this change set.
-    pub fn view(&self) -> View<'_> {
-        View { kinds: self.kinds, state: self.state }
-    }
-
-    /// Creates an entity; refused if its id is live. A deleted id may be
-    /// created again: its version continues from the tombstone's.
-    pub fn insert<E: Entity>(&mut self, entity: E) -> Result<Versioned<E>, StoreError> {
-        let kind = kind_id_of::<E>(self.kinds);
-        if self.current(kind, entity.id()).0.is_some() {
-            return Err(StoreError::AlreadyExists { kind: E::KIND, id: entity.id().to_owned() });
-        }
-        Ok(self.put(kind, entity))
-    }
-
-    /// Creates or replaces an entity.
-    pub fn upsert<E: Entity>(&mut self, entity: E) -> Result<Versioned<E>, StoreError> {
-        Ok(self.put(kind_id_of::<E>(self.kinds), entity))
-    }
-
-    fn put<E: Entity>(&mut self, kind: KindId, entity: E) -> Versioned<E> {
-        let value = Arc::new(entity);
-        let version = self.stage(kind, value.id(), Some(value.clone() as Arc<dyn Stored>));
-        Versioned { version, value }
-    }
-
-    /// Changes a live entity in place; refused if it is absent or deleted.
-    pub fn update<E: Entity>(&mut self, id: &str, change: impl FnOnce(&mut E)) -> Result<Versioned<E>, StoreError> {
-        let kind = kind_id_of::<E>(self.kinds);
-        let Some(current) = self.current(kind, id).0 else {
-            return Err(StoreError::NotFound { kind: E::KIND, id: id.to_owned() });
-        };
-        let mut entity = E::clone(&downcast::<E>(current));
-        change(&mut entity);
-        if entity.id() != id {
-            return Err(StoreError::IdChanged { kind: E::KIND, id: id.to_owned(), new_id: entity.id().to_owned() });
-        }
-        Ok(self.put(kind, entity))
-    }
-
-    /// Deletes a live entity, leaving a versioned tombstone (I6); refused if
-    /// it is absent or already deleted. Returns the tombstone's version.
-    pub fn delete<E: Entity>(&mut self, id: &str) -> Result<u64, StoreError> {
-        let kind = kind_id_of::<E>(self.kinds);
-        if self.current(kind, id).0.is_none() {
-            return Err(StoreError::NotFound { kind: E::KIND, id: id.to_owned() });
-        }
-        Ok(self.stage(kind, id, None))
-    }
-}
-
 /// A consistent, read-only view of the store.
 pub struct View<'a> {
-    kinds: &'a [KindInfo],
-    state: &'a State,
+    pub(crate) kinds: &'a [KindInfo],
+    pub(crate) state: &'a State,
 }
 
 impl View<'_> {

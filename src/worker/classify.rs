@@ -11,8 +11,9 @@ use deadpool_postgres::PoolError;
 pub enum ErrorClass {
     /// The database is away, busy or conflicted: retry with backoff, forever.
     Transient,
-    /// The data itself is refused (SQLSTATE classes 22 and 23): isolate and
-    /// quarantine the failing records.
+    /// The data itself is refused (SQLSTATE classes 21 cardinality, 22
+    /// data, 23 integrity, 54 program limit, e.g. an index row too large):
+    /// isolate and quarantine the failing records.
     Permanent,
     /// The schema does not fit (class 42, e.g. a missing column): retry
     /// with backoff, never dead-letter; an operator must fix the schema.
@@ -52,6 +53,13 @@ pub fn classify_sqlstate(code: &str) -> Classified {
         _ if code.starts_with("53") => (Transient, "other"),
         _ if code.starts_with("22") => (Permanent, "data"),
         _ if code.starts_with("23") => (Permanent, "constraint"),
+        // A row the database cannot take (too large for an index, too many
+        // columns), or a command affecting a row twice: the data, not the
+        // database, must change.
+        _ if code.starts_with("54") => (Permanent, "data"),
+        _ if code.starts_with("21") => (Permanent, "data"),
+        // Not enough memory or disk, or the server in trouble: it may pass.
+        _ if code.starts_with("58") || code.starts_with("55") || code.starts_with("25") => (Transient, "other"),
         _ if code.starts_with("42") => (Schema, "schema"),
         _ => return Classified { class: Transient, error_type: "other", sqlstate, unknown: true },
     };
@@ -120,6 +128,11 @@ mod tests {
             ("23514", ErrorClass::Permanent, "constraint"),
             ("42703", ErrorClass::Schema, "schema"),
             ("42P01", ErrorClass::Schema, "schema"),
+            ("54000", ErrorClass::Permanent, "data"),
+            ("54001", ErrorClass::Permanent, "data"),
+            ("21000", ErrorClass::Permanent, "data"),
+            ("55P03", ErrorClass::Transient, "other"),
+            ("58030", ErrorClass::Transient, "other"),
         ] {
             let classified = classify_sqlstate(code);
             assert_eq!((classified.class, classified.error_type), (class, label), "{code}");

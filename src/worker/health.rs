@@ -1,9 +1,17 @@
-//! What the worker last saw of the database, for `GET /api/outbox/status`.
+//! What this process last saw of the database, kept in memory so that
+//! `/readyz` and `GET /api/outbox/status` answer at once, whatever state
+//! the database is in (they never take a pooled connection).
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use super::classify::{Classified, ErrorClass};
+
+/// An attempt without an answer for this long is reported as the last
+/// error (the database may hang: stopped, or a network cut).
+const STALLED_AFTER: Duration = Duration::from_secs(2);
 
 /// The last flush error, without secrets (database messages name tables,
 /// columns and values, never connection passwords).
@@ -24,43 +32,99 @@ pub struct LastError {
 /// A snapshot of [`Health`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HealthSnapshot {
-    /// Whether the last flush attempt reached the database (`None` before
-    /// the first attempt).
+    /// Whether the last flush attempt or health check reached the database
+    /// (`None` before the first).
     pub db_up: Option<bool>,
     /// When the last batch committed.
     pub last_success: Option<SystemTime>,
-    /// The last failure.
+    /// The last failure, or the attempt under way when it has had no
+    /// answer for a while.
     pub last_error: Option<LastError>,
+    /// Unresolved dead letters, as last counted in the database.
+    pub dead_letters: Option<i64>,
 }
 
-/// The persistence health, updated by the writers.
+#[derive(Debug, Default)]
+struct State {
+    snapshot: HealthSnapshot,
+    /// Database calls under way (flush attempts, health checks), by id,
+    /// with when they started.
+    under_way: BTreeMap<u64, (SystemTime, &'static str)>,
+}
+
+/// The persistence health, updated by the writers and the health check.
 #[derive(Debug, Default)]
 pub struct Health {
     /// `std::sync::Mutex`: held for an assignment or a clone.
-    state: Mutex<HealthSnapshot>,
+    state: Mutex<State>,
+    next_call: AtomicU64,
+}
+
+/// A database call under way; dropping it says it ended.
+pub(crate) struct UnderWay<'a> {
+    health: &'a Health,
+    id: u64,
+}
+
+impl Drop for UnderWay<'_> {
+    fn drop(&mut self) {
+        self.health.lock().under_way.remove(&self.id);
+    }
 }
 
 impl Health {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// A copy of the current state.
     pub fn snapshot(&self) -> HealthSnapshot {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        let state = self.lock();
+        let mut snapshot = state.snapshot.clone();
+        let now = SystemTime::now();
+        if let Some((started, what)) = state.under_way.values().min_by_key(|(started, _)| *started)
+            && let Ok(waited) = now.duration_since(*started)
+            && waited >= STALLED_AFTER
+            && snapshot.last_error.as_ref().is_none_or(|e| e.at < *started)
+        {
+            snapshot.last_error = Some(LastError {
+                class: "transient",
+                error_type: "timeout",
+                sqlstate: None,
+                message: format!("{what} has had no answer from the database for {} s", waited.as_secs()),
+                at: now,
+            });
+        }
+        snapshot
+    }
+
+    /// A database call starts (`what` names it in the status).
+    pub(crate) fn under_way(&self, what: &'static str) -> UnderWay<'_> {
+        let id = self.next_call.fetch_add(1, Ordering::Relaxed);
+        self.lock().under_way.insert(id, (SystemTime::now(), what));
+        UnderWay { health: self, id }
     }
 
     pub(crate) fn success(&self, at: SystemTime) {
-        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        state.db_up = Some(true);
-        state.last_success = Some(at);
+        let mut state = self.lock();
+        state.snapshot.db_up = Some(true);
+        state.snapshot.last_success = Some(at);
     }
 
     /// A health check reached the database, or did not.
     pub(crate) fn reachable(&self, up: bool) {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).db_up = Some(up);
+        self.lock().snapshot.db_up = Some(up);
+    }
+
+    /// The unresolved dead letters were counted.
+    pub(crate) fn dead_letters(&self, count: i64) {
+        self.lock().snapshot.dead_letters = Some(count);
     }
 
     pub(crate) fn failure(&self, classified: &Classified, reached_database: bool, message: String) {
-        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        state.db_up = Some(reached_database);
-        state.last_error = Some(LastError {
+        let mut state = self.lock();
+        state.snapshot.db_up = Some(reached_database);
+        state.snapshot.last_error = Some(LastError {
             class: match classified.class {
                 ErrorClass::Transient => "transient",
                 ErrorClass::Permanent => "permanent",

@@ -19,44 +19,32 @@
 //!   and the report says what was left unwritten.
 
 pub mod classify;
+pub(crate) mod flush;
 pub mod health;
 
 use std::collections::VecDeque;
-use std::ops::Range;
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
 use crossbeam_channel::{Receiver, Sender, select};
 use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, info_span, warn};
+use tracing::{debug, error, info};
 
 use crate::metrics as m;
-use crate::outbox::{Batch, DirtyRecord, OutboxReceiver, Quarantined, TicketError};
-use crate::pg;
-use crate::pg::DbError;
-use crate::pg::dead_letters::{self, NewDeadLetter};
-use crate::pg::lease::{Lease, LeaseState};
-use crate::pg::upsert::{self, Encoded, WriteError};
+use crate::outbox::{Batch, DirtyRecord, OutboxReceiver};
+use crate::pg::lease::Lease;
+use crate::pg::upsert::Mode;
 use crate::store::Store;
-use crate::store::kind::KindId;
-use classify::{Classified, ErrorClass, classify_pool, classify_postgres};
+use flush::{Flusher, Outcome};
 
 /// How often the coordinator refreshes the depth and lag gauges.
 const GAUGE_INTERVAL: Duration = Duration::from_millis(500);
 
-/// Longest one flush attempt may take before it is given up and retried:
-/// past the server's own statement timeout.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(pg::STATEMENT_TIMEOUT.as_secs() + 5);
-
 /// Batches a writer holds at once: the one it writes and the next.
 const WRITER_DEPTH: usize = 2;
-
-/// First pause after a failed flush; it doubles up to the configured cap.
-const RETRY_MIN_DELAY: Duration = Duration::from_millis(50);
 
 /// How the worker batches and retries.
 #[derive(Debug, Clone)]
@@ -127,14 +115,6 @@ struct Completion {
     outcome: Outcome,
 }
 
-/// How a batch ended.
-enum Outcome {
-    /// Committed, except for the groups quarantined as dead letters.
-    Committed(Vec<Quarantined>),
-    /// Not written: the drain deadline passed or the lease was lost.
-    Abandoned,
-}
-
 /// A running worker. Dropping it without [`drain`](Self::drain) leaves the
 /// coordinator running until the store is dropped.
 pub struct Worker {
@@ -165,13 +145,17 @@ impl Worker {
             let (tx, rx) = mpsc::unbounded_channel();
             batch_senders.push(tx);
             let writer = Writer {
-                index,
-                store: store.clone(),
-                pool: pool.clone(),
-                lease: lease.clone(),
+                flusher: Flusher {
+                    store: store.clone(),
+                    pool: pool.clone(),
+                    lease: lease.clone(),
+                    retry_max_delay: config.retry_max_delay,
+                    abort: abort.clone(),
+                    mode: Mode::Upsert,
+                    name: "writer",
+                    index,
+                },
                 discard: config.discard,
-                retry_max_delay: config.retry_max_delay,
-                abort: abort.clone(),
                 done: done_tx.clone(),
             };
             tokio::spawn(writer.run(rx));
@@ -407,24 +391,12 @@ impl Coordinator {
     }
 }
 
+/// A writer task: writes the batches the coordinator hands it, one at a
+/// time, on its own database connection.
 struct Writer {
-    index: usize,
-    store: Store,
-    pool: Pool,
-    lease: Option<Arc<Lease>>,
+    flusher: Flusher,
     discard: bool,
-    retry_max_delay: Duration,
-    abort: CancellationToken,
     done: Sender<Completion>,
-}
-
-/// Why a write stopped short of committing.
-enum Failure {
-    /// The database refuses these rows for good (or they cannot be
-    /// encoded): isolate and quarantine.
-    Permanent { classified: Classified, message: String },
-    /// The drain deadline passed, or the lease was lost: write nothing more.
-    Stop,
 }
 
 impl Writer {
@@ -432,293 +404,13 @@ impl Writer {
         loop {
             let batch = tokio::select! {
                 batch = batches.recv() => match batch { Some(batch) => batch, None => return },
-                _ = self.abort.cancelled() => return,
+                _ = self.flusher.abort.cancelled() => return,
             };
-            let outcome = self.flush(&batch).await;
-            if self.done.send(Completion { writer: self.index, batch, outcome }).is_err() {
+            m::batch_taken(batch.rows.len());
+            let outcome = if self.discard { Outcome::Committed(Vec::new()) } else { self.flusher.flush(&batch).await };
+            if self.done.send(Completion { writer: self.flusher.index, batch, outcome }).is_err() {
                 return;
             }
-        }
-    }
-
-    /// Writes `batch` until it commits, isolating and quarantining groups
-    /// the database refuses for good (I8), or until the drain deadline or a
-    /// lost lease stops it.
-    async fn flush(&self, batch: &Batch) -> Outcome {
-        let span = info_span!("flush", writer = self.index, rows = batch.rows.len(), groups = batch.groups.len());
-        let _entered = span.enter();
-        m::batch_taken(batch.rows.len());
-        if self.discard {
-            return Outcome::Committed(Vec::new());
-        }
-        let quarantined = match self.write_groups(batch, &batch.groups, 1).await {
-            Ok(quarantined) => quarantined,
-            Err(()) => return Outcome::Abandoned,
-        };
-        if quarantined.is_empty() {
-            return Outcome::Committed(Vec::new());
-        }
-        match self.record_dead_letters(batch, &quarantined).await {
-            Ok(()) => Outcome::Committed(quarantined.into_iter().map(|(q, _)| q).collect()),
-            Err(()) => Outcome::Abandoned,
-        }
-    }
-
-    /// Writes the rows of `groups` in one transaction; when the database
-    /// refuses them for good, splits the groups in halves (never a group
-    /// itself: a change set is never split) until the refused groups are
-    /// isolated, and commits the rest. Returns the refused groups with the
-    /// number of attempts that included them.
-    async fn write_groups(
-        &self,
-        batch: &Batch,
-        groups: &[Range<usize>],
-        attempts: i32,
-    ) -> Result<Vec<(Quarantined, i32)>, ()> {
-        let rows: Vec<usize> = groups.iter().flat_map(Clone::clone).collect();
-        match self.write_rows(batch, &rows).await {
-            Ok(()) => Ok(Vec::new()),
-            Err(Failure::Stop) => Err(()),
-            Err(Failure::Permanent { classified, message }) if groups.len() == 1 => {
-                let kinds = self.store.kinds();
-                let first = &batch.rows[groups[0].start];
-                error!(
-                    kind = kinds[first.kind].name, id = %first.id, version = first.version,
-                    rows = groups[0].len(), sqlstate = ?classified.sqlstate, error = %message,
-                    "the database refuses a change set for good; quarantining it as dead letters"
-                );
-                let error = TicketError::Quarantined {
-                    kind: kinds[first.kind].name.to_owned(),
-                    id: first.id.to_string(),
-                    version: first.version,
-                    sqlstate: classified.sqlstate.clone(),
-                    message: message.clone(),
-                };
-                Ok(vec![(Quarantined { rows: groups[0].clone(), error }, attempts)])
-            }
-            Err(Failure::Permanent { .. }) => {
-                let (left, right) = groups.split_at(groups.len() / 2);
-                debug!(left = left.len(), right = right.len(), "splitting a refused batch");
-                let mut refused = Box::pin(self.write_groups(batch, left, attempts + 1)).await?;
-                refused.extend(Box::pin(self.write_groups(batch, right, attempts + 1)).await?);
-                Ok(refused)
-            }
-        }
-    }
-
-    /// Writes `rows` of `batch` in one transaction, retrying transient and
-    /// schema failures with capped, jittered backoff without a limit on
-    /// attempts (I7).
-    async fn write_rows(&self, batch: &Batch, rows: &[usize]) -> Result<(), Failure> {
-        let kinds = self.store.kinds();
-        let encoded = match upsert::encode(kinds, batch, rows.iter().copied()) {
-            Ok(encoded) => encoded,
-            Err(e) => {
-                let row = &batch.rows[e.row];
-                return Err(Failure::Permanent {
-                    classified: Classified {
-                        class: ErrorClass::Permanent,
-                        error_type: "data",
-                        sqlstate: None,
-                        unknown: false,
-                    },
-                    message: format!("{} {} cannot be serialized: {}", kinds[row.kind].name, row.id, e.error),
-                });
-            }
-        };
-        let mut resolve: Vec<(KindId, Vec<String>)> = Vec::new();
-        for &index in rows {
-            let row = &batch.rows[index];
-            if row.dead_lettered {
-                match resolve.iter_mut().find(|(kind, _)| *kind == row.kind) {
-                    Some((_, ids)) => ids.push(row.id.to_string()),
-                    None => resolve.push((row.kind, vec![row.id.to_string()])),
-                }
-            }
-        }
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(RETRY_MIN_DELAY)
-            .with_max_delay(self.retry_max_delay)
-            .with_jitter()
-            .without_max_times();
-        let cap = self.retry_max_delay;
-        let attempt = || self.attempt(&encoded, &resolve, rows.len());
-        let retried = attempt
-            .retry(backoff)
-            .sleep(tokio::time::sleep)
-            .when(|e: &WriteError| match e {
-                WriteError::Fenced { .. } => false,
-                e => classify_write(e).class != ErrorClass::Permanent,
-            })
-            .adjust(move |_, delay| delay.map(|d| d.min(cap)))
-            .notify(|e: &WriteError, delay| {
-                let classified = classify_write(e);
-                m::retry_scheduled();
-                let delay_ms = delay.as_millis() as u64;
-                if classified.unknown {
-                    error!(error = %e, rows = rows.len(), delay_ms, "flush failed with an unrecognized error; retrying as transient");
-                } else if classified.class == ErrorClass::Schema {
-                    error!(error = %e, sqlstate = ?classified.sqlstate, rows = rows.len(), delay_ms,
-                        "flush failed: the schema does not fit (an operator must fix it); data waits and is retried");
-                } else {
-                    warn!(error = %e, error_type = classified.error_type, sqlstate = ?classified.sqlstate,
-                        rows = rows.len(), delay_ms, "flush failed; retrying");
-                }
-            });
-        let result = tokio::select! {
-            result = retried => result,
-            _ = self.abort.cancelled() => {
-                warn!(rows = rows.len(), "drain deadline passed; batch abandoned");
-                return Err(Failure::Stop);
-            }
-        };
-        match result {
-            Ok(()) => Ok(()),
-            Err(WriteError::Fenced { current, .. }) => {
-                if let Some(lease) = &self.lease {
-                    lease.fenced(current);
-                }
-                Err(Failure::Stop)
-            }
-            Err(e) => {
-                let classified = classify_write(&e);
-                let message = match &e {
-                    WriteError::Postgres(pg) => {
-                        pg.as_db_error().map_or_else(|| e.to_string(), |db| db.message().to_owned())
-                    }
-                    _ => e.to_string(),
-                };
-                Err(Failure::Permanent { classified, message })
-            }
-        }
-    }
-
-    async fn attempt(
-        &self,
-        encoded: &Encoded,
-        resolve: &[(KindId, Vec<String>)],
-        rows: usize,
-    ) -> Result<(), WriteError> {
-        let started = Instant::now();
-        let result = async {
-            // Flush only under the lease; while it is being re-taken (the
-            // database went away) the attempt fails like any other
-            // connection failure, and is counted and retried.
-            let epoch = match &self.lease {
-                Some(lease) => match lease.state() {
-                    LeaseState::Held(epoch) => Some(epoch),
-                    LeaseState::Reacquiring => return Err(WriteError::LeaseUnavailable),
-                    LeaseState::Lost => return Err(WriteError::Fenced { ours: lease.epoch(), current: None }),
-                },
-                None => None,
-            };
-            let mut client = self.pool.get().await?;
-            // The server ends a stuck statement after STATEMENT_TIMEOUT; a
-            // connection that hangs without an answer is given up here.
-            tokio::time::timeout(
-                ATTEMPT_TIMEOUT,
-                upsert::write(&mut client, self.store.kinds(), encoded, epoch, resolve),
-            )
-            .await
-            .unwrap_or(Err(WriteError::TimedOut(ATTEMPT_TIMEOUT)))
-        }
-        .await;
-        let elapsed = started.elapsed();
-        match &result {
-            Ok(()) => {
-                m::flush_committed(elapsed);
-                self.store.health().success(SystemTime::now());
-                debug!(rows, elapsed_us = elapsed.as_micros() as u64, "batch committed");
-            }
-            Err(WriteError::Fenced { .. }) => m::flush_fenced(elapsed),
-            Err(e) => {
-                let classified = classify_write(e);
-                let reached_database = classified.sqlstate.is_some() && classified.error_type != "connection";
-                m::flush_failed(elapsed, classified.error_type, reached_database);
-                self.store.health().failure(&classified, reached_database, e.to_string());
-            }
-        }
-        result
-    }
-
-    /// Writes the dead letters of refused groups, retrying until it
-    /// succeeds (or the drain deadline stops it): a record is only ever
-    /// dropped from the queue once it is in the dead-letter table.
-    async fn record_dead_letters(&self, batch: &Batch, refused: &[(Quarantined, i32)]) -> Result<(), ()> {
-        let kinds = self.store.kinds();
-        let mut letters = Vec::new();
-        for (quarantined, attempts) in refused {
-            let TicketError::Quarantined { sqlstate, message, .. } = &quarantined.error else { continue };
-            for index in quarantined.rows.clone() {
-                let row = &batch.rows[index];
-                let payload = row.value.as_ref().and_then(|value| {
-                    let mut json = Vec::new();
-                    value.write_json(&mut json).ok().map(|()| json)
-                });
-                letters.push(NewDeadLetter {
-                    kind: kinds[row.kind].name,
-                    entity_id: row.id.to_string(),
-                    version: i64::try_from(row.version).unwrap_or(i64::MAX),
-                    payload,
-                    deleted: row.value.is_none(),
-                    sqlstate: sqlstate.clone(),
-                    message: message.clone(),
-                    attempts: *attempts,
-                });
-            }
-        }
-        let mut delay = RETRY_MIN_DELAY;
-        loop {
-            let recorded = tokio::select! {
-                recorded = tokio::time::timeout(ATTEMPT_TIMEOUT, dead_letters::record(&self.pool, &letters)) => recorded,
-                _ = self.abort.cancelled() => return Err(()),
-            };
-            let error = match recorded {
-                Ok(Ok(())) => {
-                    if let Ok(count) = dead_letters::count_unresolved(&self.pool).await {
-                        m::dead_letters_unresolved(count);
-                    }
-                    return Ok(());
-                }
-                Ok(Err(e)) => e,
-                Err(_) => DbError::Timeout(ATTEMPT_TIMEOUT),
-            };
-            let permanent = match &error {
-                DbError::Postgres(e) => classify_postgres(e).class == ErrorClass::Permanent,
-                _ => false,
-            };
-            if permanent && letters.iter().any(|l| l.payload.is_some()) {
-                // The payload itself is refused (it is what the database
-                // refused in the first place): keep the dead letters without
-                // it rather than never keeping them.
-                error!(error = %error, records = letters.len(), "dead-letter payloads are refused too; recording them without payload");
-                for letter in &mut letters {
-                    letter.payload = None;
-                    letter.message = format!("{} (payload not storable: {error})", letter.message);
-                }
-                continue;
-            }
-            error!(error = %error, records = letters.len(), "cannot write dead letters; retrying");
-            if self.abort.run_until_cancelled(tokio::time::sleep(delay)).await.is_none() {
-                return Err(());
-            }
-            delay = (delay * 2).min(self.retry_max_delay);
-        }
-    }
-}
-
-fn classify_write(error: &WriteError) -> Classified {
-    match error {
-        WriteError::Pool(e) => classify_pool(e),
-        WriteError::Postgres(e) => classify_postgres(e),
-        WriteError::TimedOut(_) => {
-            Classified { class: ErrorClass::Transient, error_type: "timeout", sqlstate: None, unknown: false }
-        }
-        WriteError::LeaseUnavailable => {
-            Classified { class: ErrorClass::Transient, error_type: "connection", sqlstate: None, unknown: false }
-        }
-        WriteError::Fenced { .. } => {
-            Classified { class: ErrorClass::Transient, error_type: "other", sqlstate: None, unknown: false }
         }
     }
 }

@@ -1,7 +1,6 @@
-//! The engine: a store with its worker, started in the order of DESIGN I9
-//! (lease, spill replay, hydration) and stopped in the order of I10 (drain,
-//! then spill what could not be written). What a server holds for its
-//! lifetime.
+//! The engine: a store with its worker, started in order (lease, spill
+//! replay, hydration, quarantined sets) and stopped in order (drain, then
+//! spill what could not be written). What a server holds for its lifetime.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,15 +15,22 @@ use crate::outbox::OutboxReceiver;
 use crate::outbox::spill::{self, SpillError};
 use crate::pg::hydrate::{HydrateError, HydrationReport, hydrate};
 use crate::pg::lease::{Lease, LeaseState};
-use crate::pg::upsert::{self, WriteError};
 use crate::pg::{DbError, dead_letters};
 use crate::store::Store;
-use crate::worker::classify::{ErrorClass, classify_postgres};
 use crate::worker::{DrainReport, Worker, WorkerConfig};
+
+pub mod operator;
+mod spilling;
+mod startup;
+
+use startup::{load_quarantine, replay_spill};
 
 /// How often the database is checked (and the unresolved dead letters
 /// counted) while the engine runs, idle or not.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How long one health check may take.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Longest pause between two attempts of a start-up step that needs the
 /// database.
@@ -43,11 +49,21 @@ pub struct EngineConfig {
     pub lease: bool,
     /// This process's name in the lease row and logs.
     pub holder: String,
+    /// Wait while another process holds the lease (a server); when false,
+    /// start-up fails at once with [`EngineError::LeaseHeld`] (a one-off
+    /// command).
+    pub wait_for_lease: bool,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { worker: WorkerConfig::default(), spill_dir: None, lease: true, holder: default_holder() }
+        Self {
+            worker: WorkerConfig::default(),
+            spill_dir: None,
+            lease: true,
+            holder: default_holder(),
+            wait_for_lease: true,
+        }
     }
 }
 
@@ -74,6 +90,13 @@ pub enum EngineError {
     /// The lease was lost while replaying a spill file.
     #[error("the single-writer lease was taken by another process during start-up")]
     LeaseLost,
+    /// Another process holds the lease, and the engine was asked not to
+    /// wait for it.
+    #[error("the single-writer lease is held by {holder}: a server is running on this database")]
+    LeaseHeld {
+        /// The holder's name.
+        holder: String,
+    },
     /// Hydration failed.
     #[error(transparent)]
     Hydrate(#[from] HydrateError),
@@ -100,6 +123,7 @@ impl ShutdownReport {
 /// A hydrated store with its worker.
 pub struct Engine {
     store: Store,
+    pool: Pool,
     worker: Worker,
     lease: Option<Arc<Lease>>,
     spill_dir: Option<PathBuf>,
@@ -122,7 +146,9 @@ impl Engine {
         progress: &(dyn Fn(&str) + Sync),
     ) -> Result<Option<(Self, HydrationReport)>, EngineError> {
         let background = cancel.child_token();
-        let lease = if config.lease {
+        let lease = if !config.lease {
+            None
+        } else if config.wait_for_lease {
             progress("taking the single-writer lease");
             let acquired = retry_startup("lease", cancel, || {
                 Lease::acquire(db_config, &config.holder, cancel, |holder| {
@@ -131,16 +157,30 @@ impl Engine {
             })
             .await;
             let Some(Some(lease)) = acquired else { return Ok(None) };
-            tokio::spawn(lease.clone().keep(background.clone()));
             Some(lease)
         } else {
-            None
+            let attempt = retry_startup("lease", cancel, || Lease::try_acquire(db_config, &config.holder)).await;
+            match attempt {
+                None => return Ok(None),
+                Some(Err(holder)) => return Err(EngineError::LeaseHeld { holder }),
+                Some(Ok(lease)) => Some(lease),
+            }
         };
+        if let Some(lease) = &lease {
+            tokio::spawn(lease.clone().keep(background.clone()));
+        }
 
         if let Some(dir) = &config.spill_dir {
-            for path in spill::list(dir)? {
+            let listed = {
+                let dir = dir.clone();
+                tokio::task::spawn_blocking(move || spill::list(&dir))
+                    .await
+                    .expect("listing spill files does not panic")
+            };
+            for path in listed? {
                 progress(&format!("replaying spill file {}", path.display()));
-                if !replay_spill(&store, &pool, lease.as_deref(), &path, cancel).await? {
+                let replay = replay_spill(&store, &pool, lease.clone(), &path, config.worker.retry_max_delay, cancel);
+                if !replay.await? {
                     return Ok(None);
                 }
             }
@@ -150,21 +190,21 @@ impl Engine {
         let Some(report) = retry_hydrate(&store, &pool, cancel).await? else { return Ok(None) };
         info!(entities = report.total, elapsed_ms = report.elapsed.as_millis() as u64, "hydration finished");
 
-        let Some(keys) = retry_startup("dead letters", cancel, || dead_letters::unresolved_keys(&pool)).await else {
+        progress("loading quarantined change sets");
+        let Some(letters) = retry_startup("dead letters", cancel, || dead_letters::all_unresolved(&pool)).await else {
             return Ok(None);
         };
-        for (kind, id) in &keys {
-            store.mark_dead_lettered(kind, id);
+        m::dead_letters_unresolved(letters.len() as i64);
+        store.health().dead_letters(letters.len() as i64);
+        if !letters.is_empty() {
+            warn!(dead_letters = letters.len(), "unresolved dead letters are waiting for an operator");
         }
-        m::dead_letters_unresolved(keys.len() as i64);
-        if !keys.is_empty() {
-            warn!(dead_letters = keys.len(), "unresolved dead letters are waiting for an operator");
-        }
+        load_quarantine(&store, letters);
         m::engine_started();
         tokio::spawn(watch_database(store.clone(), pool.clone(), background.clone()));
 
-        let worker = Worker::start(store.clone(), receiver, pool, config.worker, lease.clone());
-        Ok(Some((Self { store, worker, lease, spill_dir: config.spill_dir, background }, report)))
+        let worker = Worker::start(store.clone(), receiver, pool.clone(), config.worker, lease.clone());
+        Ok(Some((Self { store, pool, worker, lease, spill_dir: config.spill_dir, background }, report)))
     }
 
     /// The store.
@@ -181,33 +221,22 @@ impl Engine {
         }
     }
 
-    /// Stops taking changes and writes everything pending within `deadline`
-    /// (I10). What is still unwritten then (the database is away, or the
-    /// lease was lost) goes to a spill file, replayed at the next start.
+    /// The database pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Stops taking changes and writes everything pending within `deadline`.
+    /// What is still unwritten then (the database is away, or the lease was
+    /// lost) goes to a spill file, replayed at the next start.
     pub async fn shutdown(self, deadline: Duration) -> ShutdownReport {
         let lease_lost = self.lease.as_ref().is_some_and(|l| l.state() == LeaseState::Lost);
         let drain = self.worker.drain(deadline).await;
         let mut spilled = None;
         if !drain.complete() {
-            let records = self.store.unwritten();
-            match &self.spill_dir {
-                Some(dir) if !records.is_empty() => {
-                    let reason = if lease_lost { "lease lost" } else { "drain deadline passed" };
-                    match spill::write(dir, reason, &records) {
-                        Ok(path) => {
-                            m::spilled(records.len());
-                            error!(records = records.len(), path = %path.display(), reason,
-                                "spilled unwritten changes to a file; the next start replays them");
-                            spilled = Some((records.len(), path));
-                        }
-                        Err(e) => {
-                            error!(error = %e, records = records.len(), "could not write the spill file; these changes are lost")
-                        }
-                    }
-                }
-                Some(_) => {}
-                None => error!(records = records.len(), "no spill folder: unwritten changes are lost"),
-            }
+            let reason = if lease_lost { "lease lost" } else { "drain deadline passed" };
+            let epoch = self.lease.as_ref().map(|lease| lease.epoch());
+            spilled = spilling::spill(&self.store, self.spill_dir.as_deref(), reason, epoch).await;
         }
         self.background.cancel();
         if let Some(lease) = &self.lease {
@@ -215,49 +244,6 @@ impl Engine {
         }
         ShutdownReport { drain, spilled, lease_lost }
     }
-}
-
-/// Replays one spill file in one transaction (fenced by the lease) and
-/// removes it after the commit. `Ok(false)`: cancelled.
-async fn replay_spill(
-    store: &Store,
-    pool: &Pool,
-    lease: Option<&Lease>,
-    path: &std::path::Path,
-    cancel: &CancellationToken,
-) -> Result<bool, EngineError> {
-    let records = spill::read(path)?;
-    let encoded = upsert::encode_spilled(store.kinds(), &records)
-        .map_err(|reason| EngineError::SpillContent { path: path.to_path_buf(), reason })?;
-    let epoch = lease.map(Lease::epoch);
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let attempt = async {
-            let mut client = pool.get().await?;
-            upsert::write(&mut client, store.kinds(), &encoded, epoch, &[]).await
-        }
-        .await;
-        match attempt {
-            Ok(()) => break,
-            Err(WriteError::Fenced { .. }) => return Err(EngineError::LeaseLost),
-            Err(WriteError::Postgres(e)) if classify_postgres(&e).class == ErrorClass::Permanent => {
-                return Err(EngineError::SpillContent {
-                    path: path.to_path_buf(),
-                    reason: format!("the database refuses its records: {e}"),
-                });
-            }
-            Err(e) => {
-                error!(error = %e, path = %path.display(), "cannot replay the spill file yet; retrying");
-                if cancel.run_until_cancelled(tokio::time::sleep(delay)).await.is_none() {
-                    return Ok(false);
-                }
-                delay = (delay * 2).min(STARTUP_RETRY_MAX);
-            }
-        }
-    }
-    spill::remove(path)?;
-    info!(records = records.len(), path = %path.display(), "replayed and removed a spill file");
-    Ok(true)
 }
 
 async fn retry_hydrate(
@@ -320,14 +306,16 @@ async fn watch_database(store: Store, pool: Pool, cancel: CancellationToken) {
         if cancel.run_until_cancelled(tokio::time::sleep(HEALTH_INTERVAL)).await.is_none() {
             return;
         }
-        let up = matches!(tokio::time::timeout(Duration::from_secs(2), crate::pg::ping(&pool)).await, Ok(Ok(())));
+        let checked = {
+            let _under_way = store.health().under_way("a health check");
+            tokio::time::timeout(HEALTH_TIMEOUT, crate::pg::ping(&pool)).await
+        };
+        let up = matches!(checked, Ok(Ok(())));
         m::database_reachable(up);
         store.health().reachable(up);
-        if up
-            && let Ok(Ok(count)) =
-                tokio::time::timeout(Duration::from_secs(2), dead_letters::count_unresolved(&pool)).await
-        {
+        if up && let Ok(Ok(count)) = tokio::time::timeout(HEALTH_TIMEOUT, dead_letters::count_unresolved(&pool)).await {
             m::dead_letters_unresolved(count);
+            store.health().dead_letters(count);
         }
     }
 }

@@ -1,0 +1,191 @@
+//! [`ChangeSet`]: the changes of one [`Store::apply`](super::Store::apply),
+//! staged until its closure returns. Reads through it see its own staged
+//! changes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::kind::{KindId, KindInfo, Stored, downcast};
+use super::{State, StoreError, Versioned, View, kind_id_of};
+use crate::outbox::{EntityKey, Resolution};
+use crate::store::Entity;
+
+/// Change sets larger than this index their staged entities in a map
+/// instead of scanning them.
+const STAGED_SCAN_LIMIT: usize = 16;
+
+pub(super) struct Staged {
+    pub(super) kind: KindId,
+    pub(super) id: Arc<str>,
+    pub(super) value: Option<Arc<dyn Stored>>,
+    pub(super) version: u64,
+    /// The entity occupied the queue when staged.
+    pub(super) occupied: bool,
+}
+
+/// The changes of one [`Store::apply`](super::Store::apply), staged until
+/// its closure returns. Reads through it see its own staged changes.
+pub struct ChangeSet<'a> {
+    pub(super) kinds: &'a [KindInfo],
+    pub(super) state: &'a State,
+    pub(super) staged: Vec<Staged>,
+    /// Positions in `staged`, used once it outgrows a linear scan.
+    index: HashMap<(KindId, Arc<str>), usize>,
+    /// Entities read but not changed whose durability a ticket waits for.
+    pub(super) watched: Vec<EntityKey>,
+    /// Set by an operator's replay or discard: how the dead letters of the
+    /// quarantined sets this change set touches are resolved.
+    pub(super) resolution: Option<Resolution>,
+}
+
+impl<'a> ChangeSet<'a> {
+    pub(super) fn new(kinds: &'a [KindInfo], state: &'a State) -> Self {
+        Self { kinds, state, staged: Vec::new(), index: HashMap::new(), watched: Vec::new(), resolution: None }
+    }
+
+    fn staged_position(&self, kind: KindId, id: &str) -> Option<usize> {
+        if self.staged.len() <= STAGED_SCAN_LIMIT {
+            self.staged.iter().position(|s| s.kind == kind && &*s.id == id)
+        } else {
+            self.index.get(&(kind, Arc::from(id))).copied()
+        }
+    }
+
+    /// The entity's current value and version, staged changes included.
+    fn current(&self, kind: KindId, id: &str) -> (Option<&Arc<dyn Stored>>, u64) {
+        if let Some(position) = self.staged_position(kind, id) {
+            let staged = &self.staged[position];
+            return (staged.value.as_ref(), staged.version);
+        }
+        match self.state.tables[kind].get(id) {
+            Some(slot) => (slot.value.as_ref(), slot.version),
+            None => (None, 0),
+        }
+    }
+
+    /// Stages a new value (or a tombstone) and returns the version it gets:
+    /// one more than the version before this change set (at least
+    /// `at_least`), however often the change set touches it.
+    fn stage(&mut self, kind: KindId, id: &str, value: Option<Arc<dyn Stored>>, at_least: u64) -> u64 {
+        if let Some(position) = self.staged_position(kind, id) {
+            let staged = &mut self.staged[position];
+            staged.value = value;
+            staged.version = staged.version.max(at_least);
+            return staged.version;
+        }
+        // Share the table's key when the entity exists: no allocation.
+        let (id, version, occupied) = match self.state.tables[kind].get_key_value(id) {
+            Some((key, slot)) => (key.clone(), slot.version + 1, slot.occupies()),
+            None => (Arc::from(id), 1, false),
+        };
+        let version = version.max(at_least);
+        self.staged.push(Staged { kind, id: id.clone(), value, version, occupied });
+        if self.staged.len() > STAGED_SCAN_LIMIT {
+            if self.index.is_empty() {
+                self.index = self.staged.iter().enumerate().map(|(i, s)| ((s.kind, s.id.clone()), i)).collect();
+            } else {
+                self.index.insert((kind, id), self.staged.len() - 1);
+            }
+        }
+        version
+    }
+
+    /// The live entity `id`, as this change set would leave it so far.
+    pub fn get<E: Entity>(&self, id: &str) -> Option<Versioned<E>> {
+        let kind = kind_id_of::<E>(self.kinds);
+        match self.current(kind, id) {
+            (Some(value), version) => Some(Versioned { version, value: downcast::<E>(value) }),
+            (None, _) => None,
+        }
+    }
+
+    /// Whether `id` is live.
+    pub fn contains<E: Entity>(&self, id: &str) -> bool {
+        self.current(kind_id_of::<E>(self.kinds), id).0.is_some()
+    }
+
+    /// Asks a durable caller's ticket to also wait until the current
+    /// version of `id` is committed, without changing it: for requests that
+    /// turn out to change nothing (an idempotent repeat) but whose answer
+    /// shows state that may still be pending. If `id` is quarantined, the
+    /// ticket fails with the reason: its state is not durable.
+    pub fn watch<E: Entity>(&mut self, id: &str) {
+        self.watched.push((kind_id_of::<E>(self.kinds), Arc::from(id)));
+    }
+
+    /// A read-only view of the store as it was before this change set.
+    pub fn view(&self) -> View<'_> {
+        View { kinds: self.kinds, state: self.state }
+    }
+
+    /// Creates an entity; refused if its id is live. A deleted id may be
+    /// created again: its version continues from the tombstone's.
+    pub fn insert<E: Entity>(&mut self, entity: E) -> Result<Versioned<E>, StoreError> {
+        let kind = kind_id_of::<E>(self.kinds);
+        if self.current(kind, entity.id()).0.is_some() {
+            return Err(StoreError::AlreadyExists { kind: E::KIND, id: entity.id().to_owned() });
+        }
+        Ok(self.put(kind, entity))
+    }
+
+    /// Creates or replaces an entity.
+    pub fn upsert<E: Entity>(&mut self, entity: E) -> Result<Versioned<E>, StoreError> {
+        Ok(self.put(kind_id_of::<E>(self.kinds), entity))
+    }
+
+    fn put<E: Entity>(&mut self, kind: KindId, entity: E) -> Versioned<E> {
+        let value = Arc::new(entity);
+        let version = self.stage(kind, value.id(), Some(value.clone() as Arc<dyn Stored>), 0);
+        Versioned { version, value }
+    }
+
+    /// Changes a live entity in place; refused if it is absent or deleted.
+    pub fn update<E: Entity>(&mut self, id: &str, change: impl FnOnce(&mut E)) -> Result<Versioned<E>, StoreError> {
+        let kind = kind_id_of::<E>(self.kinds);
+        let Some(current) = self.current(kind, id).0 else {
+            return Err(StoreError::NotFound { kind: E::KIND, id: id.to_owned() });
+        };
+        let mut entity = E::clone(&downcast::<E>(current));
+        change(&mut entity);
+        if entity.id() != id {
+            return Err(StoreError::IdChanged { kind: E::KIND, id: id.to_owned(), new_id: entity.id().to_owned() });
+        }
+        Ok(self.put(kind, entity))
+    }
+
+    /// Deletes a live entity, leaving a versioned tombstone; refused if it
+    /// is absent or already deleted. Returns the tombstone's version.
+    pub fn delete<E: Entity>(&mut self, id: &str) -> Result<u64, StoreError> {
+        let kind = kind_id_of::<E>(self.kinds);
+        if self.current(kind, id).0.is_none() {
+            return Err(StoreError::NotFound { kind: E::KIND, id: id.to_owned() });
+        }
+        Ok(self.stage(kind, id, None, 0))
+    }
+
+    /// The type-erased current value and version of an entity (operator
+    /// actions work across kinds).
+    pub(crate) fn current_erased(&self, kind: KindId, id: &str) -> (Option<Arc<dyn Stored>>, u64) {
+        let (value, version) = self.current(kind, id);
+        (value.cloned(), version)
+    }
+
+    /// Stages a type-erased value (`None`: a tombstone) at a version of at
+    /// least `at_least`: for operator actions, whose versions continue above
+    /// both memory's and the database's.
+    pub(crate) fn put_erased(&mut self, kind: KindId, id: &str, value: Option<Arc<dyn Stored>>, at_least: u64) -> u64 {
+        self.stage(kind, id, value, at_least)
+    }
+
+    /// Whether memory holds the quarantined state of a member of a
+    /// quarantined set.
+    pub(crate) fn holds_quarantined(&self, kind: KindId, id: &str) -> bool {
+        self.state.quarantine.member(&(kind, Arc::from(id))).is_some_and(|m| m.holds)
+    }
+
+    /// The quarantined sets this change set touches are resolved as
+    /// `resolution` when it commits.
+    pub(crate) fn resolve_as(&mut self, resolution: Resolution) {
+        self.resolution = Some(resolution);
+    }
+}

@@ -1,0 +1,404 @@
+//! The store's side of persistence: what the worker, hydration, spill files
+//! and operator actions call. Handlers never do; they use
+//! [`Store::apply`](super::Store::apply).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::kind::{KindId, Stored};
+use super::{HydratedRow, Slot, State, Store, group, mark_pending};
+use crate::metrics as m;
+use crate::outbox::{Batch, DirtyRecord, EntityKey, OutboxReceiver, Quarantined, Row, TicketError};
+
+/// The newest state of an entity not yet written, for a spill file.
+pub(crate) struct Unwritten {
+    pub(crate) kind: KindId,
+    pub(crate) id: Arc<str>,
+    pub(crate) version: u64,
+    /// The version the database holds as far as this process knows (0: no
+    /// row).
+    pub(crate) base: u64,
+    /// `None`: a tombstone.
+    pub(crate) value: Option<Arc<dyn Stored>>,
+    /// Entities with the same group were changed together (directly or
+    /// through a shared entity) and must be written together.
+    pub(crate) group: u64,
+}
+
+/// A quarantined set as loaded from the dead-letter table at start-up.
+pub(crate) struct LoadedSet {
+    pub(crate) id: u64,
+    pub(crate) error: TicketError,
+    pub(crate) members: Vec<LoadedMember>,
+    /// Whether the members' quarantined states are put back in memory
+    /// (then every member has an overlay).
+    pub(crate) overlay: bool,
+}
+
+/// One member of a [`LoadedSet`].
+pub(crate) struct LoadedMember {
+    pub(crate) kind: KindId,
+    pub(crate) id: Arc<str>,
+    /// The version the database holds.
+    pub(crate) base: u64,
+    /// The quarantined state to put back in memory (version, value; `None`
+    /// a tombstone), when memory should hold it.
+    pub(crate) overlay: Option<(u64, Option<Arc<dyn Stored>>)>,
+}
+
+impl Store {
+    /// Makes room for `additional` more entities of a kind (before
+    /// hydration).
+    pub(crate) fn reserve(&self, kind: KindId, additional: usize) {
+        let mut guard = self.write_state();
+        guard.tables[kind].reserve(additional);
+        for index in &mut guard.indexes[kind] {
+            index.reserve(additional);
+        }
+    }
+
+    /// Loads entities read from the database at start-up: no outbox
+    /// record, the database already has them. A row never replaces a newer
+    /// version already in memory.
+    pub(crate) fn hydrate(&self, kind: KindId, rows: Vec<HydratedRow>) {
+        let mut guard = self.write_state();
+        let state = &mut *guard;
+        for (id, version, value) in rows {
+            let table = &mut state.tables[kind];
+            let slot = table.entry(id.clone()).or_insert_with(|| Slot { value: None, version: 0, track: None });
+            if slot.track.is_some() {
+                // Hydration precedes every change; an entity changed already
+                // keeps its newer, unwritten state.
+                tracing::warn!(kind = self.shared.kinds[kind].name, id = %id, "hydrating over an entity changed in memory; memory kept");
+                continue;
+            }
+            if slot.version < version {
+                for index in &mut state.indexes[kind] {
+                    index.update(&id, slot.value.as_deref(), value.as_deref());
+                }
+                slot.version = version;
+                slot.value = value;
+            }
+        }
+    }
+
+    /// Loads the quarantined sets of the dead-letter table (after
+    /// hydration): their members are written together with any later change
+    /// of one of them, and where memory should hold the quarantined state
+    /// (the database refused it; it never held it), it is put back.
+    pub(crate) fn load_quarantine(&self, sets: Vec<LoadedSet>) {
+        let mut guard = self.write_state();
+        let state = &mut *guard;
+        for set in sets {
+            let mut members = Vec::with_capacity(set.members.len());
+            for member in set.members {
+                if let Some((version, value)) = member.overlay {
+                    let slot = state.tables[member.kind].entry(member.id.clone()).or_insert_with(|| Slot {
+                        value: None,
+                        version: 0,
+                        track: None,
+                    });
+                    if slot.track.is_none() && slot.version < version {
+                        for index in &mut state.indexes[member.kind] {
+                            index.update(&member.id, slot.value.as_deref(), value.as_deref());
+                        }
+                        slot.version = version;
+                        slot.value = value;
+                    }
+                }
+                members.push(((member.kind, member.id), member.base));
+            }
+            state.quarantine.insert(set.id, members, set.error, set.overlay);
+        }
+    }
+
+    /// Entities in quarantined sets.
+    pub fn quarantined(&self) -> usize {
+        self.read_state().quarantine.entities()
+    }
+
+    /// Claims of durable callers the store holds (tickets waiting on
+    /// entities not yet committed). Bounded by the callers still waiting.
+    pub fn waiting_claims(&self) -> usize {
+        let guard = self.read_state();
+        guard
+            .tables
+            .iter()
+            .flat_map(|table| table.values())
+            .filter_map(|slot| slot.track.as_ref())
+            .map(|track| track.waiters.len())
+            .sum()
+    }
+
+    /// Takes whole groups of pending entities, oldest first, until
+    /// `max_rows` rows (a group is never split, so a batch may exceed it by
+    /// one group). Records whose group has an entity still being written wait
+    /// at the front of `backlog` until that batch finishes.
+    pub(crate) fn take_batch(
+        &self,
+        receiver: &OutboxReceiver,
+        backlog: &mut VecDeque<DirtyRecord>,
+        max_rows: usize,
+    ) -> (Batch, usize) {
+        let mut guard = self.write_state();
+        // Drained under the lock: afterwards no record of an entity taken
+        // below can still be in the channel (see `Ledger::new`).
+        backlog.extend(receiver.records.try_iter());
+        let state = &mut *guard;
+        let mut batch = Batch::default();
+        let mut blocked = Vec::new();
+        // Groups found waiting for a batch in flight, so that each of their
+        // many records costs a lookup, not a walk over the group.
+        let mut blocked_groups: HashSet<u64> = HashSet::new();
+        let in_flight = |state: &State, (kind, id): &EntityKey| {
+            state.tables[*kind].get(id).and_then(|s| s.track.as_ref()).is_some_and(|t| t.in_flight.is_some())
+        };
+        while batch.rows.len() < max_rows {
+            let Some(record) = backlog.pop_front() else { break };
+            let Some(pending) = state.tables[record.kind]
+                .get(&record.id)
+                .and_then(|slot| slot.track.as_ref())
+                .and_then(|track| track.pending)
+                .filter(|pending| pending.seq == record.seq)
+            else {
+                continue; // stale: taken earlier with its group
+            };
+            let members = match pending.group {
+                Some(group) => {
+                    let blocked_now = blocked_groups.contains(&group)
+                        || state.ledger.groups.get(&group).is_some_and(|m| m.iter().any(|key| in_flight(state, key)));
+                    if blocked_now {
+                        blocked_groups.insert(group);
+                        blocked.push(record);
+                        continue;
+                    }
+                    state.ledger.groups.remove(&group).unwrap_or_default()
+                }
+                None => {
+                    let key = (record.kind, record.id.clone());
+                    if in_flight(state, &key) {
+                        blocked.push(record);
+                        continue;
+                    }
+                    vec![key]
+                }
+            };
+            let batch_group = state.ledger.next_group_id();
+            let start = batch.rows.len();
+            for key in members {
+                let resolves = state.quarantine.resolution_of(&key);
+                let (kind, id) = key;
+                let Some(slot) = state.tables[kind].get_mut(&id) else { continue };
+                let Some(track) = slot.track.as_mut() else { continue };
+                let Some(pending) = track.pending.take() else { continue };
+                track.in_flight = Some(slot.version);
+                track.batch_group = batch_group;
+                batch.rows.push(Row {
+                    kind,
+                    id,
+                    version: slot.version,
+                    value: slot.value.clone(),
+                    seq: pending.seq,
+                    since: pending.since,
+                    base: track.base,
+                    resolves,
+                });
+            }
+            batch.groups.push(start..batch.rows.len());
+        }
+        let still_blocked = blocked.len();
+        for record in blocked.into_iter().rev() {
+            backlog.push_front(record);
+        }
+        (batch, still_blocked)
+    }
+
+    /// A batch finished: its versions are durable, except for the groups
+    /// `quarantined`. Clears what it wrote, resolves the tickets it
+    /// satisfies, and settles lag.
+    ///
+    /// Quarantined groups are in the dead-letter table: they stop occupying
+    /// the queue (the entities stay live in memory), their tickets fail with
+    /// the cause, and they become quarantined sets, written again whole with
+    /// the next change of any member. A member changed while its group was
+    /// being written is written again at once, with the whole set.
+    pub(crate) fn commit(&self, batch: &Batch, quarantined: &[Quarantined]) {
+        let now = Instant::now();
+        let mut persisted = vec![0u64; self.shared.kinds.len()];
+        let mut dead = vec![0u64; self.shared.kinds.len()];
+        let latency = metrics::histogram!(m::PERSIST_LATENCY);
+        let mut guard = self.write_state();
+        let state = &mut *guard;
+        for (index, row) in batch.rows.iter().enumerate() {
+            let refused = quarantined.iter().find(|q| q.rows.contains(&index));
+            state.ledger.settle(row.seq);
+            match refused {
+                None => {
+                    persisted[row.kind] += 1;
+                    latency.record(now.saturating_duration_since(row.since).as_secs_f64());
+                    if row.resolves.is_some() {
+                        state.quarantine.leave(&(row.kind, row.id.clone()));
+                    }
+                }
+                Some(_) => dead[row.kind] += 1,
+            }
+            let Some(slot) = state.tables[row.kind].get_mut(&row.id) else { continue };
+            let Some(track) = slot.track.as_mut() else { continue };
+            debug_assert_eq!(track.in_flight, Some(row.version), "a batch commits what it took");
+            track.in_flight = None;
+            if refused.is_none() {
+                track.base = row.version;
+            }
+            track.waiters.retain(|waiter| {
+                if waiter.target > row.version {
+                    return waiter.is_live();
+                }
+                match refused {
+                    None => waiter.arrive(),
+                    Some(q) => waiter.fail(q.error.clone()),
+                }
+                false
+            });
+            if track.pending.is_none() {
+                state.ledger.depth -= 1;
+                if track.waiters.is_empty() {
+                    slot.track = None;
+                }
+            }
+        }
+        for q in quarantined {
+            let members: Vec<(EntityKey, u64)> =
+                batch.rows[q.rows.clone()].iter().map(|row| ((row.kind, row.id.clone()), row.base)).collect();
+            let keys: Vec<EntityKey> = members.iter().map(|(key, _)| key.clone()).collect();
+            state.quarantine.insert(q.set, members, q.error.clone(), true);
+            let changed_meanwhile = keys.iter().any(|(kind, id)| {
+                state.tables[*kind].get(id).and_then(|s| s.track.as_ref()).is_some_and(|t| t.pending.is_some())
+            });
+            if changed_meanwhile {
+                for key in &keys {
+                    mark_pending(state, key, now);
+                }
+                if keys.len() > 1 {
+                    group(state, &keys);
+                }
+            }
+        }
+        drop(guard);
+        for ((kind, count), dead) in self.shared.kinds.iter().zip(persisted).zip(dead) {
+            if count > 0 {
+                kind.persisted.increment(count);
+            }
+            if dead > 0 {
+                kind.dead_letters.increment(dead);
+            }
+        }
+    }
+
+    /// The newest state of every entity not yet written (pending, or in a
+    /// batch that did not commit), with the groups that must be written
+    /// together, for a spill file. Copies pointers under the read lock;
+    /// serializing is the caller's.
+    pub(crate) fn unwritten(&self) -> Vec<Unwritten> {
+        let guard = self.read_state();
+        let mut records = Vec::new();
+        // Entities linked by a pending group or a batch group are unioned.
+        let mut parent: Vec<usize> = Vec::new();
+        let mut first_of: HashMap<(bool, u64), usize> = HashMap::new();
+        fn root(parent: &mut [usize], mut i: usize) -> usize {
+            while parent[i] != i {
+                parent[i] = parent[parent[i]];
+                i = parent[i];
+            }
+            i
+        }
+        for (kind, table) in guard.tables.iter().enumerate() {
+            for (id, slot) in table {
+                let Some(track) = slot.track.as_ref().filter(|t| t.occupies()) else { continue };
+                let index = records.len();
+                parent.push(index);
+                let labels = [
+                    track.pending.and_then(|p| p.group).map(|g| (false, g)),
+                    track.in_flight.map(|_| (true, track.batch_group)),
+                ];
+                for label in labels.into_iter().flatten() {
+                    match first_of.get(&label) {
+                        Some(&other) => {
+                            let (a, b) = (root(&mut parent, index), root(&mut parent, other));
+                            parent[a] = b;
+                        }
+                        None => {
+                            first_of.insert(label, index);
+                        }
+                    }
+                }
+                records.push(Unwritten {
+                    kind,
+                    id: id.clone(),
+                    version: slot.version,
+                    base: track.base,
+                    value: slot.value.clone(),
+                    group: 0,
+                });
+            }
+        }
+        for (index, record) in records.iter_mut().enumerate() {
+            record.group = root(&mut parent, index) as u64;
+        }
+        records
+    }
+
+    /// Records for every pending mark, for the drain's safety sweep.
+    pub(crate) fn pending_records(&self) -> Vec<DirtyRecord> {
+        let guard = self.read_state();
+        let mut records = Vec::new();
+        for (kind, table) in guard.tables.iter().enumerate() {
+            for (id, slot) in table {
+                if let Some(pending) = slot.track.as_ref().and_then(|t| t.pending) {
+                    records.push(DirtyRecord { kind, id: id.clone(), seq: pending.seq });
+                }
+            }
+        }
+        records
+    }
+
+    /// Fails every ticket still waiting: this process will write nothing
+    /// more (the drain deadline passed).
+    pub(crate) fn fail_waiters(&self) {
+        let mut guard = self.write_state();
+        for table in guard.tables.iter_mut() {
+            for slot in table.values_mut() {
+                if let Some(track) = slot.track.as_mut() {
+                    for waiter in track.waiters.drain(..) {
+                        waiter.fail(TicketError::Abandoned);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The batch's rows will never be written by this process (the drain
+    /// deadline passed): their tickets fail. The rows stay in flight; the
+    /// caller reports or spills them.
+    pub(crate) fn abandon(&self, batch: &Batch) {
+        let mut guard = self.write_state();
+        for row in &batch.rows {
+            if let Some(track) = guard.tables[row.kind].get_mut(&row.id).and_then(|s| s.track.as_mut()) {
+                for waiter in track.waiters.drain(..) {
+                    waiter.fail(TicketError::Abandoned);
+                }
+            }
+        }
+    }
+
+    /// The version of an entity in memory, tombstones included (0: never
+    /// seen).
+    pub(crate) fn version_of(&self, kind: KindId, id: &str) -> u64 {
+        self.read_state().tables[kind].get(id).map_or(0, |slot| slot.version)
+    }
+
+    /// The index of the kind named `name`.
+    pub(crate) fn kind_named(&self, name: &str) -> Option<KindId> {
+        self.shared.kinds.iter().position(|k| k.name == name)
+    }
+}
