@@ -605,3 +605,81 @@ fn collect_refs(value: &Value, out: &mut Vec<String>) {
         _ => {}
     }
 }
+
+#[tokio::test]
+async fn an_item_is_in_a_bounded_number_of_circuits_and_can_always_be_deleted() {
+    let (app, store) = app_with(200, Phase::Ready, None);
+    let item = create(&app, &[("gtin", "many")]).await;
+    let dfid = item["dfid"].as_str().unwrap();
+    let limit = outbox::api::validate::MAX_ITEM_CIRCUITS;
+    let mut circuits = Vec::new();
+    for n in 0..=limit {
+        let circuit = call(&app, "POST", "/api/circuits", Some(&json!({"name": format!("c{n}")}).to_string())).await;
+        circuits.push(circuit.body["id"].as_str().unwrap().to_owned());
+    }
+    for circuit in &circuits[..limit] {
+        let added =
+            call(&app, "POST", &format!("/api/circuits/{circuit}/items"), Some(&json!({"dfid": dfid}).to_string()))
+                .await;
+        assert_eq!(added.status, StatusCode::OK, "{}", added.body);
+    }
+    let uri = format!("/api/circuits/{}/items", circuits[limit]);
+    assert_refused(
+        &app,
+        &store,
+        "POST",
+        &uri,
+        Some(&json!({"dfid": dfid}).to_string()),
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    // Deleting changes the item and all its circuits in one change set,
+    // which fits the outbox.
+    let deleted = call(&app, "DELETE", &format!("/api/items/{dfid}"), None).await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT, "{}", deleted.body);
+}
+
+#[tokio::test]
+async fn unmerging_never_brings_back_a_deleted_item() {
+    let (app, store) = app();
+    let local = |ids: Value| {
+        let app = app.clone();
+        async move { call(&app, "POST", "/api/items/local", Some(&json!({"identifiers": ids}).to_string())).await.body }
+    };
+    let first = local(json!([{"key": "a", "value": "1"}])).await;
+    let second = local(json!([{"key": "b", "value": "2"}])).await;
+    let (l1, l2) = (first["local_id"].as_str().unwrap(), second["local_id"].as_str().unwrap());
+    let merged = call(&app, "POST", "/api/items/local/merge", Some(&json!({"local_ids": [l1, l2]}).to_string())).await;
+    assert_eq!(merged.status, StatusCode::OK);
+    let source = second["item"]["dfid"].as_str().unwrap();
+    assert_eq!(call(&app, "DELETE", &format!("/api/items/{source}"), None).await.status, StatusCode::NO_CONTENT);
+    let body = json!({"local_id": l2}).to_string();
+    let problem =
+        assert_refused(&app, &store, "POST", "/api/items/local/unmerge", Some(&body), StatusCode::CONFLICT).await;
+    assert!(problem["detail"].as_str().unwrap().contains("deleted"), "{problem}");
+    assert_eq!(call(&app, "GET", &format!("/api/items/{source}"), None).await.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn unknown_methods_share_one_metric_label() {
+    let (app, _) = app();
+    for method in ["FOO1", "FOO2", "BREW"] {
+        let request = Request::builder().method(method).uri("/healthz").body(Body::empty()).unwrap();
+        send(&app, request).await;
+    }
+    let metrics = String::from_utf8(
+        axum::body::to_bytes(
+            app.clone().oneshot(Request::get("/metrics").body(Body::empty()).unwrap()).await.unwrap().into_body(),
+            usize::MAX,
+        )
+        .await
+        .unwrap()
+        .to_vec(),
+    )
+    .unwrap();
+    assert!(!metrics.contains("FOO1") && !metrics.contains("BREW"), "a client's method is never a label");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("outbox_http_requests_total") && l.contains("method=\"other\"")),
+        "they count as other"
+    );
+}

@@ -606,3 +606,291 @@ async fn a_payload_jsonb_refuses_is_kept_as_text_and_other_dead_letters_keep_the
     assert_eq!(db_rows(&db, "docs").await.len(), 49);
     assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Transfer {
+    id: String,
+    from: String,
+    to: String,
+    amount: i64,
+}
+
+impl Entity for Transfer {
+    const KIND: &'static str = "transfer";
+    const TABLE: &'static str = "transfers";
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// A transfer: debit, credit and the transfer record, one change set.
+fn transfer(store: &Store, id: &str, amount: i64) -> outbox::outbox::Ticket {
+    let ((), ticket) = store
+        .apply_durable(|set| -> Result<(), StoreError> {
+            set.update::<Account>("alice", |a| a.balance -= amount)?;
+            set.update::<Account>("bob", |b| b.balance += amount)?;
+            set.insert(Transfer { id: id.into(), from: "alice".into(), to: "bob".into(), amount })?;
+            Ok(())
+        })
+        .expect("applies");
+    ticket
+}
+
+async fn balances(db: &TestDb) -> (i64, i64, Vec<String>) {
+    let accounts = db_rows(db, "accounts").await;
+    let balance = |id: &str| accounts[id].2.as_ref().unwrap()["balance"].as_i64().unwrap();
+    let transfers = db_rows(db, "transfers").await.into_keys().collect();
+    (balance("alice"), balance("bob"), transfers)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_change_set_stays_whole_until_an_operator_resolves_it() {
+    let db = fresh_db("transfers").await;
+    create_tables(&db, &["accounts", "transfers"]).await;
+    let client = db.connect().await;
+    client
+        .batch_execute("ALTER TABLE transfers ADD CONSTRAINT at_most_1000 CHECK ((data->>'amount')::bigint <= 1000)")
+        .await
+        .unwrap();
+    let builder = || Store::builder().kind::<Account>().kind::<Transfer>();
+    let engine = start(&db, builder(), config(1000, 2)).await;
+    let store = engine.store().clone();
+    let ((), opened) = store
+        .apply_durable(|set| -> Result<(), StoreError> {
+            set.insert(Account { id: "alice".into(), balance: 5000 })?;
+            set.insert(Account { id: "bob".into(), balance: 0 })?;
+            Ok(())
+        })
+        .unwrap();
+    opened.wait().await.unwrap();
+
+    // The transfer row is refused: the whole change set is quarantined and
+    // the ticket names the transfer, not an account.
+    let error = transfer(&store, "t1", 2000).wait().await.expect_err("refused");
+    assert!(
+        matches!(&error, outbox::outbox::TicketError::Quarantined { kind, id, .. } if kind == "transfer" && id == "t1"),
+        "{error}"
+    );
+    assert_eq!(balances(&db).await, (5000, 0, vec![]), "the database holds none of the set");
+    let pool = outbox::pg::pool(db.config.clone(), 2);
+    let letters = outbox::pg::dead_letters::list_unresolved(&pool, 10).await.unwrap();
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    assert!(letters.iter().all(|l| l.quarantine_id == letters[0].quarantine_id), "one set");
+    let causes: Vec<&str> = letters.iter().filter(|l| l.cause).map(|l| l.entity_id.as_str()).collect();
+    assert_eq!(causes, ["t1"]);
+
+    // A later transfer touches both accounts: it is written with the whole
+    // quarantined set or not at all; here not (t1 is still refused).
+    let error = transfer(&store, "t2", 100).wait().await.expect_err("written with the set, refused with it");
+    assert!(matches!(&error, outbox::outbox::TicketError::Quarantined { id, .. } if id == "t1"), "{error}");
+    assert_eq!(balances(&db).await, (5000, 0, vec![]), "balances never show a transfer without its record");
+    assert_eq!(store.quarantined(), 4, "the set grew by t2");
+
+    // After the cause is fixed, a replay writes the whole set.
+    client.batch_execute("ALTER TABLE transfers DROP CONSTRAINT at_most_1000").await.unwrap();
+    let id = outbox::pg::dead_letters::list_unresolved(&pool, 10).await.unwrap()[0].id;
+    let resolved = outbox::engine::operator::replay(&store, &pool, id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(resolved.len(), 4);
+    assert!(resolved.iter().all(|l| l.resolution.as_deref() == Some("replayed")), "{resolved:?}");
+    assert_eq!(balances(&db).await, (2900, 2100, vec!["t1".to_owned(), "t2".to_owned()]));
+    assert_eq!(store.quarantined(), 0);
+
+    // Discard reverts memory to the database, whole.
+    client
+        .batch_execute(
+            "ALTER TABLE transfers ADD CONSTRAINT at_most_1000 CHECK ((data->>'amount')::bigint <= 1000) NOT VALID",
+        )
+        .await
+        .unwrap();
+    transfer(&store, "t3", 2500).wait().await.expect_err("refused");
+    assert_eq!(store.get::<Account>("alice").unwrap().balance, 400, "memory holds the quarantined transfer");
+    let id = outbox::pg::dead_letters::list_unresolved(&pool, 10).await.unwrap()[0].id;
+    let resolved = outbox::engine::operator::discard(&store, &pool, id, Duration::from_secs(20)).await.unwrap();
+    assert!(resolved.iter().all(|l| l.resolution.as_deref() == Some("discarded")), "{resolved:?}");
+    assert_eq!(store.get::<Account>("alice").unwrap().balance, 2900, "memory reverted");
+    assert!(store.get::<Transfer>("t3").is_none());
+    assert_eq!(memory_rows::<Account>(&store), db_rows(&db, "accounts").await, "memory equals the database");
+    assert_eq!(memory_rows::<Transfer>(&store), db_rows(&db, "transfers").await);
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_version_written_elsewhere_is_a_conflict_never_a_silent_success() {
+    let db = fresh_db("conflict").await;
+    create_tables(&db, &["docs"]).await;
+    let engine = start(&db, Store::builder().kind::<Doc>(), config(1000, 1)).await;
+    let store = engine.store().clone();
+    let ((), ticket) =
+        store.apply_durable(|set| set.insert(Doc { id: "d".into(), body: "ours".into(), n: 1 }).map(|_| ())).unwrap();
+    ticket.wait().await.unwrap();
+    // Someone writes the row behind the store's back, at a newer version.
+    let client = db.connect().await;
+    client
+        .batch_execute("UPDATE docs SET version = 5, data = jsonb_set(data, '{body}', '\"theirs\"') WHERE id = 'd'")
+        .await
+        .unwrap();
+    let ((), ticket) = store.apply_durable(|set| set.update::<Doc>("d", |d| d.n = 2).map(|_| ())).unwrap();
+    let error = ticket.wait().await.expect_err("a conflict fails the durable change");
+    assert!(
+        matches!(error, outbox::outbox::TicketError::Conflict { version: 2, database_version: Some(5), .. }),
+        "{error}"
+    );
+    let rows = db_rows(&db, "docs").await;
+    assert_eq!((rows["d"].0, rows["d"].2.as_ref().unwrap()["body"].as_str()), (5, Some("theirs")), "not overwritten");
+    let pool = outbox::pg::pool(db.config.clone(), 2);
+    let letters = outbox::pg::dead_letters::list_unresolved(&pool, 10).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0];
+    assert_eq!(
+        (letter.reason, letter.version, letter.database_version),
+        (outbox::pg::dead_letters::Reason::Conflict, 2, Some(5))
+    );
+    // The same version with the same content is this process's own write
+    // (a retry after a lost answer), not a conflict: replaying the row as it
+    // is in the table changes nothing and fails nothing.
+    // An operator decides: replay makes memory win, above both versions.
+    let resolved = outbox::engine::operator::replay(&store, &pool, letter.id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(resolved[0].resolution.as_deref(), Some("replayed"));
+    let rows = db_rows(&db, "docs").await;
+    assert_eq!(rows["d"].0, 6, "written above both versions");
+    assert_eq!(memory_rows::<Doc>(&store), rows);
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn callers_that_give_up_leave_no_claims_behind() {
+    // No worker: nothing is ever committed, as in a database outage.
+    let (store, _receiver) = Store::builder().kind::<Doc>().capacity(10).build();
+    store.apply(|set| set.insert(Doc { id: "hot".into(), body: String::new(), n: 0 }).map(|_| ())).unwrap();
+    for n in 0..10_000u64 {
+        let ((), ticket) = store.apply_durable(|set| set.update::<Doc>("hot", |d| d.n = n).map(|_| ())).unwrap();
+        drop(ticket); // the request timed out
+    }
+    assert!(store.waiting_claims() <= 1, "claims held: {}", store.waiting_claims());
+    let ((), waiting) = store.apply_durable(|set| set.update::<Doc>("hot", |d| d.n += 1).map(|_| ())).unwrap();
+    assert_eq!(store.waiting_claims(), 1, "a caller still waiting keeps its claim");
+    drop(waiting);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hydration_reads_every_kind_from_one_snapshot() {
+    let db = fresh_db("snapshot").await;
+    create_tables(&db, &["tags"]).await;
+    let client = db.connect().await;
+    // `docs` is a view whose one row takes 3 s to read, so that a change
+    // set can commit while hydration is between the two kinds.
+    client
+        .batch_execute(
+            "CREATE TABLE docs_rows (id text PRIMARY KEY, version bigint NOT NULL, deleted boolean NOT NULL DEFAULT false, data jsonb);
+             CREATE FUNCTION slow() RETURNS boolean LANGUAGE sql VOLATILE AS $$ SELECT true FROM pg_sleep(3) $$;
+             CREATE VIEW docs AS SELECT id, version, deleted, data FROM docs_rows WHERE slow();
+             INSERT INTO docs_rows VALUES ('d', 1, false, '{\"id\": \"d\", \"body\": \"before\", \"n\": 1}');",
+        )
+        .await
+        .unwrap();
+    let hydrating = tokio::spawn({
+        let db_config = db.config.clone();
+        async move {
+            let pool = outbox::pg::pool(db_config.clone(), 4);
+            outbox::pg::migrate(&pool).await.unwrap();
+            let (store, receiver) = Store::builder().kind::<Doc>().kind::<Tag>().build();
+            let config = EngineConfig {
+                worker: config(1000, 1),
+                spill_dir: None,
+                lease: false,
+                holder: "t".into(),
+                wait_for_lease: true,
+            };
+            let (engine, _) =
+                Engine::start(store, receiver, pool, &db_config, config, &CancellationToken::new(), &|_| {})
+                    .await
+                    .unwrap()
+                    .unwrap();
+            engine
+        }
+    });
+    let reading = common::poll_until(Duration::from_secs(20), || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid() AND query LIKE '%FROM \"docs\"%'",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) > 0)
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(reading, "hydration reads the slow kind");
+    // A change set across both kinds commits meanwhile.
+    client
+        .batch_execute(
+            "BEGIN;
+             UPDATE docs_rows SET version = 2, data = '{\"id\": \"d\", \"body\": \"after\", \"n\": 2}';
+             INSERT INTO tags VALUES ('t', 1, false, '{\"id\": \"t\", \"label\": \"after\"}');
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    let engine = hydrating.await.unwrap();
+    let store = engine.store();
+    let doc = store.get::<Doc>("d").unwrap();
+    assert_eq!((doc.version, doc.body.as_str()), (1, "before"));
+    assert!(store.get::<Tag>("t").is_none(), "the later change set is not half loaded");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_too_large_for_its_index_is_quarantined_not_retried_forever() {
+    let db = fresh_db("index-limit").await;
+    create_tables(&db, &["docs"]).await;
+    db.connect().await.batch_execute("CREATE INDEX docs_body ON docs ((data->>'body'))").await.unwrap();
+    let engine = start(&db, Store::builder().kind::<Doc>(), config(1000, 1)).await;
+    let store = engine.store().clone();
+    // Incompressible text larger than a B-tree index row may be (54000).
+    let mut rng = Rng(7);
+    let big: String = (0..12_000).map(|_| char::from(b'a' + (rng.next() % 26) as u8)).collect();
+    let ((), refused) =
+        store.apply_durable(|set| set.insert(Doc { id: "big".into(), body: big, n: 0 }).map(|_| ())).unwrap();
+    let ((), fine) =
+        store.apply_durable(|set| set.insert(Doc { id: "small".into(), body: "x".into(), n: 0 }).map(|_| ())).unwrap();
+    let error =
+        tokio::time::timeout(Duration::from_secs(30), refused.wait()).await.expect("resolves").expect_err("refused");
+    assert!(
+        matches!(&error, outbox::outbox::TicketError::Quarantined { sqlstate: Some(code), .. } if code.starts_with("54")),
+        "{error}"
+    );
+    tokio::time::timeout(Duration::from_secs(30), fine.wait()).await.expect("the writer is not wedged").unwrap();
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_letters_are_recorded_only_under_the_lease() {
+    let db = fresh_db("fenced-letters").await;
+    let pool = outbox::pg::pool(db.config.clone(), 2);
+    outbox::pg::migrate(&pool).await.unwrap();
+    let lease = outbox::pg::lease::Lease::acquire(&db.config, "test", &CancellationToken::new(), |_| {})
+        .await
+        .unwrap()
+        .unwrap();
+    let set = outbox::pg::dead_letters::NewSet {
+        reason: outbox::pg::dead_letters::Reason::Refused,
+        letters: vec![outbox::pg::dead_letters::NewDeadLetter {
+            kind: "doc",
+            entity_id: "d".into(),
+            version: 1,
+            payload: Some(b"{}".to_vec()),
+            deleted: false,
+            sqlstate: Some("23514".into()),
+            message: "refused".into(),
+            attempts: 1,
+            cause: true,
+            base_version: 0,
+            database_version: None,
+        }],
+    };
+    let fenced = outbox::pg::dead_letters::record(&pool, Some(lease.epoch() + 1), std::slice::from_ref(&set)).await;
+    assert!(matches!(fenced, Err(outbox::pg::dead_letters::RecordError::Fenced { .. })), "{fenced:?}");
+    assert_eq!(outbox::pg::dead_letters::count_unresolved(&pool).await.unwrap(), 0, "a fenced process records nothing");
+    outbox::pg::dead_letters::record(&pool, Some(lease.epoch()), &[set]).await.unwrap();
+    assert_eq!(outbox::pg::dead_letters::count_unresolved(&pool).await.unwrap(), 1);
+    lease.release().await;
+}

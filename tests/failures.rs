@@ -336,6 +336,9 @@ async fn schema_errors_wait_and_nothing_is_dead_lettered() {
     let last_error = status(&server).await["last_error"].clone();
     assert_eq!(last_error["class"], "schema", "{last_error}");
     assert_eq!(last_error["sqlstate"], "42703");
+    let message = last_error["message"].as_str().unwrap();
+    assert!(message.contains("42703") && message.contains("does not exist"), "the server's own words: {message}");
+    assert!(!server.log().contains("error=db error"), "logs carry the cause, not \"db error\"");
     assert_eq!(status(&server).await["depth"], 20, "the data waits");
     let dead: i64 = client.query_one("SELECT count(*) FROM outbox_dead_letters", &[]).await.unwrap().get(0);
     assert_eq!(dead, 0, "schema errors are never dead-lettered");
@@ -742,4 +745,224 @@ async fn one_writer_per_database_and_a_fenced_writer_spills() {
     assert_eq!(files.len(), 1, "it spills its unwritten records for the operator");
     let spilled = outbox::outbox::spill::read(&files[0]).unwrap();
     assert!(spilled.records.iter().any(|r| r.id == item["dfid"].as_str().unwrap()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_after_a_restart_never_swallows_the_next_durable_write() {
+    let db = fresh_db("replay-restart").await;
+    let data_dir = scratch_dir("replay-restart");
+    let client = db.connect().await;
+    let mut server = start(&db.url(), &data_dir, &[]);
+    server.wait_ready(Duration::from_secs(30)).await;
+    let item: Value = create_item(&server, "a", Value::Null).await.json().await.unwrap();
+    let dfid = item["dfid"].as_str().unwrap().to_owned();
+    wait_drained(&server, Duration::from_secs(10)).await;
+    client
+        .batch_execute("ALTER TABLE items ADD CONSTRAINT no_poison CHECK (coalesce(data->'enriched_data'->>'poison', '') <> 'yes')")
+        .await
+        .unwrap();
+    let put = |server: &ServerProcess, data: Value| {
+        http()
+            .put(server.url(&format!("/api/items/{dfid}")))
+            .header("Prefer", "durable")
+            .json(&json!({"enriched_data": data}))
+            .send()
+    };
+    let refused = put(&server, json!({"poison": "yes"})).await.unwrap();
+    assert_eq!(refused.status(), 422, "version 2 is refused and quarantined");
+
+    // Restart: memory holds the quarantined version again.
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait(Duration::from_secs(30)).success());
+    let server = start(&db.url(), &data_dir, &[]);
+    server.wait_ready(Duration::from_secs(30)).await;
+    let read: Value = http().get(server.url(&format!("/api/items/{dfid}"))).send().await.unwrap().json().await.unwrap();
+    assert_eq!((read["version"].as_i64(), read["enriched_data"]["poison"].as_str()), (Some(2), Some("yes")), "{read}");
+
+    // The operator fixes the cause and replays: through the store, at a
+    // version above both.
+    client.batch_execute("ALTER TABLE items DROP CONSTRAINT no_poison").await.unwrap();
+    let letters: Value = http()
+        .get(server.url("/api/admin/dead-letters"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = letters["dead_letters"][0]["id"].as_i64().unwrap();
+    let replayed = http()
+        .post(server.url(&format!("/api/admin/dead-letters/{id}/replay")))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replayed.status(), 200);
+
+    // The next durable write is acknowledged only because it is committed.
+    let written = put(&server, json!({"client": "change"})).await.unwrap();
+    assert_eq!(written.status(), 200);
+    assert_eq!(written.headers()["preference-applied"], "durable");
+    let acknowledged: Value = written.json().await.unwrap();
+    let mut server = server;
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait(Duration::from_secs(30)).success());
+    let server = start(&db.url(), &data_dir, &[]);
+    server.wait_ready(Duration::from_secs(30)).await;
+    let read: Value = http().get(server.url(&format!("/api/items/{dfid}"))).send().await.unwrap().json().await.unwrap();
+    assert_eq!(read["version"], acknowledged["version"]);
+    assert_eq!(read["enriched_data"]["client"], "change", "the acknowledged change survived the restart: {read}");
+    let row: (i64, Value) = client
+        .query_one("SELECT version, data FROM items WHERE id = $1", &[&dfid])
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(row.0, acknowledged["version"].as_i64().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_durable_request_on_a_quarantined_item_is_not_acknowledged() {
+    let db = fresh_db("repeat-durable").await;
+    let server = start(&db.url(), &scratch_dir("repeat-durable"), &[]);
+    server.wait_ready(Duration::from_secs(30)).await;
+    let item: Value = create_item(&server, "a", Value::Null).await.json().await.unwrap();
+    let dfid = item["dfid"].as_str().unwrap().to_owned();
+    wait_drained(&server, Duration::from_secs(10)).await;
+    let client = db.connect().await;
+    client
+        .batch_execute("ALTER TABLE items ADD CONSTRAINT no_deprecation CHECK (data->>'status' <> 'deprecated')")
+        .await
+        .unwrap();
+    let deprecate =
+        || http().put(server.url(&format!("/api/items/{dfid}/deprecate"))).header("Prefer", "durable").send();
+    assert_eq!(deprecate().await.unwrap().status(), 422, "the deprecation is refused");
+    // Nothing is left to change in memory; the answer must still not claim
+    // durability while the database says active.
+    let repeated = deprecate().await.unwrap();
+    assert_eq!(repeated.status(), 422, "the repeat is not acknowledged as durable");
+    assert!(repeated.headers().get("preference-applied").is_none());
+    let status: String =
+        client.query_one("SELECT data->>'status' FROM items WHERE id = $1", &[&dfid]).await.unwrap().get(0);
+    assert_eq!(status, "active");
+}
+
+/// Every process of a private PostgreSQL cluster: the postmaster and its
+/// children (read from /proc).
+fn cluster_processes(postmaster: i32) -> Vec<i32> {
+    let mut pids = vec![postmaster];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // The parent pid is the second field after the command's ")".
+        let parent = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
+        if parent == Some(postmaster) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn signal_all(pids: &[i32], signal: Signal) {
+    for pid in pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), signal);
+    }
+}
+
+/// Processes stopped with SIGSTOP, continued when dropped (also when a test
+/// fails).
+struct Frozen(Vec<i32>);
+
+impl Frozen {
+    fn freeze(pids: Vec<i32>) -> Self {
+        signal_all(&pids, Signal::SIGSTOP);
+        Self(pids)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal_all(&self.0, Signal::SIGCONT);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_and_readiness_answer_from_memory_while_the_database_hangs() {
+    let postgres = dedicated_postgres("hang");
+    outbox::pg::create_database_if_missing(&postgres.config("postgres"), "app").await.unwrap();
+    let server = start(&postgres.connection_string("app"), &scratch_dir("hang"), &[]);
+    server.wait_ready(Duration::from_secs(30)).await;
+    create_item(&server, "a", Value::Null).await;
+    wait_drained(&server, Duration::from_secs(10)).await;
+
+    let frozen = Frozen::freeze(cluster_processes(postgres.pid().expect("postgres runs")));
+    {
+        create_item(&server, "b", Value::Null).await;
+        // Many status and readiness calls at once take no connection.
+        let mut calls = Vec::new();
+        for n in 0..200 {
+            let url = server.url(if n % 2 == 0 { "/api/outbox/status" } else { "/readyz" });
+            calls.push(tokio::spawn(async move {
+                let started = Instant::now();
+                let answer = http().get(url).send().await.map(|r| r.status().as_u16());
+                (answer, started.elapsed())
+            }));
+        }
+        for call in calls {
+            let (answer, elapsed) = call.await.unwrap();
+            assert!(answer.is_ok(), "answered");
+            assert!(elapsed < Duration::from_secs(2), "answered from memory ({elapsed:?})");
+        }
+        let reported = poll_until(Duration::from_secs(10), || async {
+            let status = status(&server).await;
+            status["last_error"]["message"].as_str().is_some_and(|m| m.contains("no answer"))
+                && status["dead_letters"] == 0
+        })
+        .await;
+        assert!(reported, "the attempt under way is the last error: {}", status(&server).await);
+        let unready = poll_until(Duration::from_secs(10), || async {
+            http().get(server.url("/readyz")).send().await.is_ok_and(|r| r.status() == 503)
+        })
+        .await;
+        assert!(unready, "readiness follows the hung database");
+    }
+    drop(frozen);
+    wait_drained(&server, Duration::from_secs(60)).await;
+    server.wait_ready(Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_lease_check_does_not_drop_a_healthy_lock_connection() {
+    let db = fresh_db("slow-lease").await;
+    let server = start(&db.url(), &scratch_dir("slow-lease"), &[]);
+    server.wait_ready(Duration::from_secs(30)).await;
+    let client = db.connect().await;
+    let backend: i32 = client
+        .query_one(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // The lock session answers nothing for longer than one check's timeout.
+    {
+        let _frozen = Frozen::freeze(vec![backend]);
+        tokio::time::sleep(Duration::from_secs(9)).await;
+    }
+    let created = create_item(&server, "after", Value::Null).await;
+    assert_eq!(created.status(), 201);
+    wait_drained(&server, Duration::from_secs(20)).await;
+    assert!(
+        !server.log().contains("lost the lease's lock connection"),
+        "one slow check is not a lost connection\n{}",
+        server.log()
+    );
+    let still: i32 = client
+        .query_one("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = $1", &[&backend])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(still, backend, "the same session holds the lease");
 }

@@ -226,6 +226,7 @@ fn rules_and_dashboard_are_complete() {
         "OutboxLagHigh",
         "OutboxStalled",
         "OutboxDeadLetters",
+        "OutboxConflicts",
         "OutboxRejectingWrites",
         "OutboxQueueNearFull",
         "OutboxDatabaseDown",

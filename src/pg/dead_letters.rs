@@ -12,7 +12,6 @@ use deadpool_postgres::Pool;
 use serde::{Deserialize, Serialize};
 
 use super::DbError;
-use super::upsert::WriteError;
 
 /// Why a set was quarantined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -174,25 +173,67 @@ pub async fn count_unresolved(pool: &Pool) -> Result<i64, DbError> {
 
 /// One member of a set to quarantine.
 #[derive(Debug, Clone)]
-pub(crate) struct NewDeadLetter {
-    pub(crate) kind: &'static str,
-    pub(crate) entity_id: String,
-    pub(crate) version: i64,
-    pub(crate) payload: Option<Vec<u8>>,
-    pub(crate) deleted: bool,
-    pub(crate) sqlstate: Option<String>,
-    pub(crate) message: String,
-    pub(crate) attempts: i32,
-    pub(crate) cause: bool,
-    pub(crate) base_version: i64,
-    pub(crate) database_version: Option<i64>,
+pub struct NewDeadLetter {
+    /// Entity kind.
+    pub kind: &'static str,
+    /// Entity id.
+    pub entity_id: String,
+    /// The version not written.
+    pub version: i64,
+    /// The entity's JSON (absent for a tombstone).
+    pub payload: Option<Vec<u8>>,
+    /// A tombstone.
+    pub deleted: bool,
+    /// The database's SQLSTATE.
+    pub sqlstate: Option<String>,
+    /// What happened.
+    pub message: String,
+    /// Attempts that included it.
+    pub attempts: i32,
+    /// This member is the one refused (or in conflict).
+    pub cause: bool,
+    /// The version the database holds (0: no row).
+    pub base_version: i64,
+    /// In a conflict: the version the database holds.
+    pub database_version: Option<i64>,
 }
 
 /// A set to quarantine: its members' dead letters.
 #[derive(Debug, Clone)]
-pub(crate) struct NewSet {
-    pub(crate) reason: Reason,
-    pub(crate) letters: Vec<NewDeadLetter>,
+pub struct NewSet {
+    /// Why.
+    pub reason: Reason,
+    /// One per member.
+    pub letters: Vec<NewDeadLetter>,
+}
+
+/// Why dead letters were not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The lease's epoch is not the recorder's: another process owns the
+    /// database, and this one records nothing more.
+    #[error("the single-writer lease moved to epoch {current:?} (ours is {ours}); not recording")]
+    Fenced {
+        /// The recorder's epoch.
+        ours: u64,
+        /// The epoch in the lease row.
+        current: Option<u64>,
+    },
+    /// The database failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<tokio_postgres::Error> for RecordError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::Db(DbError::Postgres(e))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for RecordError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        Self::Db(DbError::Pool(e))
+    }
 }
 
 const INSERT_SQL: &str = "INSERT INTO outbox_dead_letters (kind, entity_id, version, payload, payload_text, deleted, \
@@ -211,7 +252,7 @@ const INSERT_SQL: &str = "INSERT INTO outbox_dead_letters (kind, entity_id, vers
 /// (newest version, more attempts, the new set). A payload that jsonb
 /// refuses (it is often what the database refused in the first place) is
 /// kept as text instead; the other letters keep theirs as jsonb.
-pub(crate) async fn record(pool: &Pool, epoch: Option<u64>, sets: &[NewSet]) -> Result<Vec<u64>, WriteError> {
+pub async fn record(pool: &Pool, epoch: Option<u64>, sets: &[NewSet]) -> Result<Vec<u64>, RecordError> {
     let mut client = pool.get().await?;
     let mut transaction = client.transaction().await?;
     if let Some(ours) = epoch {
@@ -220,7 +261,7 @@ pub(crate) async fn record(pool: &Pool, epoch: Option<u64>, sets: &[NewSet]) -> 
             .await?
             .map(|row| row.get::<_, i64>(0) as u64);
         if current != Some(ours) {
-            return Err(WriteError::Fenced { ours, current });
+            return Err(RecordError::Fenced { ours, current });
         }
     }
     let statement = transaction.prepare_cached(INSERT_SQL).await?;

@@ -30,7 +30,7 @@ use super::classify::{Classified, ErrorClass, classify_pool, classify_postgres};
 use crate::metrics as m;
 use crate::outbox::{Batch, Quarantined, TicketError};
 use crate::pg;
-use crate::pg::dead_letters::{self, NewDeadLetter, NewSet, Reason};
+use crate::pg::dead_letters::{self, NewDeadLetter, NewSet, Reason, RecordError};
 use crate::pg::lease::{Lease, LeaseState};
 use crate::pg::upsert::{self, Encoded, Mismatch, Mode, WriteError};
 use crate::store::Store;
@@ -418,19 +418,19 @@ impl Flusher {
         let record = || async {
             tokio::time::timeout(ATTEMPT_TIMEOUT, dead_letters::record(&self.pool, epoch, &sets))
                 .await
-                .unwrap_or(Err(WriteError::TimedOut(ATTEMPT_TIMEOUT)))
+                .unwrap_or(Err(RecordError::Db(pg::DbError::Timeout(ATTEMPT_TIMEOUT))))
         };
         let recorded = record
             .retry(backoff(self.retry_max_delay))
             .sleep(tokio::time::sleep)
-            .when(|e: &WriteError| !matches!(e, WriteError::Fenced { .. }))
-            .notify(|e: &WriteError, delay| {
+            .when(|e: &RecordError| !matches!(e, RecordError::Fenced { .. }))
+            .notify(|e: &RecordError, delay| {
                 error!(error = %e, sets = sets.len(), delay_ms = delay.as_millis() as u64, "cannot write dead letters; retrying");
             });
         let ids = tokio::select! {
             recorded = recorded => match recorded {
                 Ok(ids) => ids,
-                Err(WriteError::Fenced { current, .. }) => {
+                Err(RecordError::Fenced { current, .. }) => {
                     if let Some(lease) = &self.lease {
                         lease.fenced(current);
                     }
