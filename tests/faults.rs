@@ -24,7 +24,10 @@
 //!   vanish; (4) a tombstone never comes back (not in the database, not in
 //!   memory); (5) at checkpoints (every 20 steps, after every server restart
 //!   and at the end), once drained, memory equals the database for every
-//!   item and known circuit outside unresolved quarantined sets.
+//!   item and known circuit outside unresolved quarantined sets; (6) a
+//!   SIGTERM ends within seconds whatever the database does, and keeps
+//!   everything acknowledged, durable or not (memory after the restart
+//!   equals memory before it); with the database up it exits cleanly.
 //!
 //! Traffic goes to loopback only; the test stops only the processes it
 //! started (the server, its PostgreSQL cluster and that cluster's children
@@ -63,6 +66,8 @@ const FAULT_PERCENT: u64 = 7;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a (re)started server may take to be ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a signalled server may take to exit.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Bound on every direct database call of the test.
 const DB_TIMEOUT: Duration = Duration::from_secs(15);
 /// Steps kept for the failure report.
@@ -75,9 +80,14 @@ const DROP_CONSTRAINT: &str = "ALTER TABLE items DROP CONSTRAINT IF EXISTS fault
 #[tokio::test(flavor = "multi_thread")]
 async fn random_operations_and_faults_keep_every_invariant() {
     let settings = Settings::from_env();
+    let steps = match settings.max_steps {
+        u64::MAX => "no step limit".to_owned(),
+        n => format!("{n} steps at most"),
+    };
     println!(
-        "faults: seed {} ({} s, {} steps at most); rerun with OUTBOX_FAULT_SEED={}",
-        settings.seed, settings.seconds, settings.max_steps, settings.seed
+        "faults: seed {seed} ({} s, {steps}); rerun with OUTBOX_FAULT_SEED={seed}",
+        settings.seconds,
+        seed = settings.seed
     );
     let started = Instant::now();
     let mut world = World::start(settings).await;
@@ -261,6 +271,8 @@ struct Stats {
     full_compares: u64,
     items_compared: u64,
     dead_letters_seen: u64,
+    /// SIGTERMs that ended non-zero: the drain spilled.
+    spilled_shutdowns: u64,
 }
 
 // ---------------------------------------------------------------------------
@@ -333,6 +345,8 @@ struct World {
     recent: VecDeque<String>,
     /// The last lines of servers that were stopped, for failure reports.
     previous_log: String,
+    /// Set when the server was restarted during this step.
+    restarted: bool,
     step: u64,
 }
 
@@ -367,6 +381,7 @@ impl World {
             stats: Stats::default(),
             recent: VecDeque::new(),
             previous_log: String::new(),
+            restarted: false,
             step: 0,
         };
         world.start_server().await;
@@ -445,7 +460,9 @@ impl World {
         self.note(line);
         if self.database_up() {
             self.check().await;
-            if self.step.is_multiple_of(CHECKPOINT_EVERY) {
+            // A restarted server's memory was rebuilt from the database (and
+            // its spill file): compare at once.
+            if self.step.is_multiple_of(CHECKPOINT_EVERY) || std::mem::take(&mut self.restarted) {
                 self.checkpoint(false).await;
             }
         }
@@ -589,7 +606,8 @@ impl World {
         if answer.durably_ok() && self.model.acknowledge(Kind::Item, &answer.body) {
             self.stats.durable_acks += 1;
         }
-        format!("n={n}{} {} {}", if poison { " poison" } else { "" }, answer.body["dfid"], Self::outcome(&answer))
+        let dfid = answer.body["dfid"].as_str().unwrap_or("-");
+        format!("n={n}{} {dfid} {}", if poison { " poison" } else { "" }, Self::outcome(&answer))
     }
 
     async fn create_batch(&mut self, durable: bool) -> String {
@@ -686,7 +704,7 @@ impl World {
         if answer.durably_ok() && self.model.acknowledge(Kind::Circuit, &answer.body) {
             self.stats.durable_acks += 1;
         }
-        format!("c{n} {} {}", answer.body["id"], Self::outcome(&answer))
+        format!("c{n} {} {}", answer.body["id"].as_str().unwrap_or("-"), Self::outcome(&answer))
     }
 
     async fn add_to_circuit(&mut self, durable: bool) -> String {
@@ -758,10 +776,14 @@ impl World {
         ]);
         let needs_database =
             matches!(fault, Fault::StopDatabase | Fault::FreezeDatabase | Fault::Constraint | Fault::DeadLetter);
-        if needs_database && !self.database_up() {
-            // Not applicable while the database is away: an operation instead.
-            return self.operation().await;
-        }
+        let fault = match fault {
+            // Not applicable while the database is away: half of the time a
+            // SIGTERM instead (the drain then spills, and the next start
+            // replays the spill file), else an operation.
+            _ if needs_database && !self.database_up() && self.rng.percent(50) => Fault::Terminate,
+            _ if needs_database && !self.database_up() => return self.operation().await,
+            fault => fault,
+        };
         let (name, line) = match fault {
             Fault::StopDatabase => ("pg_stop", self.stop_database()),
             Fault::FreezeDatabase => ("pg_freeze", self.freeze_database()),
@@ -810,9 +832,13 @@ impl World {
     /// folder, with the database back first; then checks memory.
     async fn restart_server(&mut self, signal: Signal) -> String {
         let database_was_up = self.database_up();
-        let mut server = self.server.take().expect("a server runs between steps");
+        // A SIGTERM keeps everything acknowledged, durable or not: written,
+        // spilled and replayed, or quarantined and reloaded.
+        let before = if signal == Signal::SIGTERM { Some(self.memory_state().await) } else { None };
+        let server = self.server.as_mut().expect("a server runs between steps");
         server.signal(signal);
-        let status = tokio::task::block_in_place(|| server.wait(Duration::from_secs(30)));
+        let status = self.wait_for_exit(signal).await;
+        let server = self.server.take().expect("it ran until now");
         self.previous_log = server.log();
         drop(server);
         // With the database up the whole time, a SIGTERM drains everything
@@ -822,10 +848,73 @@ impl World {
         }
         let healed = if database_was_up { String::new() } else { format!("; {}", self.heal()) };
         self.start_server().await;
-        let line = format!("server {signal} exited {status}{healed}; started again");
-        self.note(format!("#{} {line}", self.step));
-        self.checkpoint(false).await;
-        line
+        self.restarted = true;
+        if signal == Signal::SIGTERM && !status.success() {
+            self.stats.spilled_shutdowns += 1;
+        }
+        if let Some(before) = before {
+            let after = self.memory_state().await;
+            self.compare_states("before the SIGTERM", &before, "after the restart", &after);
+        }
+        format!("server {signal} exited {status}{healed}; started again")
+    }
+
+    /// Every item and every known circuit in memory: (kind, id) → (version,
+    /// entity).
+    async fn memory_state(&mut self) -> BTreeMap<(Kind, String), (i64, Value)> {
+        let mut state: BTreeMap<(Kind, String), (i64, Value)> =
+            self.memory_items().await.into_iter().map(|(id, entity)| ((Kind::Item, id), entity)).collect();
+        for id in self.model.circuits.clone() {
+            let answer = self.call(Method::GET, &format!("/api/circuits/{id}"), None, false).await;
+            if answer.status == 200 {
+                state.insert((Kind::Circuit, id), without_version(answer.body));
+            }
+        }
+        state
+    }
+
+    fn compare_states(
+        &self,
+        first: &str,
+        a: &BTreeMap<(Kind, String), (i64, Value)>,
+        second: &str,
+        b: &BTreeMap<(Kind, String), (i64, Value)>,
+    ) {
+        for key in a.keys().chain(b.keys()) {
+            if a.get(key) != b.get(key) {
+                self.violation(format!(
+                    "{:?} {} differs {first} and {second}:\n  {first}: {:?}\n  {second}: {:?}",
+                    key.0,
+                    key.1,
+                    a.get(key),
+                    b.get(key)
+                ));
+            }
+        }
+    }
+
+    /// Waits (bounded) for the signalled server to exit. A SIGTERM must
+    /// end in OUTBOX_DRAIN_TIMEOUT_S (3 s) plus the time to write a spill
+    /// file, whatever the database does; 15 s is generous.
+    async fn wait_for_exit(&mut self, signal: Signal) -> std::process::ExitStatus {
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        loop {
+            if let Some(status) = self.server.as_mut().and_then(ServerProcess::try_wait) {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let database = match self.database {
+                    Database::Up => "up",
+                    Database::Down { .. } => "stopped",
+                    Database::Frozen { .. } => "frozen (SIGSTOP)",
+                };
+                self.violation(format!(
+                    "the server did not exit within {EXIT_TIMEOUT:?} of {signal} (OUTBOX_DRAIN_TIMEOUT_S=3); \
+                     the database was {database}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn dead_letters(&mut self) -> Vec<Value> {
@@ -933,10 +1022,10 @@ impl World {
             match table.get(id) {
                 Some(row) if row.version >= *acked => {}
                 Some(row) => self.violation(format!(
-                    "{kind:?} {id} was acknowledged durable at version {acked}; the database holds version {} (deleted: {})",
+                    "{kind:?} {id} was acknowledged durable at version {acked}; the database holds {} (deleted: {})",
                     row.version, row.deleted
                 )),
-                None => self.violation(format!("{kind:?} {id} was acknowledged durable at version {acked}; the database has no row")),
+                None => self.violation(format!("{kind:?} {id} was acknowledged durable at version {acked}; no row")),
             }
         }
         for id in &self.model.durably_deleted {
@@ -1052,10 +1141,8 @@ impl World {
                 self.violation(format!("listing items answered {}: {}", page.status, page.body));
             }
             for item in page.body["items"].as_array().cloned().unwrap_or_default() {
-                let mut data = item;
-                let version = data.as_object_mut().and_then(|o| o.remove("version")).and_then(|v| v.as_i64());
-                let dfid = data["dfid"].as_str().unwrap_or_default().to_owned();
-                items.insert(dfid, (version.unwrap_or(-1), data));
+                let dfid = item["dfid"].as_str().unwrap_or_default().to_owned();
+                items.insert(dfid, without_version(item));
             }
             match page.body["next"].as_str() {
                 Some(next) => path = format!("/api/items?limit=1000&after={next}"),
@@ -1102,14 +1189,10 @@ impl World {
                 continue;
             }
             let answer = self.call(Method::GET, &format!("/api/circuits/{id}"), None, false).await;
-            let memory = (answer.status == 200).then(|| {
-                let mut data = answer.body.clone();
-                let version = data.as_object_mut().and_then(|o| o.remove("version")).and_then(|v| v.as_i64());
-                (version.unwrap_or(-1), data)
-            });
+            let memory = (answer.status == 200).then(|| without_version(answer.body));
             if memory.as_ref() != database.get(&id) {
                 self.violation(format!(
-                    "after draining, memory and database differ for circuit {id}:\n  memory:   {memory:?}\n  database: {:?}",
+                    "after draining, memory and database differ for circuit {id}:\n  memory: {memory:?}\n  database: {:?}",
                     database.get(&id)
                 ));
             }
@@ -1155,7 +1238,7 @@ impl World {
         format!(
             "faults summary: seed={} steps={} elapsed={:.1}s operations={operations} {:?} faults={faults} {:?} \
              answers={:?} durable_acks={} (entities {}) checks={} acks_checked={} checkpoints={} \
-             full_compares={} items_compared={} dead_letters_seen={}",
+             full_compares={} items_compared={} dead_letters_seen={} spilled_shutdowns={}",
             self.settings.seed,
             self.step,
             elapsed.as_secs_f64(),
@@ -1170,8 +1253,16 @@ impl World {
             self.stats.full_compares,
             self.stats.items_compared,
             self.stats.dead_letters_seen,
+            self.stats.spilled_shutdowns,
         )
     }
+}
+
+/// An entity as the API shows it, split into its version and what the
+/// database's `data` column holds.
+fn without_version(mut entity: Value) -> (i64, Value) {
+    let version = entity.as_object_mut().and_then(|o| o.remove("version")).and_then(|v| v.as_i64());
+    (version.unwrap_or(-1), entity)
 }
 
 fn truncate(text: &str, max: usize) -> String {
@@ -1223,7 +1314,8 @@ async fn read_snapshot(client: &mut tokio_postgres::Client) -> Result<Snapshot, 
             "SELECT c.id, d.dfid FROM circuits c
              CROSS JOIN LATERAL jsonb_array_elements_text(coalesce(c.data->'items', '[]')) AS d(dfid)
              LEFT JOIN items i ON i.id = d.dfid
-             WHERE NOT c.deleted AND (i.id IS NULL OR i.deleted OR NOT coalesce(jsonb_exists(i.data->'circuits', c.id), false))",
+             WHERE NOT c.deleted
+               AND (i.id IS NULL OR i.deleted OR NOT coalesce(jsonb_exists(i.data->'circuits', c.id), false))",
             &[],
         )
         .await?
@@ -1240,7 +1332,8 @@ async fn read_snapshot(client: &mut tokio_postgres::Client) -> Result<Snapshot, 
             "SELECT i.id, m.cid FROM items i
              CROSS JOIN LATERAL jsonb_array_elements_text(coalesce(i.data->'circuits', '[]')) AS m(cid)
              LEFT JOIN circuits c ON c.id = m.cid
-             WHERE NOT i.deleted AND (c.id IS NULL OR c.deleted OR NOT coalesce(jsonb_exists(c.data->'items', i.id), false))",
+             WHERE NOT i.deleted
+               AND (c.id IS NULL OR c.deleted OR NOT coalesce(jsonb_exists(c.data->'items', i.id), false))",
             &[],
         )
         .await?

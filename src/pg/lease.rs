@@ -309,9 +309,22 @@ impl Lease {
 
     /// Gives the lease up (the advisory lock; the epoch stays, so the next
     /// holder increments past it).
+    ///
+    /// Bounded: a database that does not answer (frozen, cut off) cannot hold
+    /// a shutdown. The lock connection is closed either way, and a closed
+    /// session releases its advisory lock when the server notices.
     pub async fn release(&self) {
-        if let Some(client) = self.lock_connection.lock().await.take() {
-            let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]).await;
+        let Ok(mut guard) = tokio::time::timeout(CHECK_TIMEOUT, self.lock_connection.lock()).await else {
+            warn!("the lease's lock connection is busy; leaving it to close with the process");
+            return;
+        };
+        if let Some(client) = guard.take() {
+            let unlocked =
+                tokio::time::timeout(CHECK_TIMEOUT, client.execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]))
+                    .await;
+            if !matches!(unlocked, Ok(Ok(_))) {
+                warn!("the database did not confirm the lease's release; closing its connection instead");
+            }
         }
     }
 }

@@ -306,3 +306,11 @@ pub fn process_alive(pid: i32) -> bool {
 pub fn postmaster_pid(cluster_dir: &Path) -> Option<i32> {
     std::fs::read_to_string(cluster_dir.join("postmaster.pid")).ok()?.lines().next()?.trim().parse().ok()
 }
+
+impl ServerProcess {
+    /// Its exit status if it has exited; never blocks (for callers that
+    /// bound the wait themselves and report a hang in their own words).
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("poll the server")
+    }
+}
