@@ -56,7 +56,8 @@ fn store(runtime: &tokio::runtime::Runtime) -> (Store, Worker) {
         .expect("seed the store");
     let pool = outbox::pg::pool(outbox::pg::parse_url("host=/nonexistent dbname=none").unwrap(), 1);
     let config = WorkerConfig { discard: true, linger: Duration::from_micros(200), ..WorkerConfig::default() };
-    let worker = runtime.block_on(async { Worker::start(store.clone(), receiver, pool, config, None) });
+    let worker =
+        runtime.block_on(async { Worker::start(store.clone(), receiver, pool, config, None, Default::default()) });
     (store, worker)
 }
 
@@ -173,7 +174,8 @@ fn record_small(c: &mut Criterion) {
         .unwrap();
     let pool = outbox::pg::pool(outbox::pg::parse_url("host=/nonexistent dbname=none").unwrap(), 1);
     let config = WorkerConfig { discard: true, linger: Duration::from_micros(200), ..WorkerConfig::default() };
-    let worker = runtime.block_on(async { Worker::start(store.clone(), receiver, pool, config, None) });
+    let worker =
+        runtime.block_on(async { Worker::start(store.clone(), receiver, pool, config, None, Default::default()) });
     let mut group = c.benchmark_group("record_small");
     let mut n = 0usize;
     group.bench_function("update_one", |b| {

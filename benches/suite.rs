@@ -196,7 +196,7 @@ async fn outbox_worker(bench: &Bench, batch_max: usize) -> f64 {
         store.apply(|set| set.insert(Item::clone(item))).expect("insert");
     }
     let worker = WorkerConfig { batch_max, ..WorkerConfig::default() };
-    let config = EngineConfig { worker, spill_dir: None, lease: true, holder: "bench".into(), wait_for_lease: true };
+    let config = EngineConfig { worker, spill_dir: None, holder: "bench".into(), ..EngineConfig::default() };
     let started = Instant::now();
     let (engine, _) =
         Engine::start(store, receiver, pool.clone(), &bench.config, config, &CancellationToken::new(), &|_| {})

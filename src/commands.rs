@@ -11,7 +11,6 @@ use crate::engine::{Engine, EngineConfig, EngineError, operator};
 use crate::pg::dead_letters::{self, DeadLetterError};
 use crate::pg::{self, DbError};
 use crate::server::{Database, ServerError};
-use crate::worker::WorkerConfig;
 
 /// An operator action on dead letters.
 #[derive(Debug, Clone)]
@@ -101,11 +100,12 @@ async fn act_as_holder(
 ) -> Result<String, CommandError> {
     let (store, receiver) = crate::api::store_builder().capacity(config.queue_capacity).build();
     let engine_config = EngineConfig {
-        worker: WorkerConfig::from_config(config),
+        worker: config.worker(),
         spill_dir: Some(config.spill_dir()),
         lease: true,
         holder: format!("{} (outbox dead-letters)", crate::engine::default_holder()),
         wait_for_lease: false,
+        ..EngineConfig::default()
     };
     let cancel = CancellationToken::new();
     let started = Engine::start(store, receiver, pool.clone(), &database.config, engine_config, &cancel, &|step| {

@@ -11,15 +11,9 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-/// When a change is acknowledged to the HTTP client (DESIGN I11).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum AckMode {
-    /// Answer after the in-memory change (write-behind); a `Prefer: durable`
-    /// request still waits for its commit.
-    Memory,
-    /// Answer every change only after the batch carrying it has committed.
-    Durable,
-}
+use crate::worker::WorkerConfig;
+
+pub use crate::api::AckMode;
 
 /// How log lines are written to standard error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -131,6 +125,17 @@ pub struct Config {
 }
 
 impl Config {
+    /// The worker's batching and retry settings.
+    pub fn worker(&self) -> WorkerConfig {
+        WorkerConfig {
+            batch_max: self.batch_max,
+            linger: self.linger(),
+            retry_max_delay: self.retry_max_delay(),
+            writers: self.writers,
+            discard: self.bench_discard_writes,
+        }
+    }
+
     /// How long a batch waits for more records after its first one.
     pub fn linger(&self) -> Duration {
         Duration::from_millis(self.linger_ms)

@@ -121,19 +121,29 @@
 //! # Ok(()) }
 //! ```
 
-pub mod api;
-pub mod commands;
-pub mod config;
+pub mod backoff;
 pub mod engine;
-pub mod loadgen;
+pub mod entity;
 pub mod metrics;
 pub mod outbox;
 pub mod pg;
-pub mod server;
 pub mod store;
 pub mod worker;
 
+#[cfg(feature = "server")]
+pub mod api;
+#[cfg(feature = "server")]
+pub mod commands;
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "loadgen")]
+pub mod loadgen;
+#[cfg(feature = "server")]
+pub mod server;
+
+#[cfg(feature = "server")]
 pub use config::Config;
 pub use engine::Engine;
+#[cfg(feature = "server")]
 pub use server::{ServerError, run};
 pub use store::Store;

@@ -3,11 +3,9 @@
 //! (alert rules and the dashboard query them), so they live here and nowhere
 //! else; the rest of the crate refers to these constants.
 
-use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Changes recorded, by entity kind.
 pub const MUTATIONS_TOTAL: &str = "outbox_mutations_total";
@@ -83,24 +81,41 @@ const PERSIST_LATENCY_BUCKETS: [f64; 16] =
 const HTTP_BUCKETS: [f64; 14] =
     [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0];
 
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+/// Every histogram with its buckets, for whichever exporter a process
+/// installs.
+pub const HISTOGRAM_BUCKETS: [(&str, &[f64]); 4] = [
+    (BATCH_ROWS, &BATCH_ROWS_BUCKETS),
+    (FLUSH_DURATION, &FLUSH_BUCKETS),
+    (PERSIST_LATENCY, &PERSIST_LATENCY_BUCKETS),
+    (HTTP_REQUEST_DURATION, &HTTP_BUCKETS),
+];
+
+/// Describes every metric and creates the series whose labels are known at
+/// start, so that they exist from the first scrape. Call it once the
+/// process's recorder is installed (the reference server's
+/// [`install`] does).
+pub fn describe_all() {
+    describe();
+    register_series();
+}
 
 /// Installs the Prometheus recorder as the process's global recorder (once;
-/// later calls return the same handle), describes every metric and sets
-/// `outbox_build_info`.
-pub fn install() -> PrometheusHandle {
+/// later calls return the same handle), with the buckets of
+/// [`HISTOGRAM_BUCKETS`], and describes every metric.
+#[cfg(feature = "server")]
+pub fn install() -> metrics_exporter_prometheus::PrometheusHandle {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let handle = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Full(BATCH_ROWS.into()), &BATCH_ROWS_BUCKETS)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(FLUSH_DURATION.into()), &FLUSH_BUCKETS))
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(PERSIST_LATENCY.into()), &PERSIST_LATENCY_BUCKETS))
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(HTTP_REQUEST_DURATION.into()), &HTTP_BUCKETS))
-                .expect("bucket lists are non-empty constants")
-                .install_recorder()
-                .expect("no other metrics recorder is installed in this process");
-            describe();
-            register_series();
+            let mut builder = PrometheusBuilder::new();
+            for (name, buckets) in HISTOGRAM_BUCKETS {
+                builder = builder
+                    .set_buckets_for_metric(Matcher::Full(name.into()), buckets)
+                    .expect("bucket lists are non-empty constants");
+            }
+            let handle = builder.install_recorder().expect("no other metrics recorder is installed in this process");
+            describe_all();
             handle
         })
         .clone()
@@ -254,6 +269,7 @@ pub fn method_label(method: &str) -> &'static str {
 }
 
 /// An HTTP request was answered.
+#[cfg(feature = "server")]
 pub(crate) fn http_request(method: &str, route: &str, status: u16, elapsed: Duration) {
     let labels =
         [("method", method_label(method).to_owned()), ("route", route.to_owned()), ("status", status.to_string())];
@@ -277,9 +293,11 @@ impl OutboxGauges {
         }
     }
 
-    pub(crate) fn refresh(&self, snapshot: &crate::outbox::OutboxSnapshot) {
-        self.depth.set(snapshot.depth as f64);
-        self.lag.set(snapshot.lag.as_secs_f64());
-        self.oldest.set(unix_seconds(snapshot.oldest_pending));
+    /// Distinct entities pending, the age of the oldest unwritten change,
+    /// and when it was made.
+    pub(crate) fn refresh(&self, depth: usize, lag: Duration, oldest_pending: SystemTime) {
+        self.depth.set(depth as f64);
+        self.lag.set(lag.as_secs_f64());
+        self.oldest.set(unix_seconds(oldest_pending));
     }
 }

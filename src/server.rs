@@ -14,7 +14,7 @@ use crate::api::{self, AppState, Phase, Readiness};
 use crate::config::Config;
 use crate::engine::{Engine, EngineConfig, EngineError, retry_startup};
 use crate::pg::{self, DbError, LocalPostgres, LocalPostgresError, LocalPostgresOptions};
-use crate::worker::WorkerConfig;
+use crate::worker::health::Health;
 
 /// How often histogram upkeep runs in the metrics recorder.
 const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -156,7 +156,9 @@ async fn serve(
     };
 
     let (store, receiver) = api::store_builder().capacity(config.queue_capacity).build();
+    let health = Arc::new(Health::default());
     let state = AppState {
+        health: health.clone(),
         readiness: readiness.clone(),
         pool: pool.clone(),
         metrics,
@@ -180,11 +182,12 @@ async fn serve(
             return Ok(None);
         }
         let engine_config = EngineConfig {
-            worker: WorkerConfig::from_config(config),
+            worker: config.worker(),
             spill_dir: Some(config.spill_dir()),
             lease: true,
             holder: crate::engine::default_holder(),
             wait_for_lease: true,
+            health,
         };
         let progress = |step: &str| readiness.set(Phase::Starting(step.to_owned()));
         Ok(Engine::start(store, receiver, pool.clone(), &database.config, engine_config, &shutdown, &progress)

@@ -29,6 +29,7 @@ fn app_with(capacity: usize, phase: Phase, admin_token: Option<&str>) -> (Router
         pool,
         metrics: outbox::metrics::install(),
         store: store.clone(),
+        health: Default::default(),
         ack: AckMode::Memory,
         body_limit: BODY_LIMIT,
         request_timeout: Duration::from_secs(5),

@@ -144,8 +144,7 @@ async fn start(db: &TestDb, builder: StoreBuilder, worker: WorkerConfig) -> Engi
     let pool = outbox::pg::pool(db.config.clone(), 8);
     outbox::pg::migrate(&pool).await.expect("migrations");
     let (store, receiver) = builder.build();
-    let config =
-        EngineConfig { worker, spill_dir: None, lease: true, holder: "engine-test".into(), wait_for_lease: true };
+    let config = EngineConfig { worker, holder: "engine-test".into(), ..EngineConfig::default() };
     let (engine, _) = Engine::start(store, receiver, pool, &db.config, config, &CancellationToken::new(), &|_| {})
         .await
         .expect("start the engine")
@@ -265,7 +264,7 @@ async fn coalescing_writes_one_row_with_the_last_version() {
         assert_eq!(store.outbox().depth, 1, "one entity pending, however often it changes");
     }
     // The worker starts only now: all 10,001 changes precede any flush.
-    let worker = Worker::start(store.clone(), receiver, pool, config(1000, 2), None);
+    let worker = Worker::start(store.clone(), receiver, pool, config(1000, 2), None, Default::default());
     assert!(worker.drain(Duration::from_secs(30)).await.complete());
     let rows = db_rows(&db, "docs").await;
     assert_eq!(rows["hot"].0, 10_001, "the newest version is written");
@@ -794,13 +793,7 @@ async fn hydration_reads_every_kind_from_one_snapshot() {
             let pool = outbox::pg::pool(db_config.clone(), 4);
             outbox::pg::migrate(&pool).await.unwrap();
             let (store, receiver) = Store::builder().kind::<Doc>().kind::<Tag>().build();
-            let config = EngineConfig {
-                worker: config(1000, 1),
-                spill_dir: None,
-                lease: false,
-                holder: "t".into(),
-                wait_for_lease: true,
-            };
+            let config = EngineConfig { worker: config(1000, 1), lease: false, ..EngineConfig::default() };
             let (engine, _) =
                 Engine::start(store, receiver, pool, &db_config, config, &CancellationToken::new(), &|_| {})
                     .await

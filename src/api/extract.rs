@@ -6,8 +6,8 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use serde::de::DeserializeOwned;
 
+use super::AckMode;
 use super::error::ApiError;
-use crate::config::AckMode;
 
 /// `axum::Json`, with its rejections (bad syntax, wrong types, unknown
 /// fields, wrong content type, too large) rendered as problem details.

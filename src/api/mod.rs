@@ -34,10 +34,20 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::config::AckMode;
 use crate::metrics as m;
 use crate::store::{ChangeSet, Store};
+use crate::worker::health::Health;
 use error::ApiError;
+
+/// When a change is acknowledged to the HTTP client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AckMode {
+    /// Answer after the in-memory change (write-behind); a `Prefer: durable`
+    /// request still waits for its commit.
+    Memory,
+    /// Answer every change only after the batch carrying it has committed.
+    Durable,
+}
 
 /// Where start-up and shutdown stand, for `/readyz`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +102,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// The entities.
     pub store: Store,
+    /// What the engine last saw of the database (readiness, status).
+    pub health: Arc<Health>,
     /// The default acknowledgement (`OUTBOX_ACK`).
     pub ack: AckMode,
     /// Largest request body.

@@ -51,7 +51,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         Phase::ShuttingDown => return unavailable("shutting_down", "the server is shutting down".into()),
         Phase::Ready => {}
     }
-    let health = state.store.health().snapshot();
+    let health = state.health.snapshot();
     if health.db_up == Some(false) {
         let reason = health.last_error.map_or_else(|| "the database does not answer".to_owned(), |e| e.message);
         return unavailable("unavailable", format!("database: {reason}"));
@@ -125,7 +125,7 @@ fn utc(time: SystemTime) -> DateTime<Utc> {
     responses((status = 200, description = "Outbox status", body = OutboxStatus)))]
 pub async fn status(State(state): State<AppState>) -> impl IntoResponse {
     let outbox = state.store.outbox();
-    let health = state.store.health().snapshot();
+    let health = state.health.snapshot();
     axum::Json(OutboxStatus {
         depth: outbox.depth,
         capacity: outbox.capacity,

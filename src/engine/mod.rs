@@ -10,6 +10,7 @@ use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::backoff;
 use crate::metrics as m;
 use crate::outbox::OutboxReceiver;
 use crate::outbox::spill::{self, SpillError};
@@ -17,6 +18,7 @@ use crate::pg::hydrate::{HydrateError, HydrationReport, hydrate};
 use crate::pg::lease::{Lease, LeaseState};
 use crate::pg::{DbError, dead_letters};
 use crate::store::Store;
+use crate::worker::health::Health;
 use crate::worker::{DrainReport, Worker, WorkerConfig};
 
 pub mod operator;
@@ -53,6 +55,10 @@ pub struct EngineConfig {
     /// start-up fails at once with [`EngineError::LeaseHeld`] (a one-off
     /// command).
     pub wait_for_lease: bool,
+    /// Where the engine records what it sees of the database; share it
+    /// with whatever reports health (the server's readiness and status
+    /// routes) before starting.
+    pub health: Arc<Health>,
 }
 
 impl Default for EngineConfig {
@@ -63,6 +69,7 @@ impl Default for EngineConfig {
             lease: true,
             holder: default_holder(),
             wait_for_lease: true,
+            health: Arc::default(),
         }
     }
 }
@@ -124,6 +131,7 @@ impl ShutdownReport {
 pub struct Engine {
     store: Store,
     pool: Pool,
+    health: Arc<Health>,
     worker: Worker,
     lease: Option<Arc<Lease>>,
     spill_dir: Option<PathBuf>,
@@ -179,7 +187,15 @@ impl Engine {
             };
             for path in listed? {
                 progress(&format!("replaying spill file {}", path.display()));
-                let replay = replay_spill(&store, &pool, lease.clone(), &path, config.worker.retry_max_delay, cancel);
+                let replay = replay_spill(
+                    &store,
+                    &pool,
+                    lease.clone(),
+                    config.health.clone(),
+                    &path,
+                    config.worker.retry_max_delay,
+                    cancel,
+                );
                 if !replay.await? {
                     return Ok(None);
                 }
@@ -195,16 +211,18 @@ impl Engine {
             return Ok(None);
         };
         m::dead_letters_unresolved(letters.len() as i64);
-        store.health().dead_letters(letters.len() as i64);
+        config.health.dead_letters(letters.len() as i64);
         if !letters.is_empty() {
             warn!(dead_letters = letters.len(), "unresolved dead letters are waiting for an operator");
         }
         load_quarantine(&store, letters);
         m::engine_started();
-        tokio::spawn(watch_database(store.clone(), pool.clone(), background.clone()));
+        tokio::spawn(watch_database(config.health.clone(), pool.clone(), background.clone()));
 
-        let worker = Worker::start(store.clone(), receiver, pool.clone(), config.worker, lease.clone());
-        Ok(Some((Self { store, pool, worker, lease, spill_dir: config.spill_dir, background }, report)))
+        let worker =
+            Worker::start(store.clone(), receiver, pool.clone(), config.worker, lease.clone(), config.health.clone());
+        let health = config.health;
+        Ok(Some((Self { store, pool, worker, lease, health, spill_dir: config.spill_dir, background }, report)))
     }
 
     /// The store.
@@ -224,6 +242,11 @@ impl Engine {
     /// The database pool.
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// What the engine last saw of the database.
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
     }
 
     /// Stops taking changes and writes everything pending within `deadline`.
@@ -251,7 +274,7 @@ async fn retry_hydrate(
     pool: &Pool,
     cancel: &CancellationToken,
 ) -> Result<Option<HydrationReport>, EngineError> {
-    let mut delay = Duration::from_millis(100);
+    let mut delays = backoff::delays(STARTUP_RETRY_MAX);
     loop {
         match hydrate(store, pool).await {
             Ok(report) => return Ok(Some(report)),
@@ -259,10 +282,10 @@ async fn retry_hydrate(
             Err(e @ HydrateError::Decode { .. }) => return Err(e.into()),
             Err(HydrateError::Db(e)) => {
                 error!(error = %e, "hydration failed; retrying");
+                let delay = delays.next().unwrap_or(STARTUP_RETRY_MAX);
                 if cancel.run_until_cancelled(tokio::time::sleep(delay)).await.is_none() {
                     return Ok(None);
                 }
-                delay = (delay * 2).min(STARTUP_RETRY_MAX);
             }
         }
     }
@@ -275,7 +298,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, DbError>>,
 {
-    let mut delay = Duration::from_millis(100);
+    let mut delays = backoff::delays(STARTUP_RETRY_MAX);
     let mut failures = 0u32;
     loop {
         match cancel.run_until_cancelled(attempt()).await? {
@@ -292,8 +315,8 @@ where
                 } else {
                     error!(step, error = %e, failures, "start-up step still failing; retrying");
                 }
+                let delay = delays.next().unwrap_or(STARTUP_RETRY_MAX);
                 cancel.run_until_cancelled(tokio::time::sleep(delay)).await?;
-                delay = (delay * 2).min(STARTUP_RETRY_MAX);
             }
         }
     }
@@ -301,21 +324,21 @@ where
 
 /// Every few seconds, even when idle: checks that the database answers
 /// (`outbox_db_up`, the status route) and reads the unresolved dead letters.
-async fn watch_database(store: Store, pool: Pool, cancel: CancellationToken) {
+async fn watch_database(health: Arc<Health>, pool: Pool, cancel: CancellationToken) {
     loop {
         if cancel.run_until_cancelled(tokio::time::sleep(HEALTH_INTERVAL)).await.is_none() {
             return;
         }
         let checked = {
-            let _under_way = store.health().under_way("a health check");
+            let _under_way = health.under_way("a health check");
             tokio::time::timeout(HEALTH_TIMEOUT, crate::pg::ping(&pool)).await
         };
         let up = matches!(checked, Ok(Ok(())));
         m::database_reachable(up);
-        store.health().reachable(up);
+        health.reachable(up);
         if up && let Ok(Ok(count)) = tokio::time::timeout(HEALTH_TIMEOUT, dead_letters::count_unresolved(&pool)).await {
             m::dead_letters_unresolved(count);
-            store.health().dead_letters(count);
+            health.dead_letters(count);
         }
     }
 }

@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 
+use crate::entity::{KindId, Stored};
 use crate::outbox::{Resolution, TicketError};
 use crate::pg::dead_letters::{self, DeadLetter, DeadLetterError};
 use crate::pg::hydrate::current_rows;
-use crate::store::kind::{KindId, Stored};
 use crate::store::{ApplyError, Store};
 
 /// Replays the quarantined set of dead letter `id`; returns its dead

@@ -18,6 +18,7 @@ use crate::pg::lease::{Lease, LeaseState};
 use crate::pg::upsert::Mode;
 use crate::store::{LoadedMember, LoadedSet, Store};
 use crate::worker::flush::{Flusher, Outcome};
+use crate::worker::health::Health;
 
 /// Replays one spill file and removes it once its records are in the
 /// database or quarantined. Records are written by compare-and-set against
@@ -28,6 +29,7 @@ pub(super) async fn replay_spill(
     store: &Store,
     pool: &Pool,
     lease: Option<Arc<Lease>>,
+    health: Arc<Health>,
     path: &Path,
     retry_max_delay: Duration,
     cancel: &CancellationToken,
@@ -43,6 +45,7 @@ pub(super) async fn replay_spill(
     let records = batch.rows.len();
     let flusher = Flusher {
         store: store.clone(),
+        health,
         pool: pool.clone(),
         lease: lease.clone(),
         retry_max_delay,

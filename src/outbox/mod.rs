@@ -37,7 +37,7 @@ use crossbeam_channel::{Receiver, Sender};
 pub use ticket::{Ticket, TicketError};
 pub(crate) use ticket::{TicketShared, Waiter, push_waiter};
 
-use crate::store::kind::{KindId, Stored};
+use crate::entity::{KindId, Stored};
 
 /// One entity that has changed and is not yet being written, as sent to the
 /// worker. `seq` ties it to the pending mark that sent it: a record whose mark

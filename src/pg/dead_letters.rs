@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use super::DbError;
 
 /// Why a set was quarantined.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Reason {
     /// The database refuses a row of it for good (a constraint, bad data).
@@ -38,7 +39,8 @@ impl Reason {
 }
 
 /// A quarantined record: one member of a quarantined change set.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct DeadLetter {
     /// The dead letter's id.
     pub id: i64,
@@ -62,7 +64,7 @@ pub struct DeadLetter {
     /// In a conflict: the version the database holds (absent: no row).
     pub database_version: Option<i64>,
     /// The entity as it was sent (absent for a tombstone).
-    #[schema(value_type = Option<Object>)]
+    #[cfg_attr(feature = "server", schema(value_type = Option<Object>))]
     pub payload: Option<serde_json::Value>,
     /// Whether the record was a delete.
     pub deleted: bool,

@@ -169,7 +169,7 @@ pub async fn hydrate(store: &Store, pool: &Pool) -> Result<HydrationReport, Hydr
 }
 
 fn decode_row(
-    decode: crate::store::kind::Decode,
+    decode: crate::entity::Decode,
     kind: &'static str,
     table: &'static str,
     row: &tokio_postgres::Row,

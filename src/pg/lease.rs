@@ -273,7 +273,7 @@ impl Lease {
     /// `Some(true)`: re-taken at our epoch; `Some(false)`: another process
     /// took it; `None`: cancelled.
     async fn retake(&self, cancel: &CancellationToken) -> Option<bool> {
-        let mut delay = Duration::from_millis(100);
+        let mut delays = crate::backoff::delays(POLL);
         let mut held_at_our_epoch_since: Option<std::time::Instant> = None;
         loop {
             let attempt = async {
@@ -302,8 +302,7 @@ impl Lease {
                 }
                 Err(e) => warn!(error = %e, "cannot re-take the lease yet"),
             }
-            cancel.run_until_cancelled(tokio::time::sleep(delay)).await?;
-            delay = (delay * 2).min(POLL);
+            cancel.run_until_cancelled(tokio::time::sleep(delays.next().unwrap_or(POLL))).await?;
         }
     }
 

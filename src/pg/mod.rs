@@ -4,6 +4,7 @@
 pub mod dead_letters;
 pub mod hydrate;
 pub mod lease;
+#[cfg(feature = "local-postgres")]
 pub mod local;
 pub(crate) mod sql;
 pub(crate) mod upsert;
@@ -16,6 +17,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 use tokio_postgres::config::Host;
 
+#[cfg(feature = "local-postgres")]
 pub use local::{LocalPostgres, LocalPostgresError, LocalPostgresOptions};
 
 /// Name of the database the server uses inside its private PostgreSQL.

@@ -15,8 +15,8 @@ use bytes::BufMut;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 
 use super::sql;
+use crate::entity::{KindId, KindInfo};
 use crate::outbox::{Batch, Resolution};
-use crate::store::kind::{KindId, KindInfo};
 
 /// Serialized JSON sent as `jsonb` in binary form (a version byte, then the
 /// text), skipping a round trip through `serde_json::Value`.

@@ -23,7 +23,6 @@
 //! a Tokio one, because nothing awaits while holding it.
 
 mod change_set;
-pub(crate) mod kind;
 mod persist;
 pub(crate) mod quarantine;
 
@@ -36,9 +35,9 @@ use std::time::{Duration, Instant};
 
 use metrics::Counter;
 
+pub use crate::entity::{Entity, Index};
+use crate::entity::{ErasedIndex, KindId, KindInfo, Stored, TypedIndex, downcast};
 pub use change_set::ChangeSet;
-pub use kind::{Entity, Index};
-use kind::{ErasedIndex, KindId, KindInfo, Stored, TypedIndex, downcast};
 pub(crate) use persist::{LoadedMember, LoadedSet, Unwritten};
 use quarantine::QuarantineBook;
 
@@ -187,7 +186,6 @@ pub(crate) struct Shared {
     pub(crate) kinds: Vec<KindInfo>,
     pub(crate) state: RwLock<State>,
     rejected_queue_full: Counter,
-    health: crate::worker::health::Health,
 }
 
 /// The in-memory state and the only way to change it. Cheap to clone: all
@@ -255,7 +253,6 @@ impl StoreBuilder {
             kinds: self.kinds,
             state: RwLock::new(State { tables, indexes, ledger, closed: false, quarantine: QuarantineBook::default() }),
             rejected_queue_full: metrics::counter!(m::REJECTED_TOTAL, "reason" => "queue_full"),
-            health: Default::default(),
         };
         shared.rejected_queue_full.increment(0);
         (Store { shared: Arc::new(shared) }, receiver)
@@ -434,11 +431,6 @@ impl Store {
     pub fn read<R>(&self, read: impl FnOnce(&View<'_>) -> R) -> R {
         let guard = self.read_state();
         read(&View { kinds: &self.shared.kinds, state: &guard })
-    }
-
-    /// What the worker last saw of the database.
-    pub fn health(&self) -> &crate::worker::health::Health {
-        &self.shared.health
     }
 
     /// Depth, capacity and lag of the outbox now.

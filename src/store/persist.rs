@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::kind::{KindId, Stored};
 use super::{HydratedRow, Slot, State, Store, group, mark_pending};
+use crate::entity::{KindId, Stored};
 use crate::metrics as m;
 use crate::outbox::{Batch, DirtyRecord, EntityKey, OutboxReceiver, Quarantined, Row, TicketError};
 

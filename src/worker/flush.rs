@@ -21,12 +21,14 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info_span, warn};
 
 use super::classify::{Classified, ErrorClass, classify_pool, classify_postgres};
+use super::health::Health;
+use crate::backoff;
 use crate::metrics as m;
 use crate::outbox::{Batch, Quarantined, TicketError};
 use crate::pg;
@@ -38,19 +40,6 @@ use crate::store::Store;
 /// Longest one flush attempt may take before it is given up and retried:
 /// past the server's own statement timeout.
 pub(crate) const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(pg::STATEMENT_TIMEOUT.as_secs() + 5);
-
-/// First pause after a failed attempt; it doubles up to the configured cap.
-const RETRY_MIN_DELAY: Duration = Duration::from_millis(50);
-
-/// The one retry policy of the crate: exponential from 50 ms, doubling,
-/// capped at `max_delay`, with jitter, without a limit on attempts.
-pub(crate) fn backoff(max_delay: Duration) -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(RETRY_MIN_DELAY)
-        .with_max_delay(max_delay)
-        .with_jitter()
-        .without_max_times()
-}
 
 /// How a batch ended.
 pub(crate) enum Outcome {
@@ -95,6 +84,8 @@ struct SetAside {
 /// Writes batches: what a writer task and a spill-file replay share.
 pub(crate) struct Flusher {
     pub(crate) store: Store,
+    /// What this process last saw of the database (written here).
+    pub(crate) health: Arc<Health>,
     pub(crate) pool: Pool,
     pub(crate) lease: Option<Arc<Lease>>,
     pub(crate) retry_max_delay: Duration,
@@ -277,7 +268,7 @@ impl Flusher {
         let cap = self.retry_max_delay;
         let attempt = || self.attempt(&encoded, rows.len(), commit);
         let retried = attempt
-            .retry(backoff(cap))
+            .retry(backoff::policy(cap))
             .sleep(tokio::time::sleep)
             .when(|e: &WriteError| match e {
                 WriteError::Fenced { .. } | WriteError::Conflicts(_) => false,
@@ -329,7 +320,7 @@ impl Flusher {
 
     async fn attempt(&self, encoded: &Encoded, rows: usize, commit: bool) -> Result<(), WriteError> {
         let started = Instant::now();
-        let _under_way = self.store.health().under_way("a flush attempt");
+        let _under_way = self.health.under_way("a flush attempt");
         let result = async {
             // Flush only under the lease; while it is being re-taken (the
             // database went away) the attempt fails like any other
@@ -357,7 +348,7 @@ impl Flusher {
         match &result {
             Ok(()) if commit => {
                 m::flush_committed(elapsed);
-                self.store.health().success(SystemTime::now());
+                self.health.success(SystemTime::now());
                 debug!(rows, elapsed_us = elapsed.as_micros() as u64, "batch committed");
             }
             Ok(()) => {}
@@ -368,7 +359,7 @@ impl Flusher {
                 if commit {
                     m::flush_failed(elapsed, classified.error_type, reached_database);
                 }
-                self.store.health().failure(&classified, reached_database, e.to_string());
+                self.health.failure(&classified, reached_database, e.to_string());
             }
         }
         result
@@ -421,7 +412,7 @@ impl Flusher {
                 .unwrap_or(Err(RecordError::Db(pg::DbError::Timeout(ATTEMPT_TIMEOUT))))
         };
         let recorded = record
-            .retry(backoff(self.retry_max_delay))
+            .retry(backoff::policy(self.retry_max_delay))
             .sleep(tokio::time::sleep)
             .when(|e: &RecordError| !matches!(e, RecordError::Fenced { .. }))
             .notify(|e: &RecordError, delay| {
@@ -446,7 +437,7 @@ impl Flusher {
         };
         if let Ok(count) = dead_letters::count_unresolved(&self.pool).await {
             m::dead_letters_unresolved(count);
-            self.store.health().dead_letters(count);
+            self.health.dead_letters(count);
         }
         Ok(set_aside
             .iter()

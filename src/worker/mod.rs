@@ -18,6 +18,7 @@
 //!   flushed, then the worker stops. Past the deadline, writers give up
 //!   and the report says what was left unwritten.
 
+mod batcher;
 pub mod classify;
 pub(crate) mod flush;
 pub mod health;
@@ -38,7 +39,9 @@ use crate::outbox::{Batch, DirtyRecord, OutboxReceiver};
 use crate::pg::lease::Lease;
 use crate::pg::upsert::Mode;
 use crate::store::Store;
+use batcher::Batcher;
 use flush::{Flusher, Outcome};
+use health::Health;
 
 /// How often the coordinator refreshes the depth and lag gauges.
 const GAUGE_INTERVAL: Duration = Duration::from_millis(500);
@@ -71,19 +74,6 @@ impl Default for WorkerConfig {
             retry_max_delay: Duration::from_secs(2),
             writers: 2,
             discard: false,
-        }
-    }
-}
-
-impl WorkerConfig {
-    /// Batching and retry settings from the server configuration.
-    pub fn from_config(config: &crate::Config) -> Self {
-        Self {
-            batch_max: config.batch_max,
-            linger: config.linger(),
-            retry_max_delay: config.retry_max_delay(),
-            writers: config.writers,
-            discard: config.bench_discard_writes,
         }
     }
 }
@@ -135,6 +125,7 @@ impl Worker {
         pool: Pool,
         config: WorkerConfig,
         lease: Option<Arc<Lease>>,
+        health: Arc<Health>,
     ) -> Self {
         let writers = config.writers.max(1);
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
@@ -147,6 +138,7 @@ impl Worker {
             let writer = Writer {
                 flusher: Flusher {
                     store: store.clone(),
+                    health: health.clone(),
                     pool: pool.clone(),
                     lease: lease.clone(),
                     retry_max_delay: config.retry_max_delay,
@@ -164,10 +156,17 @@ impl Worker {
         let coordinator = Coordinator {
             store: store.clone(),
             receiver,
-            config: WorkerConfig { writers, ..config },
+            outstanding: vec![0; batch_senders.len()],
             writers: batch_senders,
             completions: done_rx,
             control: control_rx,
+            batcher: Batcher::new(config.batch_max, config.linger),
+            backlog: VecDeque::new(),
+            blocked: 0,
+            draining: false,
+            swept: false,
+            gauges: m::OutboxGauges::new(),
+            last_gauges: Instant::now() - GAUGE_INTERVAL,
         };
         let thread = thread::Builder::new()
             .name("outbox-worker".into())
@@ -232,162 +231,223 @@ impl Drop for Worker {
     }
 }
 
+/// The coordinator thread: receives records, decides when a batch is due,
+/// takes batches from the store and hands them to writers, applies their
+/// outcomes, keeps the gauges fresh, and runs the drain.
 struct Coordinator {
     store: Store,
     receiver: OutboxReceiver,
-    config: WorkerConfig,
     writers: Vec<mpsc::UnboundedSender<Batch>>,
     completions: Receiver<Completion>,
     control: Receiver<Control>,
+    batcher: Batcher,
+    /// Records received and not yet taken, oldest first.
+    backlog: VecDeque<DirtyRecord>,
+    /// Records at the front of `backlog` whose groups wait for a batch in
+    /// flight: they do not count towards a full batch.
+    blocked: usize,
+    /// Batches handed to each writer and not yet completed. A writer holds
+    /// up to `WRITER_DEPTH`: the one it writes and the next, so it goes on
+    /// without waiting for this thread to be scheduled (on a machine whose
+    /// cores PostgreSQL keeps busy, that wait is a large part of a batch's
+    /// time).
+    outstanding: Vec<usize>,
+    draining: bool,
+    /// The drain swept the store for orphaned pending marks once.
+    swept: bool,
+    gauges: m::OutboxGauges,
+    last_gauges: Instant,
+}
+
+/// What the coordinator does next.
+#[derive(PartialEq, Eq)]
+enum Next {
+    Continue,
+    Stop,
 }
 
 impl Coordinator {
-    fn run(self) {
-        let mut backlog: VecDeque<DirtyRecord> = VecDeque::new();
-        // Records at the front of `backlog` whose groups wait for a batch
-        // in flight: they do not count towards a full batch.
-        let mut blocked = 0usize;
-        // Batches handed to each writer and not yet completed. A writer
-        // holds up to `WRITER_DEPTH`: the one it writes and the next, so it
-        // goes on without waiting for this thread to be scheduled (on a
-        // machine whose cores PostgreSQL keeps busy, that wait is a large
-        // part of a batch's time).
-        let mut outstanding: Vec<usize> = vec![0; self.writers.len()];
-        // An idle writer takes any due batch. A busy writer takes its next
-        // one only when a full batch is waiting: below saturation, records
-        // keep gathering until a writer is free, which makes fewer, larger
-        // transactions (less database work per row).
-        let free = |outstanding: &[usize], full_batch_waiting: bool| {
-            let depth = if full_batch_waiting { WRITER_DEPTH } else { 1 };
-            outstanding.iter().enumerate().filter(|(_, n)| **n < depth).min_by_key(|(_, n)| **n).map(|(w, _)| w)
-        };
-        let mut due: Option<Instant> = None;
-        let mut draining = false;
-        let mut swept = false;
+    fn run(mut self) {
         // Replaced by `never()` once the drain is requested (or the worker
         // dropped), so a disconnected channel is not selected again.
         let mut control = self.control.clone();
-        let mut last_gauges = Instant::now() - GAUGE_INTERVAL;
-        let gauges = m::OutboxGauges::new();
         loop {
-            if self.writers.iter().any(|writer| writer.is_closed()) {
-                // A writer ends only when the drain deadline aborts it, or
-                // if it panicked: either way its batches will not complete.
-                // Changes are refused from now on rather than accepted into
-                // a store nothing writes; what is pending is reported (and
-                // spilled) when the server stops.
-                if !self.store.is_closed() {
-                    error!("a writer has stopped; the worker stops and the store refuses changes");
-                    self.store.close();
-                }
-                gauges.refresh(&self.store.outbox());
+            if self.a_writer_stopped() {
                 return;
             }
-            let now = Instant::now();
-            if now.duration_since(last_gauges) >= GAUGE_INTERVAL {
-                gauges.refresh(&self.store.outbox());
-                last_gauges = now;
+            self.refresh_gauges_when_due();
+            if self.wait(&mut control) == Next::Stop || self.dispatch() == Next::Stop {
+                return;
             }
-            let next_gauges = last_gauges + GAUGE_INTERVAL;
-            let wake = match due {
-                Some(at) if free(&outstanding, false).is_some() => at.min(next_gauges),
-                _ => next_gauges,
-            };
-            // Listen for records only while nothing waits to be written. Once
-            // a batch is due (or writers are busy), more records would only
-            // wake this thread, once per change, for nothing: they are drained
-            // from the channel when the batch is taken.
-            let records = if due.is_none() && backlog.is_empty() {
-                self.receiver.records.clone()
-            } else {
-                crossbeam_channel::never()
-            };
-            select! {
-                recv(records) -> record => {
-                    // The coordinator holds a store, so the channel stays open.
-                    if let Ok(record) = record {
-                        backlog.push_back(record);
-                        due.get_or_insert_with(|| Instant::now() + self.config.linger);
-                    }
-                },
-                recv(self.completions) -> completion => {
-                    // Every writer is gone (the runtime is shutting down).
-                    let Ok(completion) = completion else { return };
-                    match &completion.outcome {
-                        Outcome::Committed(quarantined) => self.store.commit(&completion.batch, quarantined),
-                        Outcome::Abandoned => self.store.abandon(&completion.batch),
-                    }
-                    outstanding[completion.writer] -= 1;
-                    blocked = 0;
-                    // Records that waited for this batch's entities may go now.
-                    if !backlog.is_empty() {
-                        due = Some(Instant::now());
-                    }
-                },
-                recv(control) -> _ => {
-                    draining = true;
-                    due = Some(Instant::now());
-                    control = crossbeam_channel::never();
-                },
-                default(wake.saturating_duration_since(Instant::now())) => {},
-            }
-            if backlog.len().saturating_sub(blocked) + self.receiver.records.len() >= self.config.batch_max {
-                due = Some(Instant::now());
-            }
-
-            while let (Some(writer), Some(at)) = (
-                free(
-                    &outstanding,
-                    backlog.len().saturating_sub(blocked) + self.receiver.records.len() >= self.config.batch_max,
-                ),
-                due,
-            ) {
-                if at > Instant::now() && !draining {
-                    break;
-                }
-                let (batch, still_blocked) = self.store.take_batch(&self.receiver, &mut backlog, self.config.batch_max);
-                blocked = still_blocked;
-                if batch.rows.is_empty() {
-                    // Nothing takeable: stale records, or groups waiting for a
-                    // batch in flight (its completion sets `due` again).
-                    due = None;
-                    break;
-                }
-                debug!(writer, rows = batch.rows.len(), groups = batch.groups.len(), "batch taken");
-                outstanding[writer] += 1;
-                if self.writers[writer].send(batch).is_err() {
-                    error!(writer, "writer task is gone; the runtime is shutting down");
-                    return;
-                }
-                due = (backlog.len() > blocked || !self.receiver.records.is_empty()).then(Instant::now);
-            }
-
-            if draining && outstanding.iter().all(|n| *n == 0) {
-                let depth = self.store.outbox().depth;
-                if depth == 0 {
-                    gauges.refresh(&self.store.outbox());
-                    return;
-                }
-                if due.is_none() && backlog.is_empty() && self.receiver.records.is_empty() {
-                    if swept {
-                        // Still nothing to take: the rest cannot be written by
-                        // this worker; the drain reports (and spills) it.
-                        error!(depth, "entities are pending that no batch can take; ending the drain");
-                        gauges.refresh(&self.store.outbox());
-                        return;
-                    }
-                    // Pending entities with no record to reach them would be a
-                    // bookkeeping bug; sweep them up once rather than hang.
-                    let orphans = self.store.pending_records();
-                    if !orphans.is_empty() {
-                        error!(orphans = orphans.len(), depth, "pending entities without records; re-queueing them");
-                    }
-                    backlog.extend(orphans);
-                    swept = true;
-                    due = Some(Instant::now());
-                }
+            if self.draining && self.drain_step() == Next::Stop {
+                self.refresh_gauges();
+                return;
             }
         }
+    }
+
+    /// A writer ends only when the drain deadline aborts it, or if it
+    /// panicked: either way its batches will not complete. Changes are
+    /// refused from then on rather than accepted into a store nothing
+    /// writes; what is pending is reported (and spilled) when the server
+    /// stops.
+    fn a_writer_stopped(&self) -> bool {
+        if !self.writers.iter().any(|writer| writer.is_closed()) {
+            return false;
+        }
+        if !self.store.is_closed() {
+            error!("a writer has stopped; the worker stops and the store refuses changes");
+            self.store.close();
+        }
+        self.refresh_gauges();
+        true
+    }
+
+    fn refresh_gauges(&self) {
+        let outbox = self.store.outbox();
+        self.gauges.refresh(outbox.depth, outbox.lag, outbox.oldest_pending);
+    }
+
+    /// Depth and lag are refreshed every `GAUGE_INTERVAL`, idle or not.
+    fn refresh_gauges_when_due(&mut self) {
+        let now = Instant::now();
+        if now.duration_since(self.last_gauges) >= GAUGE_INTERVAL {
+            self.refresh_gauges();
+            self.last_gauges = now;
+        }
+    }
+
+    /// Records waiting to be taken, not counting those blocked.
+    fn waiting(&self) -> usize {
+        self.backlog.len().saturating_sub(self.blocked) + self.receiver.records.len()
+    }
+
+    /// The writer to hand the next batch to. An idle writer takes any due
+    /// batch. A busy writer takes its next one only when a full batch is
+    /// waiting: below saturation, records keep gathering until a writer is
+    /// free, which makes fewer, larger transactions (less database work per
+    /// row).
+    fn free_writer(&self, full_batch_waiting: bool) -> Option<usize> {
+        let depth = if full_batch_waiting { WRITER_DEPTH } else { 1 };
+        self.outstanding.iter().enumerate().filter(|(_, n)| **n < depth).min_by_key(|(_, n)| **n).map(|(w, _)| w)
+    }
+
+    /// Blocks until a record, a completion, the drain request, or the next
+    /// time something is due.
+    fn wait(&mut self, control: &mut Receiver<Control>) -> Next {
+        let next_gauges = self.last_gauges + GAUGE_INTERVAL;
+        let wake = match self.batcher.due() {
+            Some(at) if self.free_writer(false).is_some() => at.min(next_gauges),
+            _ => next_gauges,
+        };
+        // Listen for records only while nothing waits to be written. Once a
+        // batch is due (or writers are busy), more records would only wake
+        // this thread, once per change, for nothing: they are drained from
+        // the channel when the batch is taken.
+        let records = if self.batcher.due().is_none() && self.backlog.is_empty() {
+            self.receiver.records.clone()
+        } else {
+            crossbeam_channel::never()
+        };
+        select! {
+            recv(records) -> record => {
+                // The coordinator holds a store, so the channel stays open.
+                if let Ok(record) = record {
+                    self.backlog.push_back(record);
+                    self.batcher.arrived(Instant::now());
+                }
+            },
+            recv(self.completions) -> completion => {
+                // Every writer is gone (the runtime is shutting down).
+                let Ok(completion) = completion else { return Next::Stop };
+                self.completed(completion);
+            },
+            recv(control) -> _ => {
+                self.draining = true;
+                self.batcher.due_now();
+                *control = crossbeam_channel::never();
+            },
+            default(wake.saturating_duration_since(Instant::now())) => {},
+        }
+        if self.batcher.is_full(self.waiting()) {
+            self.batcher.due_now();
+        }
+        Next::Continue
+    }
+
+    /// A writer finished a batch: the store learns what was written.
+    fn completed(&mut self, completion: Completion) {
+        match &completion.outcome {
+            Outcome::Committed(quarantined) => self.store.commit(&completion.batch, quarantined),
+            Outcome::Abandoned => self.store.abandon(&completion.batch),
+        }
+        self.outstanding[completion.writer] -= 1;
+        self.blocked = 0;
+        // Records that waited for this batch's entities may go now.
+        if !self.backlog.is_empty() {
+            self.batcher.due_now();
+        }
+    }
+
+    /// Takes due batches from the store and hands them to free writers.
+    fn dispatch(&mut self) -> Next {
+        while let Some(writer) = self.free_writer(self.batcher.is_full(self.waiting())) {
+            if !self.batcher.is_due(Instant::now(), self.draining) {
+                break;
+            }
+            let (batch, blocked) = self.store.take_batch(&self.receiver, &mut self.backlog, self.batcher.batch_max());
+            self.blocked = blocked;
+            if batch.rows.is_empty() {
+                // Nothing takeable: stale records, or groups waiting for a
+                // batch in flight (its completion makes the batch due again).
+                self.batcher.clear();
+                break;
+            }
+            debug!(writer, rows = batch.rows.len(), groups = batch.groups.len(), "batch taken");
+            self.outstanding[writer] += 1;
+            if self.writers[writer].send(batch).is_err() {
+                error!(writer, "writer task is gone; the runtime is shutting down");
+                return Next::Stop;
+            }
+            if self.backlog.len() > self.blocked || !self.receiver.records.is_empty() {
+                self.batcher.due_now();
+            } else {
+                self.batcher.clear();
+            }
+        }
+        Next::Continue
+    }
+
+    /// While draining, once no batch is out: done when nothing is pending;
+    /// otherwise sweep the store once for pending entities without records,
+    /// and give up (reporting) if even that leaves nothing to take.
+    fn drain_step(&mut self) -> Next {
+        if self.outstanding.iter().any(|n| *n > 0) {
+            return Next::Continue;
+        }
+        let depth = self.store.outbox().depth;
+        if depth == 0 {
+            return Next::Stop;
+        }
+        if self.batcher.due().is_some() || !self.backlog.is_empty() || !self.receiver.records.is_empty() {
+            return Next::Continue;
+        }
+        if self.swept {
+            // Still nothing to take: the rest cannot be written by this
+            // worker; the drain reports (and spills) it.
+            error!(depth, "entities are pending that no batch can take; ending the drain");
+            return Next::Stop;
+        }
+        // Pending entities with no record to reach them would be a
+        // bookkeeping bug; sweep them up once rather than hang.
+        let orphans = self.store.pending_records();
+        if !orphans.is_empty() {
+            error!(orphans = orphans.len(), depth, "pending entities without records; re-queueing them");
+        }
+        self.backlog.extend(orphans);
+        self.swept = true;
+        self.batcher.due_now();
+        Next::Continue
     }
 }
 

@@ -1,5 +1,7 @@
 //! Entity kinds: the user's own types, described by the [`Entity`] trait,
-//! and the type-erased form the store and the worker handle them in.
+//! secondary [`Index`]es over them, and the registry form (`KindInfo`) the
+//! store, the worker and hydration handle them in. No SQL: a kind's
+//! statements are built in `pg` from its table name.
 
 use std::any::{Any, TypeId};
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use serde::de::DeserializeOwned;
 
 use crate::metrics as m;
 
-/// A kind of entity kept by the [`Store`](super::Store) and persisted to its
+/// A kind of entity kept by the [`Store`](crate::Store) and persisted to its
 /// own table.
 ///
 /// The table has the layout every kind shares (create it in a migration):
@@ -121,7 +123,7 @@ impl KindInfo {
 
 /// A secondary index over one kind, kept in step with the store: it is
 /// updated in the same critical section as every change (and at hydration),
-/// so a read through [`View::index`](super::View::index) always agrees with
+/// so a read through [`View::index`](crate::store::View::index) always agrees with
 /// the entities.
 pub trait Index<E: Entity>: Send + Sync + 'static {
     /// Entity `id` changed from `old` to `new` (`None`: absent or deleted).
