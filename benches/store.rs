@@ -1,4 +1,4 @@
-//! P1 (DESIGN §8): the cost of recording a change through the store (the
+//! P1: the cost of recording a change through the store (the
 //! update, its version, and the outbox record), for one entity and for a
 //! two-entity change set, alone and with a second thread changing other
 //! entities at the same time.

@@ -1,4 +1,4 @@
-//! The benchmark suite behind `scripts/bench` (DESIGN §8, P2–P6), writing
+//! The benchmark suite behind `scripts/bench` (targets P2–P6), writing
 //! `BENCHMARKS.md` together with the P1 figures criterion measured just
 //! before (`benches/store.rs`).
 //!

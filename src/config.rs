@@ -1,5 +1,5 @@
 //! One typed configuration for the server, from command-line flags with
-//! environment-variable fallbacks (DESIGN §5).
+//! environment-variable fallbacks.
 //!
 //! Every field is validated when it is read: a zero batch size, a zero queue
 //! capacity or an unparsable address stops the process at start with a
@@ -41,7 +41,7 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// Most distinct entities that may wait for persistence at once. When it
-    /// is full, changes are refused with 503 and `Retry-After` (DESIGN I2).
+    /// is full, changes are refused with 503 and `Retry-After`.
     /// Memory held by pending work is bounded by this number.
     #[arg(long, env = "OUTBOX_QUEUE_CAPACITY", value_name = "OUTBOX_QUEUE_CAPACITY", default_value_t = 100_000, value_parser = positive_usize, global = true)]
     pub queue_capacity: usize,
@@ -156,7 +156,7 @@ impl Config {
         Duration::from_secs(self.request_timeout_s)
     }
 
-    /// Where spill files go (DESIGN I10).
+    /// Where spill files go.
     pub fn spill_dir(&self) -> PathBuf {
         self.data_dir.join("spill")
     }

@@ -5,9 +5,9 @@
 //!
 //! ## A tour, in the order data flows
 //!
-//! 1. **Handlers** ([`api`]) change state only through the [`Store`]. The
-//!    reference items/circuits service is built this way, all from one
-//!    [`api::router`].
+//! 1. **Handlers** change state only through the [`Store`]. The reference
+//!    items/circuits service (`api`, feature `server`) is built this way.
+//!    Entity kinds are your own types implementing [`entity::Entity`].
 //! 2. The **store** ([`store`]) keeps entities of several kinds in memory,
 //!    each with an id and a version. A change is a closure over a
 //!    [`ChangeSet`](store::ChangeSet): everything it stages applies at once or
@@ -22,14 +22,17 @@
 //! 4. The **worker** ([`worker`]) takes records off the queue on its own
 //!    thread, batches them (by size or age), reads each entity's newest
 //!    state, and writes each batch in one transaction, retrying failures with
-//!    backoff.
+//!    [`backoff`], quarantining change sets the database refuses.
 //! 5. **PostgreSQL** ([`pg`]): version-guarded upserts (a row applies only
 //!    when its version is newer), hydration at start-up, migrations, the
-//!    connection pool, and a private local server for development and tests.
+//!    lease, dead letters, the connection pool.
 //!
-//! Around them: [`engine`] ties a store to its worker; [`metrics`] names
-//! every metric; [`config`] is the server's configuration; [`server`] runs
-//! the reference server's life cycle.
+//! Around them: [`engine`] starts a store with its worker in order and stops
+//! it in order; [`metrics`] names every metric. Behind features (all on by
+//! default): `server` (the reference server: `api`, `config`, `server`,
+//! `commands`, the Prometheus exporter), `loadgen`, and `local-postgres` (a
+//! private PostgreSQL for development and tests). `docs/ARCHITECTURE.md` in
+//! the repository is the map.
 //!
 //! ## A handler's view
 //!
@@ -120,6 +123,12 @@
 //! assert!(report.complete());
 //! # Ok(()) }
 //! ```
+
+/// The README's Rust examples, compiled (and, where they can, run) as
+/// doctests so that they cannot go stale.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 pub mod backoff;
 pub mod engine;

@@ -118,101 +118,15 @@ pub async fn run(config: &LoadConfig) -> Result<LoadReport, reqwest::Error> {
     });
     let started = Instant::now();
     let deadline = started + config.duration;
-
-    let progress = config.progress.then(|| {
-        let bar = indicatif::ProgressBar::new(config.duration.as_secs().max(1));
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} s {msg}")
-                .expect("a valid progress template")
-                .progress_chars("=> "),
-        );
-        bar
-    });
-
+    let progress = config.progress.then(|| show_progress(config.duration, shared.clone(), started, deadline));
     let lag = config.lag_every.map(|every| {
-        let client = client.clone();
         let status = format!("{}/api/outbox/status", config.target.trim_end_matches('/'));
-        tokio::spawn(async move {
-            let mut lag = histogram();
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            while Instant::now() < deadline {
-                tick.tick().await;
-                let Ok(response) = client.get(&status).send().await else { continue };
-                let Ok(body) = response.json::<serde_json::Value>().await else { continue };
-                if let Some(seconds) = body["lag_seconds"].as_f64() {
-                    let _ = lag.record(((seconds * 1_000_000.0) as u64).max(1));
-                }
-            }
-            lag
-        })
+        tokio::spawn(sample_lag(client.clone(), status, every, deadline))
     });
-
-    let mut workers = Vec::with_capacity(config.connections);
-    for worker in 0..config.connections {
-        let (client, url, shared, rate, durable) =
-            (client.clone(), url.clone(), shared.clone(), config.rate, config.durable);
-        workers.push(tokio::spawn(async move {
-            let mut local = histogram();
-            loop {
-                let n = shared.next.fetch_add(1, Ordering::Relaxed);
-                let due = match rate {
-                    Some(rate) => started + Duration::from_secs_f64(n as f64 / rate as f64),
-                    None => Instant::now(),
-                };
-                if due >= deadline {
-                    break;
-                }
-                tokio::time::sleep_until(due.into()).await;
-                let body = serde_json::json!({
-                    "identifiers": [{"key": "load", "value": format!("{worker}-{n}")}],
-                    "enriched_data": {"n": n, "source": "loadgen"}
-                });
-                let mut request = client.post(&url).json(&body);
-                if durable {
-                    request = request.header("Prefer", "durable");
-                }
-                match request.send().await {
-                    Ok(response) if response.status().is_success() => {
-                        let _ = local.record((due.elapsed().as_micros() as u64).max(1));
-                        shared.ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(response) if response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => {
-                        shared.refused.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(response) => {
-                        shared.errors.fetch_add(1, Ordering::Relaxed);
-                        let text = format!("{}: {}", response.status(), response.text().await.unwrap_or_default());
-                        shared.first_error.lock().await.get_or_insert(text);
-                    }
-                    Err(e) => {
-                        shared.errors.fetch_add(1, Ordering::Relaxed);
-                        shared.first_error.lock().await.get_or_insert(e.to_string());
-                    }
-                }
-            }
-            shared.latency.lock().await.add(&local).expect("histograms of equal bounds add");
-        }));
-    }
-
-    if let Some(bar) = &progress {
-        let shared = shared.clone();
-        let bar = bar.clone();
-        tokio::spawn(async move {
-            while Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                let elapsed = started.elapsed();
-                bar.set_position(elapsed.as_secs());
-                let ok = shared.ok.load(Ordering::Relaxed);
-                bar.set_message(format!(
-                    "{:.0} req/s, {} refused",
-                    ok as f64 / elapsed.as_secs_f64(),
-                    shared.refused.load(Ordering::Relaxed)
-                ));
-            }
-        });
-    }
-
+    let plan = Plan { client, url, started, deadline, rate: config.rate, durable: config.durable };
+    let workers: Vec<_> = (0..config.connections)
+        .map(|worker| tokio::spawn(send_requests(plan.clone(), shared.clone(), worker)))
+        .collect();
     for worker in workers {
         let _ = worker.await;
     }
@@ -237,6 +151,107 @@ pub async fn run(config: &LoadConfig) -> Result<LoadReport, reqwest::Error> {
         lag,
         first_error,
     })
+}
+
+/// What every connection sends, and when.
+#[derive(Clone)]
+struct Plan {
+    client: reqwest::Client,
+    url: String,
+    started: Instant,
+    deadline: Instant,
+    rate: Option<u64>,
+    durable: bool,
+}
+
+/// One connection: sends its next request when the last is answered (or
+/// when the fixed rate schedules it), until the deadline.
+async fn send_requests(plan: Plan, shared: Arc<Shared>, worker: usize) {
+    let mut local = histogram();
+    loop {
+        let n = shared.next.fetch_add(1, Ordering::Relaxed);
+        let due = match plan.rate {
+            Some(rate) => plan.started + Duration::from_secs_f64(n as f64 / rate as f64),
+            None => Instant::now(),
+        };
+        if due >= plan.deadline {
+            break;
+        }
+        tokio::time::sleep_until(due.into()).await;
+        let body = serde_json::json!({
+            "identifiers": [{"key": "load", "value": format!("{worker}-{n}")}],
+            "enriched_data": {"n": n, "source": "loadgen"}
+        });
+        let mut request = plan.client.post(&plan.url).json(&body);
+        if plan.durable {
+            request = request.header("Prefer", "durable");
+        }
+        match request.send().await {
+            Ok(response) if response.status().is_success() => {
+                let _ = local.record((due.elapsed().as_micros() as u64).max(1));
+                shared.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(response) if response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => {
+                shared.refused.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(response) => {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+                let text = format!("{}: {}", response.status(), response.text().await.unwrap_or_default());
+                shared.first_error.lock().await.get_or_insert(text);
+            }
+            Err(e) => {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+                shared.first_error.lock().await.get_or_insert(e.to_string());
+            }
+        }
+    }
+    shared.latency.lock().await.add(&local).expect("histograms of equal bounds add");
+}
+
+/// Samples the server's lag every `every` until the deadline.
+async fn sample_lag(client: reqwest::Client, status: String, every: Duration, deadline: Instant) -> Histogram<u64> {
+    let mut lag = histogram();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while Instant::now() < deadline {
+        tick.tick().await;
+        let Ok(response) = client.get(&status).send().await else { continue };
+        let Ok(body) = response.json::<serde_json::Value>().await else { continue };
+        if let Some(seconds) = body["lag_seconds"].as_f64() {
+            let _ = lag.record(((seconds * 1_000_000.0) as u64).max(1));
+        }
+    }
+    lag
+}
+
+/// A progress bar on the terminal, updated four times a second.
+fn show_progress(
+    duration: Duration,
+    shared: Arc<Shared>,
+    started: Instant,
+    deadline: Instant,
+) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(duration.as_secs().max(1));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} s {msg}")
+            .expect("a valid progress template")
+            .progress_chars("=> "),
+    );
+    let updated = bar.clone();
+    tokio::spawn(async move {
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let elapsed = started.elapsed();
+            updated.set_position(elapsed.as_secs());
+            let ok = shared.ok.load(Ordering::Relaxed);
+            updated.set_message(format!(
+                "{:.0} req/s, {} refused",
+                ok as f64 / elapsed.as_secs_f64(),
+                shared.refused.load(Ordering::Relaxed)
+            ));
+        }
+    });
+    bar
 }
 
 impl std::fmt::Display for LoadReport {

@@ -1,4 +1,4 @@
-//! Every metric name of DESIGN §6, its description, its buckets, and the
+//! Every metric name, its description, its buckets, and the
 //! Prometheus exporter set-up. Names are part of the product's contract
 //! (alert rules and the dashboard query them), so they live here and nowhere
 //! else; the rest of the crate refers to these constants.
@@ -92,8 +92,8 @@ pub const HISTOGRAM_BUCKETS: [(&str, &[f64]); 4] = [
 
 /// Describes every metric and creates the series whose labels are known at
 /// start, so that they exist from the first scrape. Call it once the
-/// process's recorder is installed (the reference server's
-/// [`install`] does).
+/// process's recorder is installed (the reference server's `install`
+/// does).
 pub fn describe_all() {
     describe();
     register_series();

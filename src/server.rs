@@ -1,5 +1,5 @@
 //! The reference server's life cycle: open the database, bind, start up in
-//! the order of DESIGN I9, serve, and shut down in the order of I10.
+//! order (see docs/ARCHITECTURE.md), serve, and shut down in order.
 
 use std::io;
 use std::net::SocketAddr;
@@ -79,7 +79,7 @@ pub struct Database {
 
 impl Database {
     /// Uses `DATABASE_URL` when set; otherwise starts (and, on first use,
-    /// creates) the private PostgreSQL of DESIGN C2 and its `outbox`
+    /// creates) the private PostgreSQL and its `outbox`
     /// database.
     pub async fn open(config: &Config) -> Result<Self, ServerError> {
         Self::open_with(config, false).await
@@ -144,17 +144,7 @@ async fn serve(
     let addr = listener.local_addr().map_err(ServerError::Serve)?;
     info!(%addr, "listening on http://{addr}");
 
-    let upkeep = {
-        let metrics = metrics.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
-            while shutdown.run_until_cancelled(tick.tick()).await.is_some() {
-                metrics.run_upkeep();
-            }
-        })
-    };
-
+    let upkeep = tokio::spawn(metrics_upkeep(metrics.clone(), shutdown.clone()));
     let (store, receiver) = api::store_builder().capacity(config.queue_capacity).build();
     let health = Arc::new(Health::default());
     let state = AppState {
@@ -174,46 +164,31 @@ async fn serve(
         axum::serve(listener, app).with_graceful_shutdown(http_shutdown.cancelled_owned()).await
     });
 
-    // Start-up (DESIGN I9). Until every step is done, /readyz answers 503
-    // with the step it is on.
-    readiness.set(Phase::Starting("running migrations".into()));
-    let started = async {
-        if retry_startup("migrations", &shutdown, || pg::migrate(&pool)).await.is_none() {
-            return Ok(None);
-        }
-        let engine_config = EngineConfig {
-            worker: config.worker(),
-            spill_dir: Some(config.spill_dir()),
-            lease: true,
-            holder: crate::engine::default_holder(),
-            wait_for_lease: true,
-            health,
-        };
-        let progress = |step: &str| readiness.set(Phase::Starting(step.to_owned()));
-        Ok(Engine::start(store, receiver, pool.clone(), &database.config, engine_config, &shutdown, &progress)
-            .await?
-            .map(|(engine, _)| engine))
-    }
-    .await;
+    // Start-up (rule *Ready after start-up*). Until every step is done,
+    // /readyz answers 503 with the step it is on.
+    let engine_config = EngineConfig {
+        worker: config.worker(),
+        spill_dir: Some(config.spill_dir()),
+        holder: crate::engine::default_holder(),
+        health,
+        ..EngineConfig::default()
+    };
+    let started = start_engine(database, &pool, store, receiver, engine_config, &readiness, &shutdown).await;
     let engine = match started {
         Ok(Some(engine)) => {
             readiness.set(Phase::Ready);
             info!(%addr, "ready");
             engine
         }
-        Ok(None) => {
-            info!("shutdown requested during start-up");
-            let _ = http.await;
-            upkeep.abort();
-            pool.close();
-            return Ok(());
-        }
-        Err(e) => {
+        Ok(None) | Err(_) => {
+            if started.is_ok() {
+                info!("shutdown requested during start-up");
+            }
             shutdown.cancel();
             let _ = http.await;
             upkeep.abort();
             pool.close();
-            return Err(e);
+            return started.map(|_| ());
         }
     };
 
@@ -229,12 +204,52 @@ async fn serve(
         }
     };
     readiness.set(Phase::ShuttingDown);
-    // Shutdown (I10), bounded from the signal on: in-flight requests (a
-    // durable one may wait on an absent database) and the drain share one
-    // deadline.
+    let result = stop(config, engine, http, lease_lost).await;
+    upkeep.abort();
+    pool.close();
+    result
+}
+
+/// Keeps the metrics recorder's histograms fresh until shutdown.
+async fn metrics_upkeep(metrics: metrics_exporter_prometheus::PrometheusHandle, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+    while shutdown.run_until_cancelled(tick.tick()).await.is_some() {
+        metrics.run_upkeep();
+    }
+}
+
+/// Migrations, then the engine (lease, spill replay, hydration, quarantined
+/// sets), each step told to `/readyz`. `None`: shutdown came first.
+async fn start_engine(
+    database: &Database,
+    pool: &deadpool_postgres::Pool,
+    store: crate::Store,
+    receiver: crate::outbox::OutboxReceiver,
+    engine_config: EngineConfig,
+    readiness: &Readiness,
+    shutdown: &CancellationToken,
+) -> Result<Option<Engine>, ServerError> {
+    readiness.set(Phase::Starting("running migrations".into()));
+    if retry_startup("migrations", shutdown, || pg::migrate(pool)).await.is_none() {
+        return Ok(None);
+    }
+    let progress = |step: &str| readiness.set(Phase::Starting(step.to_owned()));
+    Ok(Engine::start(store, receiver, pool.clone(), &database.config, engine_config, shutdown, &progress)
+        .await?
+        .map(|(engine, _)| engine))
+}
+
+/// Shutdown (rule *Drain or spill*), bounded from the signal on: in-flight
+/// requests (a durable one may wait on an absent database) and the drain
+/// share one deadline.
+async fn stop(
+    config: &Config,
+    engine: Engine,
+    mut http: tokio::task::JoinHandle<io::Result<()>>,
+    lease_lost: bool,
+) -> Result<(), ServerError> {
     let deadline = std::time::Instant::now() + config.drain_timeout();
     info!(deadline_s = config.drain_timeout_s, "shutting down: no new connections; finishing in-flight requests");
-    let mut http = http;
     let served = match tokio::time::timeout(config.drain_timeout(), &mut http).await {
         Ok(served) => served.expect("the HTTP server task does not panic"),
         Err(_) => {
@@ -246,8 +261,6 @@ async fn serve(
     let remaining = deadline.saturating_duration_since(std::time::Instant::now());
     info!(remaining_ms = remaining.as_millis() as u64, "draining the outbox");
     let report = engine.shutdown(remaining).await;
-    upkeep.abort();
-    pool.close();
     served.map_err(ServerError::Serve)?;
     if lease_lost || report.lease_lost {
         return Err(ServerError::LeaseLost { spilled: report.spilled.map_or(0, |(n, _)| n) });

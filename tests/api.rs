@@ -1,4 +1,4 @@
-//! Router tests without a socket (STYLE 3): every error case answers the
+//! Router tests without a socket: every error case answers the
 //! right status with problem details and changes nothing; the happy paths of
 //! the reference service's semantics.
 
@@ -576,6 +576,18 @@ async fn openapi_document_validates_and_lists_every_route() {
         let name =
             reference.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("unexpected $ref {reference}"));
         assert!(schemas.contains_key(name), "$ref {reference} resolves");
+    }
+    // Every error answer is documented as problem details.
+    for (path, item) in answer.body["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            for (status, response) in operation["responses"].as_object().unwrap() {
+                // (`/readyz` answers its own health body, 503 included.)
+                if (status.starts_with('4') || status.starts_with('5')) && path != "/readyz" {
+                    let schema = &response["content"]["application/problem+json"]["schema"]["$ref"];
+                    assert_eq!(schema, "#/components/schemas/Problem", "{method} {path} {status}");
+                }
+            }
+        }
     }
     // Every path parameter is declared.
     for (path, item) in answer.body["paths"].as_object().unwrap() {

@@ -1,8 +1,8 @@
-//! Failure modes against a real PostgreSQL and the real binary (DESIGN
-//! I7–I10, §9): a database outage under steady writes, a poison record, a
-//! schema error, the spill file on shutdown, a crash under multi-entity
-//! load, the single-writer lease, and the operator's dead-letter tools.
-//! Every wait is bounded.
+//! Failure modes against a real PostgreSQL and the real binary: a database
+//! outage under steady writes, refused change sets and their quarantine, a
+//! schema error, spill files (and their compare-and-set replay), a crash
+//! under multi-entity load, a hung database, the single-writer lease, and
+//! the operator's dead-letter tools. Every wait is bounded.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! Observability against the real server (DESIGN §6, §7): every metric the
+//! Observability against the real server: every metric the
 //! alert rules and the dashboard use is exported with the labels they use;
 //! metric values follow what happens; and a real Prometheus scraping the
 //! server fires and resolves the alerts while PostgreSQL goes away and comes

@@ -1,5 +1,5 @@
-//! Restart tests against the real binary: every mutation route of DESIGN
-//! A1–A3 is exercised, the server is stopped (SIGTERM, or `kill -9` after
+//! Restart tests against the real binary: every mutation route of the
+//! reference service is exercised, the server is stopped (SIGTERM, or `kill -9` after
 //! durable requests) and started again on the same database, and every
 //! entity must read back exactly as before; the database rows must equal
 //! memory.

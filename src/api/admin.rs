@@ -13,7 +13,7 @@ use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::error::{ApiError, Problem};
+use super::error::ApiError;
 use crate::engine::operator;
 use crate::pg::dead_letters::{self, DeadLetterError};
 
@@ -59,8 +59,8 @@ pub struct DeadLetterList {
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Unresolved dead letters", body = DeadLetterList),
-        (status = 401, description = "Missing or wrong token", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The database does not answer", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or wrong token"),
+        (status = 503, description = "The database does not answer"),
     ))]
 pub async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
     let dead_letters = dead_letters::list_unresolved(&state.pool, LIST_LIMIT).await.map_err(|e| {
@@ -102,12 +102,12 @@ fn action_wait(state: &AppState) -> std::time::Duration {
     params(("id" = i64, Path, description = "The id of any dead letter of the set")),
     responses(
         (status = 200, description = "Replayed and resolved", body = DeadLetterList),
-        (status = 401, description = "Missing or wrong token", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No unresolved dead letter with that id", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The quarantined state is not available any more; discard the set", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "The database refuses the set again", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Not the lease holder, starting, or the database does not answer", body = Problem, content_type = "application/problem+json"),
-        (status = 504, description = "Not committed in time; it stays queued", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or wrong token"),
+        (status = 404, description = "No unresolved dead letter with that id"),
+        (status = 409, description = "The quarantined state is not available any more; discard the set"),
+        (status = 422, description = "The database refuses the set again"),
+        (status = 503, description = "Not the lease holder, starting, or the database does not answer"),
+        (status = 504, description = "Not committed in time; it stays queued"),
     ))]
 pub async fn replay(State(state): State<AppState>, Path(id): Path<i64>) -> Result<Response, ApiError> {
     state.ensure_ready()?;
@@ -126,10 +126,10 @@ pub async fn replay(State(state): State<AppState>, Path(id): Path<i64>) -> Resul
     params(("id" = i64, Path, description = "The id of any dead letter of the set")),
     responses(
         (status = 200, description = "Discarded", body = DeadLetterList),
-        (status = 401, description = "Missing or wrong token", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No unresolved dead letter with that id", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Not the lease holder, starting, or the database does not answer", body = Problem, content_type = "application/problem+json"),
-        (status = 504, description = "Not committed in time; it stays queued", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or wrong token"),
+        (status = 404, description = "No unresolved dead letter with that id"),
+        (status = 503, description = "Not the lease holder, starting, or the database does not answer"),
+        (status = 504, description = "Not committed in time; it stays queued"),
     ))]
 pub async fn discard(State(state): State<AppState>, Path(id): Path<i64>) -> Result<Response, ApiError> {
     state.ensure_ready()?;

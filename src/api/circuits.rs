@@ -1,15 +1,16 @@
-//! Circuit routes (DESIGN A3).
+//! Circuit routes: a circuit and an item change together when the item is
+//! added.
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::error::{ApiError, Problem};
-use super::extract::{ApiJson, wants_durable};
+use super::error::ApiError;
+use super::extract::{ApiJson, Durable};
 use super::items::{existing, require_active};
 use super::model::{Circuit, Item};
 use super::validate::{self, MAX_CIRCUIT_ITEMS, MAX_ITEM_CIRCUITS, MAX_NAME_LEN};
@@ -44,11 +45,11 @@ pub struct CreateCircuit {
     params(("Prefer" = Option<String>, Header, description = "`durable`: answer after the commit")),
     responses(
         (status = 201, description = "Created", body = CircuitView),
-        (status = 422, description = "Invalid name", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid name"),
     ))]
 pub async fn create(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Durable(durable): Durable,
     ApiJson(body): ApiJson<CreateCircuit>,
 ) -> Result<Response, ApiError> {
     validate::text(&body.name, 1, MAX_NAME_LEN, "name")?;
@@ -60,7 +61,6 @@ pub async fn create(
         created_at: now,
         updated_at: now,
     };
-    let durable = wants_durable(&headers, state.ack);
     let saved = state.change(durable, |set| Ok(set.insert(circuit)?)).await?;
     Ok(state.respond(StatusCode::CREATED, &CircuitView::from(saved), durable))
 }
@@ -70,7 +70,7 @@ pub async fn create(
     params(("id" = String, Path, description = "The circuit's id")),
     responses(
         (status = 200, description = "The circuit", body = CircuitView),
-        (status = 404, description = "No such circuit", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such circuit"),
     ))]
 pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     state.ensure_ready()?;
@@ -96,18 +96,17 @@ pub struct AddItem {
            ("Prefer" = Option<String>, Header, description = "`durable`: answer after the commit")),
     responses(
         (status = 200, description = "The circuit", body = CircuitView),
-        (status = 404, description = "No such circuit or item", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The item is not active", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "The circuit is full, or the item is in too many circuits", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such circuit or item"),
+        (status = 409, description = "The item is not active"),
+        (status = 422, description = "The circuit is full, or the item is in too many circuits"),
     ))]
 pub async fn add_item(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    Durable(durable): Durable,
     ApiJson(body): ApiJson<AddItem>,
 ) -> Result<Response, ApiError> {
     validate::id(&body.dfid, "dfid")?;
-    let durable = wants_durable(&headers, state.ack);
     let saved = state
         .change(durable, |set| {
             let circuit =

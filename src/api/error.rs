@@ -1,5 +1,5 @@
 //! The API's one error type, rendered as RFC 9457 problem details
-//! (`application/problem+json`) for every 4xx and 5xx (DESIGN I13). 5xx
+//! (`application/problem+json`) for every 4xx and 5xx. 5xx
 //! bodies say little; the log says everything.
 
 use std::time::Duration;

@@ -1,26 +1,24 @@
 //! Request extraction that answers malformed input with problem details.
 
+use std::convert::Infallible;
+
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRequest, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
-use serde::de::DeserializeOwned;
 
-use super::AckMode;
 use super::error::ApiError;
+use super::{AckMode, AppState};
 
 /// `axum::Json`, with its rejections (bad syntax, wrong types, unknown
 /// fields, wrong content type, too large) rendered as problem details.
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
 pub struct ApiJson<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(request, state).await {
-            Ok(axum::Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(rejection_to_problem(rejection)),
-        }
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        rejection_to_problem(rejection)
     }
 }
 
@@ -42,19 +40,26 @@ fn rejection_to_problem(rejection: JsonRejection) -> ApiError {
 
 /// `axum::extract::Query`, with a bad query (unknown parameter, wrong
 /// type) answered 400 as problem details.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
 pub struct ApiQuery<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
-    type Rejection = ApiError;
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::bad_request(rejection.body_text())
+    }
+}
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
-            Ok(axum::extract::Query(value)) => Ok(Self(value)),
-            Err(rejection @ QueryRejection::FailedToDeserializeQueryString(_)) => {
-                Err(ApiError::bad_request(rejection.body_text()))
-            }
-            Err(rejection) => Err(ApiError::bad_request(rejection.body_text())),
-        }
+/// Whether the change is to be acknowledged only once committed: the
+/// request asks for it (`Prefer: durable`), or the server's default
+/// (`OUTBOX_ACK`) says so.
+pub struct Durable(pub bool);
+
+impl FromRequestParts<AppState> for Durable {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        Ok(Self(wants_durable(&parts.headers, state.ack)))
     }
 }
 

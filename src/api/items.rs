@@ -1,9 +1,9 @@
-//! Item routes (DESIGN A1). Every mutation is one change set through the
+//! Item routes. Every mutation is one change set through the
 //! store: there is no other way to change an item, so none can be left
 //! unpersisted.
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
@@ -11,8 +11,8 @@ use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
-use super::error::{ApiError, Problem};
-use super::extract::{ApiJson, ApiQuery, wants_durable};
+use super::error::ApiError;
+use super::extract::{ApiJson, ApiQuery, Durable};
 use super::index::{ItemFilter, ItemIndex};
 use super::model::{Circuit, Identifier, Item, ItemStatus, JsonObject, new_dfid};
 use super::validate::{self, DEFAULT_PAGE, MAX_BATCH, MAX_IDENTIFIERS, MAX_PAGE};
@@ -135,19 +135,18 @@ pub(crate) fn merge_into(
     params(("Prefer" = Option<String>, Header, description = "`durable`: answer after the commit")),
     responses(
         (status = 201, description = "Created", body = ItemView),
-        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid item", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Queue full or starting; see Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed JSON"),
+        (status = 413, description = "Body too large"),
+        (status = 422, description = "Invalid item"),
+        (status = 503, description = "Queue full or starting; see Retry-After"),
     ))]
 pub async fn create(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Durable(durable): Durable,
     ApiJson(body): ApiJson<CreateItem>,
 ) -> Result<Response, ApiError> {
     body.validate("")?;
     let item = body.into_item(None);
-    let durable = wants_durable(&headers, state.ack);
     let saved = state.change(durable, |set| Ok(set.insert(item)?)).await?;
     Ok(state.respond(StatusCode::CREATED, &ItemView::from(saved), durable))
 }
@@ -173,13 +172,13 @@ pub struct ItemList {
     params(("Prefer" = Option<String>, Header, description = "`durable`: answer after the commit")),
     responses(
         (status = 201, description = "Created", body = ItemList),
-        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "An item is invalid; none was created", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Queue full or starting", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Malformed JSON"),
+        (status = 422, description = "An item is invalid; none was created"),
+        (status = 503, description = "Queue full or starting"),
     ))]
 pub async fn create_batch(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Durable(durable): Durable,
     ApiJson(body): ApiJson<BatchCreate>,
 ) -> Result<Response, ApiError> {
     if body.items.is_empty() || body.items.len() > MAX_BATCH {
@@ -192,7 +191,6 @@ pub async fn create_batch(
         item.validate(&format!("items[{i}]."))?;
     }
     let items: Vec<Item> = body.items.into_iter().map(|b| b.into_item(None)).collect();
-    let durable = wants_durable(&headers, state.ack);
     let saved = state
         .change(durable, |set| {
             items
@@ -210,7 +208,7 @@ pub async fn create_batch(
     params(("dfid" = String, Path, description = "The item's DFID")),
     responses(
         (status = 200, description = "The item", body = ItemView),
-        (status = 404, description = "No such item (or deleted)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such item (or deleted)"),
     ))]
 pub async fn get(State(state): State<AppState>, Path(dfid): Path<String>) -> Result<Response, ApiError> {
     state.ensure_ready()?;
@@ -251,7 +249,7 @@ pub struct ItemPage {
 #[utoipa::path(get, path = "/api/items", tag = "items", params(ListQuery),
     responses(
         (status = 200, description = "A page of items", body = ItemPage),
-        (status = 400, description = "Bad query", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Bad query"),
     ))]
 pub async fn list(State(state): State<AppState>, ApiQuery(query): ApiQuery<ListQuery>) -> Result<Response, ApiError> {
     state.ensure_ready()?;
@@ -293,14 +291,14 @@ pub struct UpdateItem {
            ("Prefer" = Option<String>, Header, description = "`durable`: answer after the commit")),
     responses(
         (status = 200, description = "The updated item", body = ItemView),
-        (status = 404, description = "No such item", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The item is merged", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid update", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such item"),
+        (status = 409, description = "The item is merged"),
+        (status = 422, description = "Invalid update"),
     ))]
 pub async fn update(
     State(state): State<AppState>,
     Path(dfid): Path<String>,
-    headers: HeaderMap,
+    Durable(durable): Durable,
     ApiJson(body): ApiJson<UpdateItem>,
 ) -> Result<Response, ApiError> {
     if body.enriched_data.is_none() && body.identifiers.is_none() {
@@ -312,7 +310,6 @@ pub async fn update(
     if let Some(data) = &body.enriched_data {
         validate::enriched_data(data, "enriched_data")?;
     }
-    let durable = wants_durable(&headers, state.ack);
     let saved = state
         .change(durable, |set| {
             let item = existing(set, &dfid)?;
@@ -360,17 +357,16 @@ pub struct MergeItems {
            ("Prefer" = Option<String>, Header, description = "`durable`: answer after the commit")),
     responses(
         (status = 200, description = "The target, with the source's identifiers", body = ItemView),
-        (status = 404, description = "Target or source missing", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Merge into itself, or an item not active", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Target or source missing"),
+        (status = 409, description = "Merge into itself, or an item not active"),
     ))]
 pub async fn merge(
     State(state): State<AppState>,
     Path(dfid): Path<String>,
-    headers: HeaderMap,
+    Durable(durable): Durable,
     ApiJson(body): ApiJson<MergeItems>,
 ) -> Result<Response, ApiError> {
     validate::id(&body.source_dfid, "source_dfid")?;
-    let durable = wants_durable(&headers, state.ack);
     let (target, _) = state.change(durable, |set| merge_into(set, &dfid, &body.source_dfid)).await?;
     Ok(state.respond(StatusCode::OK, &ItemView::from(target), durable))
 }
@@ -399,19 +395,18 @@ pub struct SplitResult {
            ("Prefer" = Option<String>, Header, description = "`durable`: answer after the commit")),
     responses(
         (status = 201, description = "The original and the created item", body = SplitResult),
-        (status = 404, description = "No such item", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The item is not active", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Unknown identifiers, or none would remain", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such item"),
+        (status = 409, description = "The item is not active"),
+        (status = 422, description = "Unknown identifiers, or none would remain"),
     ))]
 pub async fn split(
     State(state): State<AppState>,
     Path(dfid): Path<String>,
-    headers: HeaderMap,
+    Durable(durable): Durable,
     ApiJson(body): ApiJson<SplitItem>,
 ) -> Result<Response, ApiError> {
     validate::identifiers(&body.identifiers, 1, "identifiers")?;
     let moved = validate::dedup_identifiers(body.identifiers);
-    let durable = wants_durable(&headers, state.ack);
     let result = state
         .change(durable, |set| {
             let original = existing(set, &dfid)?;
@@ -462,15 +457,14 @@ pub async fn split(
            ("Prefer" = Option<String>, Header, description = "`durable`: answer after the commit")),
     responses(
         (status = 200, description = "The deprecated item", body = ItemView),
-        (status = 404, description = "No such item", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The item is merged", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such item"),
+        (status = 409, description = "The item is merged"),
     ))]
 pub async fn deprecate(
     State(state): State<AppState>,
     Path(dfid): Path<String>,
-    headers: HeaderMap,
+    Durable(durable): Durable,
 ) -> Result<Response, ApiError> {
-    let durable = wants_durable(&headers, state.ack);
     let saved = state
         .change(durable, |set| {
             let item = existing(set, &dfid)?;
@@ -502,14 +496,13 @@ pub async fn deprecate(
            ("Prefer" = Option<String>, Header, description = "`durable`: answer after the commit")),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 404, description = "No such item", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such item"),
     ))]
 pub async fn delete(
     State(state): State<AppState>,
     Path(dfid): Path<String>,
-    headers: HeaderMap,
+    Durable(durable): Durable,
 ) -> Result<Response, ApiError> {
-    let durable = wants_durable(&headers, state.ack);
     state
         .change(durable, |set| {
             let item = existing(set, &dfid)?;

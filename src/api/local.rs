@@ -1,18 +1,18 @@
-//! Local items (DESIGN A2): items created under a local id (LID), mapped to
+//! Local items: items created under a local id (LID), mapped to
 //! their DFID by a mapping entity. A local merge merges the items of several
 //! local ids into the first one's; a local unmerge restores exactly what the
 //! merge changed.
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::error::{ApiError, Problem};
-use super::extract::{ApiJson, wants_durable};
+use super::error::ApiError;
+use super::extract::{ApiJson, Durable};
 use super::items::{CreateItem, ItemView, existing, merge_into};
 use super::model::{Item, LocalMapping, LocalMerge};
 use super::validate::{self, MAX_LOCAL_MERGE};
@@ -37,18 +37,17 @@ fn mapping(set: &ChangeSet<'_>, local_id: &str) -> Result<Versioned<LocalMapping
     params(("Prefer" = Option<String>, Header, description = "`durable`: answer after the commit")),
     responses(
         (status = 201, description = "Created", body = LocalItem),
-        (status = 422, description = "Invalid item", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Queue full or starting", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid item"),
+        (status = 503, description = "Queue full or starting"),
     ))]
 pub async fn create(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Durable(durable): Durable,
     ApiJson(body): ApiJson<CreateItem>,
 ) -> Result<Response, ApiError> {
     body.validate("")?;
     let local_id = uuid::Uuid::new_v4().to_string();
     let item = body.into_item(Some(local_id.clone()));
-    let durable = wants_durable(&headers, state.ack);
     let created = state
         .change(durable, |set| {
             let now = Utc::now();
@@ -91,13 +90,13 @@ pub struct LocalMergeResult {
     params(("Prefer" = Option<String>, Header, description = "`durable`: answer after the commit")),
     responses(
         (status = 200, description = "Merged", body = LocalMergeResult),
-        (status = 404, description = "A local id or its item is missing", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Already merged, or an item not active", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Fewer than 2 or duplicate local ids", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "A local id or its item is missing"),
+        (status = 409, description = "Already merged, or an item not active"),
+        (status = 422, description = "Fewer than 2 or duplicate local ids"),
     ))]
 pub async fn merge(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Durable(durable): Durable,
     ApiJson(body): ApiJson<LocalMergeRequest>,
 ) -> Result<Response, ApiError> {
     let ids = body.local_ids;
@@ -110,7 +109,6 @@ pub async fn merge(
             return Err(ApiError::unprocessable(format!("local_ids: {id} is given twice")));
         }
     }
-    let durable = wants_durable(&headers, state.ack);
     let result = state
         .change(durable, |set| {
             let target_dfid = mapping(set, &ids[0])?.dfid.clone();
@@ -168,16 +166,15 @@ pub struct LocalUnmergeResult {
     params(("Prefer" = Option<String>, Header, description = "`durable`: answer after the commit")),
     responses(
         (status = 200, description = "Unmerged", body = LocalUnmergeResult),
-        (status = 404, description = "No such local id", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The local id is not merged, or its item was deleted since", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such local id"),
+        (status = 409, description = "The local id is not merged, or its item was deleted since"),
     ))]
 pub async fn unmerge(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    Durable(durable): Durable,
     ApiJson(body): ApiJson<LocalUnmergeRequest>,
 ) -> Result<Response, ApiError> {
     validate::id(&body.local_id, "local_id")?;
-    let durable = wants_durable(&headers, state.ack);
     let result = state
         .change(durable, |set| {
             let map = mapping(set, &body.local_id)?;

@@ -1,5 +1,5 @@
 //! The HTTP edge: one [`router`] for the reference items/circuits service
-//! (DESIGN §4) and its operational routes. Handlers change state only through
+//! and its operational routes. Handlers change state only through
 //! the store; errors are RFC 9457 problem details; the OpenAPI document is
 //! generated from the handlers' annotations, so it cannot drift from the
 //! routes.
@@ -177,12 +177,13 @@ impl AppState {
                        Errors are RFC 9457 problem details (`application/problem+json`)."
     ),
     tags(
-        (name = "items", description = "Items (DESIGN A1)"),
-        (name = "local items", description = "Local items and local merges (DESIGN A2)"),
-        (name = "circuits", description = "Circuits (DESIGN A3)"),
-        (name = "operations", description = "Health, readiness, metrics, status (DESIGN A5)"),
-        (name = "admin", description = "Dead letters; needs the admin bearer token (DESIGN A5)"),
+        (name = "items", description = "Items"),
+        (name = "local items", description = "Local items and local merges"),
+        (name = "circuits", description = "Circuits"),
+        (name = "operations", description = "Health, readiness, metrics, status"),
+        (name = "admin", description = "Quarantined change sets; needs the admin bearer token"),
     ),
+    components(schemas(error::Problem)),
     modifiers(&BearerAuth)
 )]
 struct ApiDoc;
@@ -241,15 +242,43 @@ fn routes(admin: bool) -> OpenApiRouter<AppState> {
     )
 }
 
+/// Every error answer is problem details: the document says so once, for
+/// every 4xx and 5xx response the handlers list, instead of on each.
+fn with_problem_details(document: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{Content, Ref, RefOr};
+    for item in document.paths.paths.values_mut() {
+        let operations =
+            [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch, &mut item.head];
+        for operation in operations.into_iter().flatten() {
+            for (status, response) in operation.responses.responses.iter_mut() {
+                if let RefOr::T(response) = response
+                    && (status.starts_with('4') || status.starts_with('5'))
+                    && response.content.is_empty()
+                {
+                    let problem = Content::new(Some(Ref::from_schema_name("Problem")));
+                    response.content.insert("application/problem+json".to_owned(), RefOr::T(problem));
+                }
+            }
+        }
+    }
+}
+
+/// The router and its OpenAPI document, admin routes included or not.
+fn router_and_document(admin: bool) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let (router, mut document) = routes(admin).split_for_parts();
+    with_problem_details(&mut document);
+    (router, document)
+}
+
 /// The OpenAPI document of the service (with the admin routes).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes(true).split_for_parts().1
+    router_and_document(true).1
 }
 
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
     let admin = state.admin_token.is_some();
-    let (router, document) = routes(admin).split_for_parts();
+    let (router, document) = router_and_document(admin);
     let document = ops::OpenApiJson(Arc::new(document.to_json().expect("the OpenAPI document serializes")));
     let router =
         if admin { router.route_layer(middleware::from_fn_with_state(state.clone(), admin_gate)) } else { router };

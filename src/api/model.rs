@@ -1,4 +1,4 @@
-//! The reference service's entity kinds (DESIGN A4): items, circuits and
+//! The reference service's entity kinds: items, circuits and
 //! local-id mappings. They are ordinary [`Entity`] implementations: the
 //! engine knows nothing else about them.
 

@@ -1,4 +1,4 @@
-//! Input limits of the reference API (DESIGN I13). Every request is
+//! Input limits of the reference API (rule *Refuse bad input whole*). Every request is
 //! validated whole before the store is touched, so a refused request changes
 //! nothing. The limits are documented in the README and the OpenAPI
 //! document.

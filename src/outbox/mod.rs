@@ -2,7 +2,8 @@
 //! waits for them.
 //!
 //! Everything here lives inside the store's lock and changes in the same
-//! critical section as the entities (DESIGN I1, I2):
+//! critical section as the entities (rules *Only through the store*, *Room
+//! first*):
 //!
 //! * An entity that changes while nothing of it is pending gets a *pending
 //!   mark* and one [`DirtyRecord`] on a bounded crossbeam channel to the

@@ -226,17 +226,7 @@ pub enum RecordError {
     Db(#[from] DbError),
 }
 
-impl From<tokio_postgres::Error> for RecordError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        Self::Db(DbError::Postgres(e))
-    }
-}
-
-impl From<deadpool_postgres::PoolError> for RecordError {
-    fn from(e: deadpool_postgres::PoolError) -> Self {
-        Self::Db(DbError::Pool(e))
-    }
-}
+super::from_driver_errors!(RecordError);
 
 const INSERT_SQL: &str = "INSERT INTO outbox_dead_letters (kind, entity_id, version, payload, payload_text, deleted, \
        sqlstate, message, attempts, quarantine_id, reason, cause, base_version, database_version)
@@ -371,14 +361,4 @@ pub enum DeadLetterError {
     Db(#[from] DbError),
 }
 
-impl From<tokio_postgres::Error> for DeadLetterError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        Self::Db(DbError::Postgres(e))
-    }
-}
-
-impl From<deadpool_postgres::PoolError> for DeadLetterError {
-    fn from(e: deadpool_postgres::PoolError) -> Self {
-        Self::Db(DbError::Pool(e))
-    }
-}
+super::from_driver_errors!(DeadLetterError);

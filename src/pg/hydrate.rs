@@ -1,4 +1,4 @@
-//! Hydration (DESIGN I9): at start-up, every entity of every kind is loaded
+//! Hydration (see *Ready after start-up* in docs/ARCHITECTURE.md): at start-up, every entity of every kind is loaded
 //! from its table with its version, streamed row by row, so versions continue
 //! from what the database holds.
 
@@ -11,6 +11,7 @@ use tokio_postgres::types::ToSql;
 
 use super::DbError;
 use super::upsert::JsonbRef;
+use crate::entity::{KindId, KindInfo};
 use crate::store::{HydratedRow, Store};
 
 /// Rows handed to a decoder, and to the store per lock acquisition.
@@ -78,81 +79,7 @@ pub async fn hydrate(store: &Store, pool: &Pool) -> Result<HydrationReport, Hydr
     let mut report = HydrationReport::default();
     for (kind_id, kind) in store.kinds().iter().enumerate() {
         let kind_started = Instant::now();
-        // The planner's row estimate sizes the table once instead of
-        // rehashing it a dozen times on the way to a million entities.
-        let estimate: i64 = client
-            .query_opt("SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass($1)", &[&kind.table])
-            .await?
-            .map_or(0, |row| row.get(0));
-        store.reserve(kind_id, usize::try_from(estimate).unwrap_or(0));
-
-        // Rows arrive on this task; two threads decode them (JSON decoding
-        // is the most expensive step, so it gets both cores while
-        // PostgreSQL waits on socket buffers) and one puts decoded chunks
-        // into the store and its indexes.
-        let (raw, raw_rx) = tokio::sync::mpsc::channel::<Vec<tokio_postgres::Row>>(4);
-        // Shared by the decoders; each holds it only to take one chunk.
-        let raw_rx = std::sync::Arc::new(std::sync::Mutex::new(raw_rx));
-        let (decoded, decoded_rx) = crossbeam_channel::bounded::<Vec<HydratedRow>>(4);
-        let decoders: Vec<_> = (0..DECODERS)
-            .map(|_| {
-                let (raw_rx, decoded) = (raw_rx.clone(), decoded.clone());
-                let (decode, name, table) = (kind.decode, kind.name, kind.table);
-                tokio::task::spawn_blocking(move || -> Result<(), HydrateError> {
-                    loop {
-                        let next = raw_rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner).blocking_recv();
-                        let Some(rows) = next else { break };
-                        let chunk = rows
-                            .iter()
-                            .map(|row| decode_row(decode, name, table, row))
-                            .collect::<Result<Vec<_>, _>>()?;
-                        if decoded.send(chunk).is_err() {
-                            break;
-                        }
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        drop((raw_rx, decoded));
-        let inserter = {
-            let store = store.clone();
-            tokio::task::spawn_blocking(move || {
-                for chunk in decoded_rx {
-                    store.hydrate(kind_id, chunk);
-                }
-            })
-        };
-        let statement = client.prepare_cached(&super::sql::table(kind.table).select).await?;
-        let rows = client.query_raw(&statement, std::iter::empty::<&(dyn ToSql + Sync)>()).await?;
-        pin_mut!(rows);
-        let mut chunk = Vec::with_capacity(CHUNK);
-        let mut count = 0u64;
-        let streamed = async {
-            while let Some(row) = rows.next().await {
-                chunk.push(row?);
-                count += 1;
-                if chunk.len() == CHUNK {
-                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
-                    // Waits only while both decoders are busy: back-pressure.
-                    if raw.send(full).await.is_err() {
-                        break; // a decoder failed; its error is reported below
-                    }
-                }
-            }
-            let _ = raw.send(std::mem::take(&mut chunk)).await;
-            Ok::<(), HydrateError>(())
-        }
-        .await;
-        drop(raw);
-        let mut decoding = Ok(());
-        for decoder in decoders {
-            let result = decoder.await.expect("a hydration decoder does not panic");
-            decoding = decoding.and(result);
-        }
-        inserter.await.expect("the hydration inserter does not panic");
-        streamed?;
-        decoding?;
+        let count = hydrate_kind(store, &client, kind_id).await?;
         kind.hydrated.set(count as f64);
         tracing::info!(
             kind = kind.name,
@@ -166,6 +93,97 @@ pub async fn hydrate(store: &Store, pool: &Pool) -> Result<HydrationReport, Hydr
     client.commit().await?;
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Loads one kind: rows arrive on this task; two threads decode them (JSON
+/// decoding is the most expensive step, so it gets both cores while
+/// PostgreSQL waits on socket buffers) and one puts decoded chunks into the
+/// store and its indexes. Returns the rows loaded.
+async fn hydrate_kind(
+    store: &Store,
+    client: &deadpool_postgres::Transaction<'_>,
+    kind_id: KindId,
+) -> Result<u64, HydrateError> {
+    let kind = &store.kinds()[kind_id];
+    // The planner's row estimate sizes the table once instead of rehashing
+    // it a dozen times on the way to a million entities.
+    let estimate: i64 = client
+        .query_opt("SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass($1)", &[&kind.table])
+        .await?
+        .map_or(0, |row| row.get(0));
+    store.reserve(kind_id, usize::try_from(estimate).unwrap_or(0));
+
+    let (raw, raw_rx) = tokio::sync::mpsc::channel::<Vec<tokio_postgres::Row>>(4);
+    let (decoded, decoded_rx) = crossbeam_channel::bounded::<Vec<HydratedRow>>(4);
+    let decoders = spawn_decoders(kind, raw_rx, decoded);
+    let inserter = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || {
+            for chunk in decoded_rx {
+                store.hydrate(kind_id, chunk);
+            }
+        })
+    };
+    let statement = client.prepare_cached(&super::sql::table(kind.table).select).await?;
+    let rows = client.query_raw(&statement, std::iter::empty::<&(dyn ToSql + Sync)>()).await?;
+    pin_mut!(rows);
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut count = 0u64;
+    let streamed = async {
+        while let Some(row) = rows.next().await {
+            chunk.push(row?);
+            count += 1;
+            if chunk.len() == CHUNK {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+                // Waits only while both decoders are busy: back-pressure.
+                if raw.send(full).await.is_err() {
+                    break; // a decoder failed; its error is reported below
+                }
+            }
+        }
+        let _ = raw.send(std::mem::take(&mut chunk)).await;
+        Ok::<(), HydrateError>(())
+    }
+    .await;
+    drop(raw);
+    let mut decoding = Ok(());
+    for decoder in decoders {
+        let result = decoder.await.expect("a hydration decoder does not panic");
+        decoding = decoding.and(result);
+    }
+    inserter.await.expect("the hydration inserter does not panic");
+    streamed?;
+    decoding?;
+    Ok(count)
+}
+
+/// The decoder threads of one kind: each takes a chunk of raw rows at a
+/// time and sends it on decoded.
+fn spawn_decoders(
+    kind: &KindInfo,
+    raw: tokio::sync::mpsc::Receiver<Vec<tokio_postgres::Row>>,
+    decoded: crossbeam_channel::Sender<Vec<HydratedRow>>,
+) -> Vec<tokio::task::JoinHandle<Result<(), HydrateError>>> {
+    // Shared by the decoders; each holds it only to take one chunk.
+    let raw = std::sync::Arc::new(std::sync::Mutex::new(raw));
+    (0..DECODERS)
+        .map(|_| {
+            let (raw, decoded) = (raw.clone(), decoded.clone());
+            let (decode, name, table) = (kind.decode, kind.name, kind.table);
+            tokio::task::spawn_blocking(move || -> Result<(), HydrateError> {
+                loop {
+                    let next = raw.lock().unwrap_or_else(std::sync::PoisonError::into_inner).blocking_recv();
+                    let Some(rows) = next else { break };
+                    let chunk =
+                        rows.iter().map(|row| decode_row(decode, name, table, row)).collect::<Result<Vec<_>, _>>()?;
+                    if decoded.send(chunk).is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect()
 }
 
 fn decode_row(

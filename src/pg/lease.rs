@@ -1,10 +1,10 @@
-//! The single-writer lease with fencing (DESIGN I9, §9).
+//! The single-writer lease with fencing (docs/ARCHITECTURE.md, *The lease*).
 //!
 //! * A process takes the lease by getting a PostgreSQL advisory lock on a
 //!   dedicated connection, then incrementing the lease row's `epoch`. A
 //!   second process polls for the lock, logging that it waits.
 //! * Every flush transaction first reads the lease row `FOR SHARE` and
-//!   checks the epoch is still its own ([`FENCE_SQL`]). A new holder's
+//!   checks the epoch is still its own (`FENCE_SQL`). A new holder's
 //!   increment waits for those share locks, so once it has incremented, no
 //!   transaction of the old holder can commit: the epoch, not the advisory
 //!   lock, is what keeps two processes from writing the same state.

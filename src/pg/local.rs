@@ -1,5 +1,5 @@
 //! A private PostgreSQL server started from the machine's installed server
-//! binaries (DESIGN C2), shared by `outbox serve` (when `DATABASE_URL` is
+//! binaries, shared by `outbox serve` (when `DATABASE_URL` is
 //! unset) and the test harness (a throwaway cluster per test binary).
 //!
 //! * Binaries: `postgres` and `initdb` on `PATH`, else the newest
@@ -348,13 +348,9 @@ impl LocalPostgres {
         Ok(())
     }
 
-    fn start_postmaster(&self) -> Result<(), LocalPostgresError> {
-        let mut guard = self.lock();
-        if guard.is_some() {
-            return Ok(());
-        }
-        self.wait_for_previous_postmaster()?;
-
+    /// The `-c` settings of the postmaster: where it listens, durability,
+    /// and the caller's own.
+    fn server_settings(&self) -> Vec<(String, String)> {
         let mut settings: Vec<(String, String)> = match &self.endpoint {
             Endpoint::Socket { dir, port } => vec![
                 ("listen_addresses".into(), String::new()),
@@ -373,7 +369,17 @@ impl LocalPostgres {
             settings.push(("full_page_writes".into(), "off".into()));
         }
         settings.extend(self.options.settings.iter().cloned());
+        settings
+    }
 
+    fn start_postmaster(&self) -> Result<(), LocalPostgresError> {
+        let mut guard = self.lock();
+        if guard.is_some() {
+            return Ok(());
+        }
+        self.wait_for_previous_postmaster()?;
+
+        let settings = self.server_settings();
         let log = self.log_file()?;
         let postgres = self.bin_dir.join("postgres");
         let mut command = match which("setpriv") {

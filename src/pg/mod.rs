@@ -1,5 +1,5 @@
 //! Everything that talks to PostgreSQL: the connection pool, migrations, and
-//! the private local server of DESIGN C2.
+//! the private local server used when `DATABASE_URL` is unset.
 
 pub mod dead_letters;
 pub mod hydrate;
@@ -102,6 +102,25 @@ impl std::fmt::Display for PoolErrorText<'_> {
         }
     }
 }
+
+/// `From` the driver's and the pool's errors, through [`DbError`], for an
+/// error type with a `Db(DbError)` variant.
+macro_rules! from_driver_errors {
+    ($error:ty) => {
+        impl From<tokio_postgres::Error> for $error {
+            fn from(e: tokio_postgres::Error) -> Self {
+                Self::Db($crate::pg::DbError::Postgres(e))
+            }
+        }
+
+        impl From<deadpool_postgres::PoolError> for $error {
+            fn from(e: deadpool_postgres::PoolError) -> Self {
+                Self::Db($crate::pg::DbError::Pool(e))
+            }
+        }
+    };
+}
+pub(crate) use from_driver_errors;
 
 /// Parses `DATABASE_URL` (URL or `key=value` form).
 pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, DbError> {

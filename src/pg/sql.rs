@@ -76,7 +76,8 @@ pub(crate) fn table(table: &str) -> &'static TableSql {
     cache.entry(table.to_owned()).or_insert_with(|| Box::leak(Box::new(TableSql::new(table))))
 }
 
-/// The version-guarded upsert statement of a table (see [`TableSql`]).
+/// The version-guarded upsert statement of a table: a row applies only when
+/// its version is newer than the stored one.
 pub fn upsert_sql(table_name: &str) -> String {
     table(table_name).upsert.clone()
 }

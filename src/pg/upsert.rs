@@ -175,6 +175,29 @@ pub(crate) enum Mode {
     CompareAndSet,
 }
 
+/// The rows the table does not hold as written, for the kinds whose write
+/// changed fewer rows than it carried (the version guard left some alone).
+async fn find_mismatches(
+    transaction: &deadpool_postgres::Transaction<'_>,
+    kinds: &[KindInfo],
+    encoded: &Encoded,
+    written: &[u64],
+) -> Result<Vec<Mismatch>, tokio_postgres::Error> {
+    let mut mismatches = Vec::new();
+    for (part, count) in encoded.kinds.iter().zip(written) {
+        if *count as usize == part.ids.len() {
+            continue;
+        }
+        let statement = transaction.prepare_cached(&sql::table(kinds[part.kind].table).mismatches).await?;
+        for row in transaction.query(&statement, &[&part.ids, &part.versions, &part.deleted, &part.data]).await? {
+            let position = row.get::<_, i64>(0) as usize;
+            let database_version = row.get::<_, Option<i64>>(1).map(|v| v.max(0) as u64);
+            mismatches.push(Mismatch { row: part.rows[position - 1], database_version });
+        }
+    }
+    Ok(mismatches)
+}
+
 /// SQL resolving the unresolved dead letters of entities written now.
 const RESOLVE_DEAD_LETTERS_SQL: &str = "UPDATE outbox_dead_letters SET resolved_at = now(), resolution = $3 \
      WHERE resolved_at IS NULL AND kind = $1 AND entity_id = ANY($2)";
@@ -238,19 +261,7 @@ pub(crate) async fn write(
         }
         None => writes.await?,
     };
-    // A short count means the table holds some rows otherwise: find them.
-    let mut mismatches = Vec::new();
-    for (part, count) in encoded.kinds.iter().zip(written) {
-        if count as usize == part.ids.len() {
-            continue;
-        }
-        let statement = transaction.prepare_cached(&sql::table(kinds[part.kind].table).mismatches).await?;
-        for row in transaction.query(&statement, &[&part.ids, &part.versions, &part.deleted, &part.data]).await? {
-            let position = row.get::<_, i64>(0) as usize;
-            let database_version = row.get::<_, Option<i64>>(1).map(|v| v.max(0) as u64);
-            mismatches.push(Mismatch { row: part.rows[position - 1], database_version });
-        }
-    }
+    let mismatches = find_mismatches(&transaction, kinds, encoded, &written).await?;
     if !mismatches.is_empty() {
         return Err(WriteError::Conflicts(mismatches));
     }

@@ -1,5 +1,6 @@
 //! The store: in-memory entities of several kinds, each with an id and a
-//! version, changed only through [`Store::apply`] (DESIGN I1–I6).
+//! version, changed only through [`Store::apply`] (rules *Only through the store*
+//! to *Tombstones stay* of docs/ARCHITECTURE.md).
 //!
 //! A change is a closure over a [`ChangeSet`]: it reads what it needs,
 //! stages inserts, updates and deletes, and returns. Nothing is visible until
@@ -38,6 +39,7 @@ use metrics::Counter;
 pub use crate::entity::{Entity, Index};
 use crate::entity::{ErasedIndex, KindId, KindInfo, Stored, TypedIndex, downcast};
 pub use change_set::ChangeSet;
+use change_set::Staged;
 pub(crate) use persist::{LoadedMember, LoadedSet, Unwritten};
 use quarantine::QuarantineBook;
 
@@ -111,7 +113,7 @@ pub enum StoreError {
 /// Why a change was refused before it was applied. State is untouched.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    /// The outbox is full (DESIGN I2): retry after the hint.
+    /// The outbox is full (rule *Room first*): retry after the hint.
     #[error("the outbox is full ({capacity} entities pending); retry in {} s", retry_after.as_secs())]
     QueueFull {
         /// The queue's capacity.
@@ -297,7 +299,8 @@ impl Store {
     }
 
     /// [`apply`](Self::apply), also handing back a [`Ticket`] that resolves
-    /// when every entity of the change set is committed (DESIGN I11).
+    /// when every entity of the change set is committed (rule *Durable means
+    /// committed*).
     pub fn apply_durable<T, E>(
         &self,
         change: impl FnOnce(&mut ChangeSet<'_>) -> Result<T, E>,
@@ -329,75 +332,14 @@ impl Store {
         // A quarantined set stays whole: changing one of its members writes
         // the current state of all of them with this change set.
         let siblings = quarantined_siblings(state, &staged);
-
-        // Reserve room before touching anything. Staged under this same
-        // lock, so `occupied` is still true.
-        let newly_occupying = staged.iter().filter(|s| !s.occupied).count()
-            + siblings.iter().filter(|(kind, id)| !state.tables[*kind].get(id).is_some_and(Slot::occupies)).count();
-        if newly_occupying > state.ledger.capacity {
-            return Err(ApplyError::Refused(Refusal::TooLarge {
-                entities: newly_occupying,
-                capacity: state.ledger.capacity,
-            }));
-        }
-        if state.ledger.depth + newly_occupying > state.ledger.capacity {
-            self.shared.rejected_queue_full.increment(1);
-            return Err(ApplyError::Refused(Refusal::QueueFull {
-                capacity: state.ledger.capacity,
-                retry_after: QUEUE_FULL_RETRY_AFTER,
-            }));
-        }
+        self.reserve_room(state, &staged, &siblings).map_err(ApplyError::Refused)?;
 
         let now = Instant::now();
-        // Watched entities the change set does not also write: the ticket
-        // waits for those still unwritten, and fails for a quarantined one.
-        let mut watched_failure = None;
-        let watched = if want_ticket {
-            let mut targets = Vec::new();
-            for key in watched {
-                if staged.iter().any(|s| s.kind == key.0 && s.id == key.1) || siblings.contains(&key) {
-                    continue;
-                }
-                match watch_target(state, &key) {
-                    Watch::Wait(version) => targets.push((key.0, key.1, version)),
-                    Watch::Durable => {}
-                    Watch::Failed(error) => watched_failure = Some(error),
-                }
-            }
-            targets
-        } else {
-            Vec::new()
-        };
+        let (watched, watched_failure) =
+            if want_ticket { watch_targets(state, watched, &staged, &siblings) } else { (Vec::new(), None) };
         let ticket = want_ticket.then(|| TicketShared::new(staged.len() + watched.len()));
         for s in &staged {
-            let kind = &kinds[s.kind];
-            let base = state.quarantine.member(&(s.kind, s.id.clone())).map(|m| m.base);
-            let slot = state.tables[s.kind].entry(s.id.clone()).or_insert_with(|| Slot {
-                value: None,
-                version: 0,
-                track: None,
-            });
-            for index in &mut state.indexes[s.kind] {
-                index.update(&s.id, slot.value.as_deref(), s.value.as_deref());
-            }
-            let previous = slot.version;
-            slot.version = s.version;
-            slot.value = s.value.clone();
-            let track = slot
-                .track
-                .get_or_insert_with(|| Box::new(Track { base: base.unwrap_or(previous), ..Track::default() }));
-            if !track.occupies() {
-                state.ledger.depth += 1;
-            }
-            if track.pending.is_none() {
-                track.pending = Some(state.ledger.mark(s.kind, &s.id, now));
-            } else {
-                kind.coalesced.increment(1);
-            }
-            kind.mutations.increment(1);
-            if let Some((shared, _)) = &ticket {
-                push_waiter(&mut track.waiters, Waiter::new(s.version, shared));
-            }
+            apply_staged(state, &kinds[s.kind], s, now, ticket.as_ref().map(|(shared, _)| shared));
         }
         for key in &siblings {
             mark_pending(state, key, now);
@@ -419,6 +361,22 @@ impl Store {
             }
         }
         Ok((value, ticket.map(|(_, ticket)| ticket)))
+    }
+
+    /// Reserves room for every entity the change set makes occupy the
+    /// queue (rule *Room first*), or refuses it, changing nothing. Staged
+    /// under this same lock, so `occupied` is still true.
+    fn reserve_room(&self, state: &State, staged: &[Staged], siblings: &[EntityKey]) -> Result<(), Refusal> {
+        let newly_occupying = staged.iter().filter(|s| !s.occupied).count()
+            + siblings.iter().filter(|(kind, id)| !state.tables[*kind].get(id).is_some_and(Slot::occupies)).count();
+        if newly_occupying > state.ledger.capacity {
+            return Err(Refusal::TooLarge { entities: newly_occupying, capacity: state.ledger.capacity });
+        }
+        if state.ledger.depth + newly_occupying > state.ledger.capacity {
+            self.shared.rejected_queue_full.increment(1);
+            return Err(Refusal::QueueFull { capacity: state.ledger.capacity, retry_after: QUEUE_FULL_RETRY_AFTER });
+        }
+        Ok(())
     }
 
     /// The newest value of one entity, if it is live.
@@ -448,6 +406,62 @@ impl Store {
     pub fn is_closed(&self) -> bool {
         self.read_state().closed
     }
+}
+
+/// Puts one staged entity in its slot: the new value and version, its
+/// indexes, a pending mark (or coalescing into the one it has), and the
+/// durable caller's claim.
+fn apply_staged(state: &mut State, kind: &KindInfo, s: &Staged, now: Instant, ticket: Option<&Arc<TicketShared>>) {
+    let base = state.quarantine.member(&(s.kind, s.id.clone())).map(|m| m.base);
+    let slot =
+        state.tables[s.kind].entry(s.id.clone()).or_insert_with(|| Slot { value: None, version: 0, track: None });
+    for index in &mut state.indexes[s.kind] {
+        index.update(&s.id, slot.value.as_deref(), s.value.as_deref());
+    }
+    let previous = slot.version;
+    slot.version = s.version;
+    slot.value = s.value.clone();
+    let track =
+        slot.track.get_or_insert_with(|| Box::new(Track { base: base.unwrap_or(previous), ..Track::default() }));
+    if !track.occupies() {
+        state.ledger.depth += 1;
+    }
+    if track.pending.is_none() {
+        track.pending = Some(state.ledger.mark(s.kind, &s.id, now));
+    } else {
+        kind.coalesced.increment(1);
+    }
+    kind.mutations.increment(1);
+    if let Some(shared) = ticket {
+        push_waiter(&mut track.waiters, Waiter::new(s.version, shared));
+    }
+}
+
+/// An entity and the version of it a ticket waits for.
+type Target = (KindId, Arc<str>, u64);
+
+/// Of the entities a durable change set watched without writing them: the
+/// versions its ticket waits for, and the error it fails with if one of
+/// them is quarantined.
+fn watch_targets(
+    state: &State,
+    watched: Vec<EntityKey>,
+    staged: &[Staged],
+    siblings: &[EntityKey],
+) -> (Vec<Target>, Option<crate::outbox::TicketError>) {
+    let mut targets = Vec::new();
+    let mut failure = None;
+    for key in watched {
+        if staged.iter().any(|s| s.kind == key.0 && s.id == key.1) || siblings.contains(&key) {
+            continue;
+        }
+        match watch_target(state, &key) {
+            Watch::Wait(version) => targets.push((key.0, key.1, version)),
+            Watch::Durable => {}
+            Watch::Failed(error) => failure = Some(error),
+        }
+    }
+    (targets, failure)
 }
 
 /// What a durable caller watching an entity it did not change waits for.
@@ -504,7 +518,7 @@ fn add_waiters(state: &mut State, targets: Vec<(KindId, Arc<str>, u64)>, ticket:
 
 /// The members of the quarantined sets that `staged` touches, other than
 /// the staged entities themselves.
-fn quarantined_siblings(state: &State, staged: &[change_set::Staged]) -> Vec<EntityKey> {
+fn quarantined_siblings(state: &State, staged: &[Staged]) -> Vec<EntityKey> {
     if state.quarantine.is_empty() {
         return Vec::new();
     }

@@ -1,4 +1,4 @@
-//! One place that decides what a failed flush means (STYLE 7): retry it
+//! One place that decides what a failed flush means: retry it
 //! (transient, or a schema problem an operator must fix), or quarantine the
 //! record (permanent), and which `error_type` label it counts under.
 

@@ -140,40 +140,7 @@ impl Flusher {
             Ok(()) => Ok(Vec::new()),
             Err(Failure::Stop) => Err(Stopped),
             Err(Failure::Conflicts(mismatches)) => {
-                let kinds = self.store.kinds();
-                let mut set_aside = Vec::new();
-                let mut rest = Vec::new();
-                for group in groups {
-                    let conflicts: Vec<Mismatch> =
-                        mismatches.iter().filter(|m| group.contains(&m.row)).cloned().collect();
-                    let Some(first) = conflicts.first() else {
-                        rest.push(group.clone());
-                        continue;
-                    };
-                    for mismatch in &conflicts {
-                        let row = &batch.rows[mismatch.row];
-                        kinds[row.kind].conflicts.increment(1);
-                        error!(kind = kinds[row.kind].name, id = %row.id, version = row.version,
-                            database_version = ?mismatch.database_version,
-                            "the database holds a version of this entity that this process did not write; quarantining its change set as a conflict");
-                    }
-                    let row = &batch.rows[first.row];
-                    set_aside.push(SetAside {
-                        rows: group.clone(),
-                        reason: Reason::Conflict,
-                        cause: first.row,
-                        sqlstate: None,
-                        message: format!(
-                            "the database holds version {} of {} {}, written elsewhere; this process has version {}",
-                            first.database_version.map_or_else(|| "none (no row)".to_owned(), |v| v.to_string()),
-                            kinds[row.kind].name,
-                            row.id,
-                            row.version
-                        ),
-                        conflicts,
-                        attempts,
-                    });
-                }
+                let (mut set_aside, rest) = self.set_aside_conflicts(batch, groups, &mismatches, attempts);
                 if !rest.is_empty() {
                     set_aside.extend(Box::pin(self.write_groups(batch, &rest, attempts + 1)).await?);
                 }
@@ -209,6 +176,51 @@ impl Flusher {
                 Ok(set_aside)
             }
         }
+    }
+
+    /// Splits `groups` into those with a row in conflict, set aside (and
+    /// counted), and the rest, to be written again.
+    fn set_aside_conflicts(
+        &self,
+        batch: &Batch,
+        groups: &[Range<usize>],
+        mismatches: &[Mismatch],
+        attempts: i32,
+    ) -> (Vec<SetAside>, Vec<Range<usize>>) {
+        let kinds = self.store.kinds();
+        let mut set_aside = Vec::new();
+        let mut rest = Vec::new();
+        for group in groups {
+            let conflicts: Vec<Mismatch> = mismatches.iter().filter(|m| group.contains(&m.row)).cloned().collect();
+            let Some(first) = conflicts.first() else {
+                rest.push(group.clone());
+                continue;
+            };
+            for mismatch in &conflicts {
+                let row = &batch.rows[mismatch.row];
+                kinds[row.kind].conflicts.increment(1);
+                error!(kind = kinds[row.kind].name, id = %row.id, version = row.version,
+                    database_version = ?mismatch.database_version,
+                    "the database holds a version of this entity that this process did not write; quarantining its change set as a conflict");
+            }
+            let row = &batch.rows[first.row];
+            set_aside.push(SetAside {
+                rows: group.clone(),
+                reason: Reason::Conflict,
+                cause: first.row,
+                sqlstate: None,
+                message: format!(
+                    "the database holds version {} of {} {}, written elsewhere; this process has version {}",
+                    first.database_version.map_or_else(|| "none (no row)".to_owned(), |v| v.to_string()),
+                    kinds[row.kind].name,
+                    row.id,
+                    row.version
+                ),
+                conflicts,
+                attempts,
+            });
+        }
+        (set_aside, rest)
     }
 
     /// The row of a refused group that the database refuses: halves of the
@@ -369,42 +381,7 @@ impl Flusher {
     /// succeeds (or the drain deadline stops it): a record is only ever
     /// dropped from the queue once it is in the dead-letter table.
     async fn record_dead_letters(&self, batch: &Batch, set_aside: &[SetAside]) -> Result<Vec<Quarantined>, Stopped> {
-        let kinds = self.store.kinds();
-        let mut sets = Vec::with_capacity(set_aside.len());
-        for aside in set_aside {
-            let cause = &batch.rows[aside.cause];
-            let mut letters = Vec::with_capacity(aside.rows.len());
-            for index in aside.rows.clone() {
-                let row = &batch.rows[index];
-                let payload = row.value.as_ref().and_then(|value| {
-                    let mut json = Vec::new();
-                    value.write_json(&mut json).ok().map(|()| json)
-                });
-                let conflict = aside.conflicts.iter().find(|m| m.row == index);
-                let is_cause = index == aside.cause || conflict.is_some();
-                letters.push(NewDeadLetter {
-                    kind: kinds[row.kind].name,
-                    entity_id: row.id.to_string(),
-                    version: i64::try_from(row.version).unwrap_or(i64::MAX),
-                    payload,
-                    deleted: row.value.is_none(),
-                    sqlstate: aside.sqlstate.clone(),
-                    message: if is_cause {
-                        aside.message.clone()
-                    } else {
-                        format!(
-                            "quarantined with {} {} of its change set: {}",
-                            kinds[cause.kind].name, cause.id, aside.message
-                        )
-                    },
-                    attempts: aside.attempts,
-                    cause: is_cause,
-                    base_version: i64::try_from(row.base).unwrap_or(i64::MAX),
-                    database_version: conflict.and_then(|m| m.database_version).map(|v| v as i64),
-                });
-            }
-            sets.push(NewSet { reason: aside.reason, letters });
-        }
+        let sets: Vec<NewSet> = set_aside.iter().map(|aside| self.dead_letters_of(batch, aside)).collect();
         let epoch = self.lease.as_ref().map(|lease| lease.epoch());
         let record = || async {
             tokio::time::timeout(ATTEMPT_TIMEOUT, dead_letters::record(&self.pool, epoch, &sets))
@@ -439,30 +416,73 @@ impl Flusher {
             m::dead_letters_unresolved(count);
             self.health.dead_letters(count);
         }
-        Ok(set_aside
-            .iter()
-            .zip(ids)
-            .map(|(aside, set)| {
-                let row = &batch.rows[aside.cause];
-                let (kind, id, version) = (kinds[row.kind].name.to_owned(), row.id.to_string(), row.version);
-                let error = match aside.reason {
-                    Reason::Refused => TicketError::Quarantined {
-                        kind,
-                        id,
-                        version,
-                        sqlstate: aside.sqlstate.clone(),
-                        message: aside.message.clone(),
-                    },
-                    Reason::Conflict => TicketError::Conflict {
-                        kind,
-                        id,
-                        version,
-                        database_version: aside.conflicts.first().and_then(|m| m.database_version),
-                    },
+        Ok(set_aside.iter().zip(ids).map(|(aside, set)| self.quarantined(batch, aside, set)).collect())
+    }
+
+    /// The dead letters of a group set aside, one per member; the cause's
+    /// message is the database's, the others say which member they were
+    /// quarantined with.
+    fn dead_letters_of(&self, batch: &Batch, aside: &SetAside) -> NewSet {
+        let kinds = self.store.kinds();
+        let cause = &batch.rows[aside.cause];
+        let letters = aside
+            .rows
+            .clone()
+            .map(|index| {
+                let row = &batch.rows[index];
+                let payload = row.value.as_ref().and_then(|value| {
+                    let mut json = Vec::new();
+                    value.write_json(&mut json).ok().map(|()| json)
+                });
+                let conflict = aside.conflicts.iter().find(|m| m.row == index);
+                let is_cause = index == aside.cause || conflict.is_some();
+                let message = if is_cause {
+                    aside.message.clone()
+                } else {
+                    format!(
+                        "quarantined with {} {} of its change set: {}",
+                        kinds[cause.kind].name, cause.id, aside.message
+                    )
                 };
-                Quarantined { rows: aside.rows.clone(), error, set }
+                NewDeadLetter {
+                    kind: kinds[row.kind].name,
+                    entity_id: row.id.to_string(),
+                    version: i64::try_from(row.version).unwrap_or(i64::MAX),
+                    payload,
+                    deleted: row.value.is_none(),
+                    sqlstate: aside.sqlstate.clone(),
+                    message,
+                    attempts: aside.attempts,
+                    cause: is_cause,
+                    base_version: i64::try_from(row.base).unwrap_or(i64::MAX),
+                    database_version: conflict.and_then(|m| m.database_version).map(|v| v as i64),
+                }
             })
-            .collect())
+            .collect();
+        NewSet { reason: aside.reason, letters }
+    }
+
+    /// A recorded set, as the store learns of it: its rows, its quarantine
+    /// id, and what its tickets fail with (naming the cause).
+    fn quarantined(&self, batch: &Batch, aside: &SetAside, set: u64) -> Quarantined {
+        let row = &batch.rows[aside.cause];
+        let (kind, id, version) = (self.store.kinds()[row.kind].name.to_owned(), row.id.to_string(), row.version);
+        let error = match aside.reason {
+            Reason::Refused => TicketError::Quarantined {
+                kind,
+                id,
+                version,
+                sqlstate: aside.sqlstate.clone(),
+                message: aside.message.clone(),
+            },
+            Reason::Conflict => TicketError::Conflict {
+                kind,
+                id,
+                version,
+                database_version: aside.conflicts.first().and_then(|m| m.database_version),
+            },
+        };
+        Quarantined { rows: aside.rows.clone(), error, set }
     }
 }
 

@@ -4,7 +4,7 @@
 //! * A **coordinator** runs on a dedicated thread (never on an async
 //!   runtime worker, I12): it blocks on the outbox channel, starts a batch
 //!   when `batch_max` records are waiting or `linger` after the first one
-//!   arrived (STYLE 6), takes whole groups from the store, and hands each
+//!   arrived (`Batcher`), takes whole groups from the store, and hands each
 //!   batch to a writer with room (each holds the batch it writes and the
 //!   next). It also refreshes the depth and lag gauges
 //!   every second, idle or not.
