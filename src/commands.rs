@@ -105,12 +105,19 @@ async fn act_as_holder(
         lease: true,
         holder: format!("{} (outbox dead-letters)", crate::engine::default_holder()),
         wait_for_lease: false,
+        lease_ttl: config.lease_ttl(),
         ..EngineConfig::default()
     };
     let cancel = CancellationToken::new();
-    let started = Engine::start(store, receiver, pool.clone(), &database.config, engine_config, &cancel, &|step| {
-        info!(step, "starting")
-    })
+    let started = Engine::start(
+        store,
+        receiver,
+        pool.clone(),
+        &database.config,
+        engine_config,
+        &cancel,
+        &|step| info!(step = %step, "starting"),
+    )
     .await;
     let engine = match started {
         Ok(Some((engine, _))) => engine,

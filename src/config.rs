@@ -84,6 +84,13 @@ pub struct Config {
     #[arg(long, env = "OUTBOX_ADMIN_TOKEN", value_name = "OUTBOX_ADMIN_TOKEN", hide_env_values = true, global = true)]
     pub admin_token: Option<String>,
 
+    /// Seconds the single-writer lease lasts unless renewed (it is renewed
+    /// every third of it). A frozen or cut-off holder is replaced by a
+    /// standby after about this long; shorter means faster failover and more
+    /// renewals, and a holder must be able to renew within it.
+    #[arg(long, env = "OUTBOX_LEASE_TTL_S", value_name = "OUTBOX_LEASE_TTL_S", default_value_t = 10, value_parser = positive_u64, global = true)]
+    pub lease_ttl_s: u64,
+
     /// Connections in the database pool (the worker's writers, readiness
     /// checks and admin queries share it).
     #[arg(long, env = "OUTBOX_POOL_SIZE", value_name = "OUTBOX_POOL_SIZE", default_value_t = 8, value_parser = positive_usize, global = true)]
@@ -149,6 +156,11 @@ impl Config {
     /// How long shutdown waits for the outbox to drain.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_s)
+    }
+
+    /// How long the lease lasts unless renewed.
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.lease_ttl_s)
     }
 
     /// How long one request may take.

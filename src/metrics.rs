@@ -44,6 +44,12 @@ pub const DEAD_LETTERS: &str = "outbox_dead_letters";
 /// Rows left unwritten because the database held an equal or newer version
 /// this process did not write, by entity kind.
 pub const CONFLICTS_TOTAL: &str = "outbox_conflicts_total";
+/// 1 on the lease holder, 0 on a standby or a fenced process.
+pub const LEADER: &str = "outbox_leader";
+/// When the held lease expires unless renewed (0 when not held).
+pub const LEASE_EXPIRES_TIMESTAMP: &str = "outbox_lease_expires_timestamp_seconds";
+/// Times this process took the lease.
+pub const LEASE_TAKEOVERS_TOTAL: &str = "outbox_lease_takeovers_total";
 /// 1 when the last attempt reached the database.
 pub const DB_UP: &str = "outbox_db_up";
 /// Records written to the spill file.
@@ -143,6 +149,13 @@ fn describe() {
     describe_counter!(RETRIES_TOTAL, "Retries of failed batches scheduled.");
     describe_counter!(DEAD_LETTERS_TOTAL, "Records quarantined in outbox_dead_letters.");
     describe_gauge!(DEAD_LETTERS, "Unresolved dead letters.");
+    describe_gauge!(LEADER, "1 on the lease holder, 0 on a standby or a process that lost the lease.");
+    describe_gauge!(
+        LEASE_EXPIRES_TIMESTAMP,
+        Unit::Seconds,
+        "Unix time the held lease expires unless renewed (0 when this process does not hold it)."
+    );
+    describe_counter!(LEASE_TAKEOVERS_TOTAL, "Times this process took the single-writer lease.");
     describe_counter!(
         CONFLICTS_TOTAL,
         "Rows not written because the database held an equal or newer version this process did not write; quarantined as conflicts."
@@ -175,6 +188,9 @@ fn register_series() {
         metrics::counter!(REJECTED_TOTAL, "reason" => reason).increment(0);
     }
     metrics::counter!(RETRIES_TOTAL).increment(0);
+    metrics::counter!(LEASE_TAKEOVERS_TOTAL).increment(0);
+    metrics::gauge!(LEADER).set(0.0);
+    metrics::gauge!(LEASE_EXPIRES_TIMESTAMP).set(0.0);
     metrics::counter!(SPILLED_TOTAL).increment(0);
     metrics::gauge!(QUEUE_DEPTH).set(0.0);
     metrics::gauge!(LAG_SECONDS).set(0.0);
@@ -244,6 +260,29 @@ pub(crate) fn engine_started() {
 /// The number of unresolved dead letters, as the database holds it.
 pub(crate) fn dead_letters_unresolved(count: i64) {
     metrics::gauge!(DEAD_LETTERS).set(count as f64);
+}
+
+/// This process took the lease.
+pub(crate) fn lease_taken(expires_at: SystemTime) {
+    metrics::counter!(LEASE_TAKEOVERS_TOTAL).increment(1);
+    metrics::gauge!(LEADER).set(1.0);
+    metrics::gauge!(LEASE_EXPIRES_TIMESTAMP).set(unix_seconds(expires_at));
+}
+
+/// The held lease was renewed.
+pub(crate) fn lease_renewed(expires_at: SystemTime) {
+    metrics::gauge!(LEASE_EXPIRES_TIMESTAMP).set(unix_seconds(expires_at));
+}
+
+/// The lease was lost (expired or taken): this process writes no more.
+pub(crate) fn lease_lost() {
+    metrics::gauge!(LEADER).set(0.0);
+    metrics::gauge!(LEASE_EXPIRES_TIMESTAMP).set(0.0);
+}
+
+/// The lease was given up at shutdown.
+pub(crate) fn lease_released() {
+    lease_lost();
 }
 
 /// Records were written to a spill file.

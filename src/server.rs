@@ -12,7 +12,7 @@ use tracing::{error, info};
 
 use crate::api::{self, AppState, Phase, Readiness};
 use crate::config::Config;
-use crate::engine::{Engine, EngineConfig, EngineError, retry_startup};
+use crate::engine::{Engine, EngineConfig, EngineError, Progress, retry_startup};
 use crate::pg::{self, DbError, LocalPostgres, LocalPostgresError, LocalPostgresOptions};
 use crate::worker::health::Health;
 
@@ -171,6 +171,7 @@ async fn serve(
         spill_dir: Some(config.spill_dir()),
         holder: crate::engine::default_holder(),
         health,
+        lease_ttl: config.lease_ttl(),
         ..EngineConfig::default()
     };
     let started = start_engine(database, &pool, store, receiver, engine_config, &readiness, &shutdown).await;
@@ -233,7 +234,10 @@ async fn start_engine(
     if retry_startup("migrations", shutdown, || pg::migrate(pool)).await.is_none() {
         return Ok(None);
     }
-    let progress = |step: &str| readiness.set(Phase::Starting(step.to_owned()));
+    let progress = |progress: Progress<'_>| match progress {
+        Progress::Step(step) => readiness.set(Phase::Starting(step.to_owned())),
+        Progress::Standby { holder } => readiness.set(Phase::Standby(holder.to_owned())),
+    };
     Ok(Engine::start(store, receiver, pool.clone(), &database.config, engine_config, shutdown, &progress)
         .await?
         .map(|(engine, _)| engine))

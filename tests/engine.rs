@@ -860,10 +860,11 @@ async fn dead_letters_are_recorded_only_under_the_lease() {
     let db = fresh_db("fenced-letters").await;
     let pool = outbox::pg::pool(db.config.clone(), 2);
     outbox::pg::migrate(&pool).await.unwrap();
-    let lease = outbox::pg::lease::Lease::acquire(&db.config, "test", &CancellationToken::new(), |_| {})
-        .await
-        .unwrap()
-        .unwrap();
+    let outbox::pg::lease::Attempt::Taken(lease) =
+        outbox::pg::lease::Lease::try_take(&pool, "test", Duration::from_secs(10)).await.unwrap()
+    else {
+        panic!("the lease is free");
+    };
     let set = outbox::pg::dead_letters::NewSet {
         reason: outbox::pg::dead_letters::Reason::Refused,
         letters: vec![outbox::pg::dead_letters::NewDeadLetter {

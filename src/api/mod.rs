@@ -54,6 +54,9 @@ pub enum AckMode {
 pub enum Phase {
     /// Start-up is under way; the text says which step.
     Starting(String),
+    /// Another process holds the lease: this one is a hot standby, ready
+    /// to take over; the text names the holder.
+    Standby(String),
     /// Serving.
     Ready,
     /// Shutdown has begun.
@@ -120,6 +123,10 @@ impl AppState {
     pub fn ensure_ready(&self) -> Result<(), ApiError> {
         match self.readiness.get() {
             Phase::Ready | Phase::ShuttingDown => Ok(()),
+            Phase::Standby(holder) => Err(ApiError::unavailable(
+                format!("this instance is a standby; the lease holder ({holder}) serves"),
+                Duration::from_secs(1),
+            )),
             Phase::Starting(step) => {
                 Err(ApiError::unavailable(format!("the server is starting ({step})"), Duration::from_secs(1)))
             }

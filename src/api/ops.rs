@@ -48,6 +48,9 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     };
     match state.readiness.get() {
         Phase::Starting(step) => return unavailable("starting", step),
+        Phase::Standby(holder) => {
+            return unavailable("standby", format!("following the lease holder {holder}; ready to take over"));
+        }
         Phase::ShuttingDown => return unavailable("shutting_down", "the server is shutting down".into()),
         Phase::Ready => {}
     }
@@ -114,6 +117,15 @@ pub struct OutboxStatus {
     pub dead_letters: Option<i64>,
     /// Entities this process holds in quarantined change sets.
     pub quarantined: usize,
+    /// This process in the single-writer lease: `leader`, `standby`,
+    /// `fenced` (it lost the lease) or `starting`.
+    pub role: String,
+    /// The lease's epoch (this process's when it leads).
+    pub epoch: Option<u64>,
+    /// Who holds the lease.
+    pub holder: Option<String>,
+    /// When the lease expires unless renewed, by the database's clock.
+    pub lease_expires_at: Option<DateTime<Utc>>,
 }
 
 fn utc(time: SystemTime) -> DateTime<Utc> {
@@ -141,5 +153,9 @@ pub async fn status(State(state): State<AppState>) -> impl IntoResponse {
         }),
         dead_letters: health.dead_letters,
         quarantined: state.store.quarantined(),
+        role: health.lease.role.as_str().to_owned(),
+        epoch: health.lease.epoch,
+        holder: health.lease.holder,
+        lease_expires_at: health.lease.expires_at.map(utc),
     })
 }

@@ -13,19 +13,21 @@ use tracing::{error, info, warn};
 use crate::backoff;
 use crate::metrics as m;
 use crate::outbox::OutboxReceiver;
-use crate::outbox::spill::{self, SpillError};
+use crate::outbox::spill::SpillError;
 use crate::pg::hydrate::{HydrateError, HydrationReport, hydrate};
-use crate::pg::lease::{Lease, LeaseState};
+use crate::pg::lease::{Attempt, Lease, LeaseState};
 use crate::pg::{DbError, dead_letters};
 use crate::store::Store;
-use crate::worker::health::Health;
+use crate::worker::health::{Health, LeaseView, Role};
 use crate::worker::{DrainReport, Worker, WorkerConfig};
 
 pub mod operator;
 mod spilling;
+mod standby;
 mod startup;
 
-use startup::{load_quarantine, replay_spill};
+use standby::Standby;
+use startup::{load_quarantine, prepare};
 
 /// How often the database is checked (and the unresolved dead letters
 /// counted) while the engine runs, idle or not.
@@ -59,6 +61,31 @@ pub struct EngineConfig {
     /// with whatever reports health (the server's readiness and status
     /// routes) before starting.
     pub health: Arc<Health>,
+    /// How long the lease lasts unless renewed (renewed every third of it);
+    /// a frozen or cut-off holder is replaced after about this long.
+    pub lease_ttl: Duration,
+}
+
+/// Where start-up stands, for readiness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress<'a> {
+    /// A step under way.
+    Step(&'a str),
+    /// Another process holds the lease: this one is a hot standby,
+    /// hydrated and following what the holder commits.
+    Standby {
+        /// The holder's name.
+        holder: &'a str,
+    },
+}
+
+impl std::fmt::Display for Progress<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Step(step) => f.write_str(step),
+            Self::Standby { holder } => write!(f, "standby: following the lease holder {holder}"),
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -70,6 +97,7 @@ impl Default for EngineConfig {
             holder: default_holder(),
             wait_for_lease: true,
             health: Arc::default(),
+            lease_ttl: crate::pg::lease::DEFAULT_TTL,
         }
     }
 }
@@ -139,11 +167,12 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts in the order of I9: takes the lease (waiting while another
-    /// process holds it), replays spill files, hydrates every entity, loads
-    /// the unresolved dead letters, then starts the worker. `progress`
-    /// hears each step (for `/readyz`). Returns `None` if `cancel` fires
-    /// first.
+    /// Starts in order (rule *Ready after start-up*): takes the lease, or,
+    /// while another process holds it, waits as a hot standby (hydrated,
+    /// following what the holder commits) until it can take it over; replays
+    /// spill files; hydrates every entity (or catches up); loads the
+    /// quarantined sets; then starts the worker. `progress` hears each step
+    /// (for `/readyz`). Returns `None` if `cancel` fires first.
     pub async fn start(
         store: Store,
         receiver: OutboxReceiver,
@@ -151,62 +180,40 @@ impl Engine {
         db_config: &tokio_postgres::Config,
         config: EngineConfig,
         cancel: &CancellationToken,
-        progress: &(dyn Fn(&str) + Sync),
+        progress: &(dyn Fn(Progress<'_>) + Sync),
     ) -> Result<Option<(Self, HydrationReport)>, EngineError> {
+        let _ = db_config;
         let background = cancel.child_token();
-        let lease = if !config.lease {
-            None
-        } else if config.wait_for_lease {
-            progress("taking the single-writer lease");
-            let acquired = retry_startup("lease", cancel, || {
-                Lease::acquire(db_config, &config.holder, cancel, |holder| {
-                    progress(&format!("waiting for the single-writer lease held by {holder}"))
-                })
-            })
-            .await;
-            let Some(Some(lease)) = acquired else { return Ok(None) };
-            Some(lease)
+        let (lease, report) = if !config.lease {
+            let Some(report) = prepare(&store, &pool, None, &config, cancel, progress).await? else { return Ok(None) };
+            (None, report)
         } else {
-            let attempt = retry_startup("lease", cancel, || Lease::try_acquire(db_config, &config.holder)).await;
-            match attempt {
-                None => return Ok(None),
-                Some(Err(holder)) => return Err(EngineError::LeaseHeld { holder }),
-                Some(Ok(lease)) => Some(lease),
-            }
-        };
-        if let Some(lease) = &lease {
-            tokio::spawn(lease.clone().keep(background.clone()));
-        }
-
-        if let Some(dir) = &config.spill_dir {
-            let listed = {
-                let dir = dir.clone();
-                tokio::task::spawn_blocking(move || spill::list(&dir))
-                    .await
-                    .expect("listing spill files does not panic")
-            };
-            for path in listed? {
-                progress(&format!("replaying spill file {}", path.display()));
-                let replay = replay_spill(
-                    &store,
-                    &pool,
-                    lease.clone(),
-                    config.health.clone(),
-                    &path,
-                    config.worker.retry_max_delay,
-                    cancel,
-                );
-                if !replay.await? {
-                    return Ok(None);
+            progress(Progress::Step("taking the single-writer lease"));
+            let taking = || Lease::try_take(&pool, &config.holder, config.lease_ttl);
+            let Some(attempt) = retry_startup("lease", cancel, taking).await else { return Ok(None) };
+            let (lease, report) = match attempt {
+                Attempt::Taken(lease) => {
+                    hold(&lease, &config.health, &background);
+                    let prepared = prepare(&store, &pool, Some(&lease), &config, cancel, progress).await?;
+                    let Some(report) = prepared else { return Ok(None) };
+                    (lease, report)
                 }
-            }
-        }
+                Attempt::Held(row) if !config.wait_for_lease => {
+                    return Err(EngineError::LeaseHeld { holder: row.holder });
+                }
+                Attempt::Held(row) => {
+                    let standby = Standby { store: &store, pool: &pool, config: &config, cancel, progress };
+                    let Some((lease, report)) = standby.wait_and_take_over(row, &background).await? else {
+                        return Ok(None);
+                    };
+                    (lease, report)
+                }
+            };
+            tokio::spawn(prune_feed(pool.clone(), background.clone()));
+            (Some(lease), report)
+        };
 
-        progress("hydrating");
-        let Some(report) = retry_hydrate(&store, &pool, cancel).await? else { return Ok(None) };
-        info!(entities = report.total, elapsed_ms = report.elapsed.as_millis() as u64, "hydration finished");
-
-        progress("loading quarantined change sets");
+        progress(Progress::Step("loading quarantined change sets"));
         let Some(letters) = retry_startup("dead letters", cancel, || dead_letters::all_unresolved(&pool)).await else {
             return Ok(None);
         };
@@ -269,7 +276,52 @@ impl Engine {
     }
 }
 
-async fn retry_hydrate(
+/// This process holds `lease` now: keeps it renewed, and tells `health`
+/// (the status route, readiness) about it until it is lost.
+fn hold(lease: &Arc<Lease>, health: &Arc<Health>, background: &CancellationToken) {
+    tokio::spawn(lease.clone().keep(background.clone()));
+    let (lease, health, cancel) = (lease.clone(), health.clone(), background.clone());
+    tokio::spawn(async move {
+        health.set_lease(LeaseView::held(lease.epoch(), lease.holder(), lease.expires_at()));
+        let mut renewals = lease.renewals();
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = lease.lost() => {
+                    health.set_lease(LeaseView { role: Role::Fenced, ..LeaseView::held(lease.epoch(), lease.holder(), lease.expires_at()) });
+                    return;
+                }
+                changed = renewals.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let expires_at = *renewals.borrow_and_update();
+                    health.set_lease(LeaseView::held(lease.epoch(), lease.holder(), expires_at));
+                }
+            }
+        }
+    });
+}
+
+/// How long the commit feed keeps an entry: a standby that fell further
+/// behind than this hydrates again.
+const FEED_KEPT: Duration = Duration::from_secs(600);
+
+/// The holder prunes the commit feed now and then.
+async fn prune_feed(pool: Pool, cancel: CancellationToken) {
+    loop {
+        if cancel.run_until_cancelled(tokio::time::sleep(Duration::from_secs(60))).await.is_none() {
+            return;
+        }
+        match crate::pg::feed::prune(&pool, FEED_KEPT).await {
+            Ok(pruned) if pruned > 0 => tracing::debug!(pruned, "pruned the commit feed"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot prune the commit feed; retrying later"),
+        }
+    }
+}
+
+pub(super) async fn retry_hydrate(
     store: &Store,
     pool: &Pool,
     cancel: &CancellationToken,

@@ -1,5 +1,6 @@
-//! Start-up steps after the lease: replaying spill files, and loading the
-//! quarantined change sets of the dead-letter table into the store.
+//! Start-up steps after the lease: replaying spill files, hydrating, and
+//! loading the quarantined change sets of the dead-letter table into the
+//! store.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,22 +11,75 @@ use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::EngineError;
+use super::{EngineConfig, EngineError, Progress, retry_hydrate};
 use crate::outbox::spill::{self, SpillRecord};
 use crate::outbox::{Batch, Resolution, Row, TicketError};
 use crate::pg::dead_letters::{DeadLetter, Reason};
+use crate::pg::hydrate::HydrationReport;
 use crate::pg::lease::{Lease, LeaseState};
 use crate::pg::upsert::Mode;
 use crate::store::{LoadedMember, LoadedSet, Store};
 use crate::worker::flush::{Flusher, Outcome};
 use crate::worker::health::Health;
 
+/// A holder's preparation: replays this process's spill files (fenced by
+/// `lease`), then hydrates every entity. `None`: cancelled.
+pub(super) async fn prepare(
+    store: &Store,
+    pool: &Pool,
+    lease: Option<&Arc<Lease>>,
+    config: &EngineConfig,
+    cancel: &CancellationToken,
+    progress: &(dyn Fn(Progress<'_>) + Sync),
+) -> Result<Option<HydrationReport>, EngineError> {
+    if !replay_spills(store, pool, lease, config, cancel, progress).await? {
+        return Ok(None);
+    }
+    progress(Progress::Step("hydrating"));
+    let Some(report) = retry_hydrate(store, pool, cancel).await? else { return Ok(None) };
+    info!(entities = report.total, elapsed_ms = report.elapsed.as_millis() as u64, "hydration finished");
+    Ok(Some(report))
+}
+
+/// Replays every spill file of this process's spill folder, oldest first.
+/// `Ok(false)`: cancelled.
+pub(super) async fn replay_spills(
+    store: &Store,
+    pool: &Pool,
+    lease: Option<&Arc<Lease>>,
+    config: &EngineConfig,
+    cancel: &CancellationToken,
+    progress: &(dyn Fn(Progress<'_>) + Sync),
+) -> Result<bool, EngineError> {
+    let Some(dir) = &config.spill_dir else { return Ok(true) };
+    let listed = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || spill::list(&dir)).await.expect("listing spill files does not panic")
+    };
+    for path in listed? {
+        progress(Progress::Step(&format!("replaying spill file {}", path.display())));
+        let replay = replay_spill(
+            store,
+            pool,
+            lease.cloned(),
+            config.health.clone(),
+            &path,
+            config.worker.retry_max_delay,
+            cancel,
+        );
+        if !replay.await? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Replays one spill file and removes it once its records are in the
 /// database or quarantined. Records are written by compare-and-set against
 /// their base, group by group: a record whose row moved on becomes a
 /// conflict dead letter, a record the database refuses a refused one, and
 /// neither stops the others. `Ok(false)`: cancelled.
-pub(super) async fn replay_spill(
+async fn replay_spill(
     store: &Store,
     pool: &Pool,
     lease: Option<Arc<Lease>>,

@@ -221,6 +221,10 @@ pub enum RecordError {
         /// The epoch in the lease row.
         current: Option<u64>,
     },
+    /// The lease is ours but expired by the database's clock: it is renewed
+    /// first, then the record is retried.
+    #[error("the single-writer lease has lapsed; waiting to renew it")]
+    Lapsed,
     /// The database failed.
     #[error(transparent)]
     Db(#[from] DbError),
@@ -248,12 +252,13 @@ pub async fn record(pool: &Pool, epoch: Option<u64>, sets: &[NewSet]) -> Result<
     let mut client = pool.get().await?;
     let mut transaction = client.transaction().await?;
     if let Some(ours) = epoch {
-        let current = transaction
-            .query_opt(super::lease::FENCE_SQL, &[&super::lease::LEASE_NAME])
-            .await?
-            .map(|row| row.get::<_, i64>(0) as u64);
-        if current != Some(ours) {
-            return Err(RecordError::Fenced { ours, current });
+        let current = transaction.query_opt(super::lease::FENCE_SQL, &[&super::lease::LEASE_NAME]).await?;
+        // Recorded only while the lease is ours; an expired one is renewed
+        // first (the record is retried).
+        match super::lease::Fence::of(current.as_ref(), ours) {
+            super::lease::Fence::Ours => {}
+            super::lease::Fence::Expired => return Err(RecordError::Lapsed),
+            super::lease::Fence::Taken(current) => return Err(RecordError::Fenced { ours, current }),
         }
     }
     let statement = transaction.prepare_cached(INSERT_SQL).await?;

@@ -29,6 +29,9 @@ pub struct HydrationReport {
     pub total: u64,
     /// How long it took.
     pub elapsed: Duration,
+    /// The commit feed's last entry in the snapshot hydrated: a standby
+    /// follows from here.
+    pub feed_cursor: u64,
 }
 
 /// Why hydration failed: start-up stops rather than serve partial state.
@@ -76,7 +79,12 @@ pub async fn hydrate(store: &Store, pool: &Pool) -> Result<HydrationReport, Hydr
         .start()
         .await?;
     client.batch_execute("SET LOCAL statement_timeout = 0").await?;
-    let mut report = HydrationReport::default();
+    // Where a standby follows from: the commit feed's head in this snapshot.
+    let feed_cursor = client
+        .query_opt("SELECT seq FROM outbox_feed_head WHERE name = $1", &[&super::lease::LEASE_NAME])
+        .await?
+        .map_or(0, |row| row.get::<_, i64>(0).max(0) as u64);
+    let mut report = HydrationReport { feed_cursor, ..HydrationReport::default() };
     for (kind_id, kind) in store.kinds().iter().enumerate() {
         let kind_started = Instant::now();
         let count = hydrate_kind(store, &client, kind_id).await?;

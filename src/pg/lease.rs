@@ -1,198 +1,234 @@
 //! The single-writer lease with fencing (docs/ARCHITECTURE.md, *The lease*).
 //!
-//! * A process takes the lease by getting a PostgreSQL advisory lock on a
-//!   dedicated connection, then incrementing the lease row's `epoch`. A
-//!   second process polls for the lock, logging that it waits.
+//! * The lease is a row: holder, epoch, and an expiry set from the
+//!   database's clock. A process takes it over only once it has expired or
+//!   was released, in one conditional update that increments the epoch. No
+//!   advisory lock: engines without them (CockroachDB) can hold it too.
+//! * The holder renews it every third of its time to live. Its own monotonic
+//!   clock says how long it may still write: the time to live, less a
+//!   margin, from the moment it *sent* its last successful renewal, so it
+//!   stops before the database can consider the lease expired. Past that the
+//!   lease has *lapsed* ([`LeaseState::Lapsed`]): flushes wait (the database
+//!   may be away, or this process was frozen) and changes are still taken
+//!   into memory, while the holder tries to renew at its own epoch. If the
+//!   epoch is still its own, nobody took over and it holds the lease again;
+//!   if it moved, another process holds it now and this one has lost it for
+//!   good ([`LeaseState::Lost`]): it stops writing.
 //! * Every flush transaction first reads the lease row `FOR SHARE` and
-//!   checks the epoch is still its own (`FENCE_SQL`). A new holder's
-//!   increment waits for those share locks, so once it has incremented, no
-//!   transaction of the old holder can commit: the epoch, not the advisory
-//!   lock, is what keeps two processes from writing the same state.
-//! * If the lock connection is lost (a database outage), the holder keeps
-//!   serving from memory; flushes wait until the lease is re-taken. If the
-//!   epoch moved meanwhile, another process owns the database now: the lease
-//!   is [`LeaseState::Lost`] and this process must stop writing.
+//!   commits only if the epoch is its own and the lease has not expired
+//!   (`FENCE_SQL`). A takeover waits for those share locks, so once it has
+//!   committed, no transaction of the old holder can commit: correctness
+//!   rests on the epoch, not on clocks.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{Mutex, watch};
+use deadpool_postgres::Pool;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::DbError;
+use crate::metrics as m;
 
 /// Name of the lease row.
 pub const LEASE_NAME: &str = "outbox";
 
-/// Advisory lock key of the lease ("outbox" in ASCII).
-const LOCK_KEY: i64 = 0x6f75_7462_6f78;
+/// The default time to live of the lease (`OUTBOX_LEASE_TTL_S`).
+pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
 
-/// How often a waiting process retries the lock, and the holder checks its
-/// lock connection.
-const POLL: Duration = Duration::from_secs(1);
+/// The fencing check run first in every flush transaction: the current
+/// epoch, and whether the lease is still unexpired by the database's clock,
+/// holding a share lock on the lease row until commit.
+pub(crate) const FENCE_SQL: &str = "SELECT epoch, expires_at > now() FROM outbox_lease WHERE name = $1 FOR SHARE";
 
-/// How long one check of the lock connection may take.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Checks in a row without an answer after which the lock connection is
-/// taken for lost.
-const UNANSWERED_CHECKS: u32 = 3;
-
-/// What a check of the lock connection found.
-enum Check {
-    Alive,
-    Unanswered,
-    Gone,
+/// What the fencing check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fence {
+    /// Ours and unexpired: the transaction may commit.
+    Ours,
+    /// Ours but expired by the database's clock: renew before writing.
+    Expired,
+    /// Another epoch (or no lease row): another process holds the lease.
+    Taken(Option<u64>),
 }
 
-/// How long the lock may stay held at our own epoch, while we re-take the
-/// lease, before the holding session is taken for our own stale one.
-const STALE_SESSION_AFTER: Duration = Duration::from_secs(10);
+impl Fence {
+    /// Reads the fencing check's row for `ours`.
+    pub(crate) fn of(row: Option<&tokio_postgres::Row>, ours: u64) -> Self {
+        match row.map(|row| (row.get::<_, i64>(0).max(0) as u64, row.get::<_, bool>(1))) {
+            Some((epoch, true)) if epoch == ours => Self::Ours,
+            Some((epoch, false)) if epoch == ours => Self::Expired,
+            other => Self::Taken(other.map(|(epoch, _)| epoch)),
+        }
+    }
+}
 
-/// The fencing check run first in every flush transaction: returns the
-/// current epoch, holding a share lock on the lease row until commit.
-pub(crate) const FENCE_SQL: &str = "SELECT epoch FROM outbox_lease WHERE name = $1 FOR SHARE";
+/// One conditional update: the lease becomes ours, at the next epoch, if it
+/// has expired or was released (or has never been taken).
+const TAKE_SQL: &str = "INSERT INTO outbox_lease AS l (name, epoch, holder, acquired_at, expires_at)
+     VALUES ($1, 1, $2, now(), now() + make_interval(secs => $3))
+     ON CONFLICT (name) DO UPDATE SET epoch = l.epoch + 1, holder = EXCLUDED.holder, acquired_at = now(),
+       expires_at = EXCLUDED.expires_at
+     WHERE l.expires_at <= now()
+     RETURNING epoch, expires_at";
 
-/// Where the lease stands.
+/// Renewal: while the epoch is ours, nobody took over, so extending the
+/// lease is safe even past its expiry (after an outage).
+const RENEW_SQL: &str = "UPDATE outbox_lease SET expires_at = now() + make_interval(secs => $3)
+     WHERE name = $1 AND epoch = $2 RETURNING expires_at";
+
+/// Release: expires the lease at once, so that a standby takes over now.
+const RELEASE_SQL: &str = "UPDATE outbox_lease SET expires_at = now() WHERE name = $1 AND epoch = $2";
+
+/// Where the lease stands for its holder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseState {
     /// Held at this epoch: flushes may proceed.
     Held(u64),
-    /// The lock connection was lost; flushes wait until it is re-taken.
-    Reacquiring,
-    /// Another process took the lease: this one must not write again.
+    /// Not renewed in time: flushes wait until a renewal at this process's
+    /// epoch succeeds (or finds the lease taken).
+    Lapsed,
+    /// Taken by another process, or released: this process must not write
+    /// again.
     Lost,
+}
+
+/// The lease row as the database holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRow {
+    /// Who holds (or last held) it.
+    pub holder: String,
+    /// Its epoch.
+    pub epoch: u64,
+    /// When it expires (or expired), by the database's clock.
+    pub expires_at: SystemTime,
+    /// Whether it has expired (by the database's clock, now).
+    pub expired: bool,
+}
+
+/// The outcome of an attempt to take the lease.
+#[derive(Debug)]
+pub enum Attempt {
+    /// It is ours.
+    Taken(Arc<Lease>),
+    /// Another process holds it.
+    Held(LeaseRow),
 }
 
 /// The lease this process holds.
 pub struct Lease {
-    config: tokio_postgres::Config,
+    pool: Pool,
     holder: String,
-    epoch: AtomicU64,
+    epoch: u64,
+    ttl: Duration,
     state: watch::Sender<LeaseState>,
-    /// The connection holding the advisory lock (a Tokio mutex: it is held
-    /// across the awaits of a check).
-    lock_connection: Mutex<Option<tokio_postgres::Client>>,
+    /// Until when this process may write, by its own monotonic clock.
+    /// `std::sync::Mutex`: held for a read or an assignment.
+    valid_until: std::sync::Mutex<Instant>,
+    /// When the lease expires by the database's clock, as last renewed.
+    expires_at: watch::Sender<SystemTime>,
 }
 
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease").field("holder", &self.holder).field("state", &*self.state.borrow()).finish()
+        f.debug_struct("Lease").field("holder", &self.holder).field("epoch", &self.epoch).finish()
     }
 }
 
-async fn try_lock(client: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
-    Ok(client.query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY]).await?.get(0))
+/// How much sooner than the database this process considers its lease
+/// expired: a fifth of the time to live, at least half a second, for the
+/// difference between when a renewal was sent and when the database ran it.
+fn margin(ttl: Duration) -> Duration {
+    (ttl / 5).max(Duration::from_millis(500)).min(ttl / 2)
 }
 
-async fn current(client: &tokio_postgres::Client) -> Result<Option<(u64, String)>, tokio_postgres::Error> {
-    Ok(client
-        .query_opt("SELECT epoch, holder FROM outbox_lease WHERE name = $1", &[&LEASE_NAME])
-        .await?
-        .map(|row| (row.get::<_, i64>(0) as u64, row.get(1))))
-}
-
-/// Ends the session holding the lease's advisory lock: called only when it
-/// has held the lock at our own epoch for a while, i.e. it is this
-/// process's old lock connection. Needs the right to signal that backend
-/// (the same role, or `pg_signal_backend`); without it, a warning says what
-/// blocks the re-take.
-async fn end_stale_session(client: &tokio_postgres::Client) {
-    let ended = client
-        .query(
-            "SELECT pg_terminate_backend(pid) FROM pg_locks
-             WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()
-               AND ((classid::bigint << 32) | objid::bigint) = $1",
-            &[&LOCK_KEY],
+/// The lease row, if there is one.
+pub async fn current(pool: &Pool) -> Result<Option<LeaseRow>, DbError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_opt(
+            "SELECT holder, epoch, expires_at, expires_at <= now() FROM outbox_lease WHERE name = $1",
+            &[&LEASE_NAME],
         )
-        .await;
-    match ended {
-        Ok(rows) if rows.iter().any(|r| r.get::<_, bool>(0)) => {
-            warn!("ended this process's stale lock session to re-take the lease");
-        }
-        Ok(_) => warn!("the lease lock is held at our epoch by a session that cannot be ended; waiting"),
-        Err(e) => warn!(error = %e, "cannot end the stale lease session; waiting"),
-    }
+        .await?;
+    Ok(row.map(|row| LeaseRow {
+        holder: row.get(0),
+        epoch: row.get::<_, i64>(1).max(0) as u64,
+        expires_at: row.get::<_, chrono::DateTime<chrono::Utc>>(2).into(),
+        expired: row.get(3),
+    }))
 }
 
 impl Lease {
-    /// Takes the lease, waiting (polling, cancellable) while another process
-    /// holds it. `waiting` is called once, with the holder's name, if it has
-    /// to wait.
-    pub async fn acquire(
-        config: &tokio_postgres::Config,
-        holder: &str,
-        cancel: &CancellationToken,
-        waiting: impl FnOnce(&str),
-    ) -> Result<Option<std::sync::Arc<Self>>, DbError> {
-        let client = super::connect(config).await?;
-        let mut waiting = Some(waiting);
-        loop {
-            if try_lock(&client).await? {
-                break;
-            }
-            if let Some(report) = waiting.take() {
-                let other = current(&client).await?.map(|(_, h)| h).unwrap_or_else(|| "another process".into());
-                warn!(holder = %other, "waiting for the single-writer lease; another process writes to this database");
-                report(&other);
-            }
-            if cancel.run_until_cancelled(tokio::time::sleep(POLL)).await.is_none() {
-                return Ok(None);
-            }
-        }
-        Self::take(config, client, holder).await.map(Some)
-    }
-
-    /// Takes the lease if no other process holds it; otherwise says who
-    /// does (`Ok(Err(holder))`).
-    pub async fn try_acquire(
-        config: &tokio_postgres::Config,
-        holder: &str,
-    ) -> Result<Result<std::sync::Arc<Self>, String>, DbError> {
-        let client = super::connect(config).await?;
-        if !try_lock(&client).await? {
-            let other = current(&client).await?.map(|(_, h)| h).unwrap_or_else(|| "another process".into());
-            return Ok(Err(other));
-        }
-        Self::take(config, client, holder).await.map(Ok)
-    }
-
-    /// With the lock held on `client`: increments the epoch.
-    async fn take(
-        config: &tokio_postgres::Config,
-        client: tokio_postgres::Client,
-        holder: &str,
-    ) -> Result<std::sync::Arc<Self>, DbError> {
-        let row = client
-            .query_one(
-                "INSERT INTO outbox_lease (name, epoch, holder, acquired_at) VALUES ($1, 1, $2, now())
-                 ON CONFLICT (name) DO UPDATE SET epoch = outbox_lease.epoch + 1, holder = EXCLUDED.holder,
-                   acquired_at = now()
-                 RETURNING epoch",
-                &[&LEASE_NAME, &holder],
-            )
-            .await?;
-        let epoch = row.get::<_, i64>(0) as u64;
-        info!(epoch, holder, "took the single-writer lease");
+    /// Takes the lease if it is free (expired, released, or never taken);
+    /// otherwise says who holds it.
+    pub async fn try_take(pool: &Pool, holder: &str, ttl: Duration) -> Result<Attempt, DbError> {
+        let sent = Instant::now();
+        let taken = {
+            let client = pool.get().await?;
+            client.query_opt(TAKE_SQL, &[&LEASE_NAME, &holder, &ttl.as_secs_f64()]).await?
+        };
+        let Some(row) = taken else {
+            return match current(pool).await? {
+                Some(row) => Ok(Attempt::Held(row)),
+                // Deleted between the two statements: try again later.
+                None => Err(DbError::Timeout(Duration::ZERO)),
+            };
+        };
+        let epoch = row.get::<_, i64>(0).max(0) as u64;
+        let expires_at: SystemTime = row.get::<_, chrono::DateTime<chrono::Utc>>(1).into();
+        info!(epoch, holder, ttl_s = ttl.as_secs_f64(), "took the single-writer lease");
+        m::lease_taken(expires_at);
         let (state, _) = watch::channel(LeaseState::Held(epoch));
-        Ok(std::sync::Arc::new(Self {
-            config: config.clone(),
+        let (expires, _) = watch::channel(expires_at);
+        Ok(Attempt::Taken(Arc::new(Self {
+            pool: pool.clone(),
             holder: holder.to_owned(),
-            epoch: AtomicU64::new(epoch),
+            epoch,
+            ttl,
             state,
-            lock_connection: Mutex::new(Some(client)),
-        }))
+            valid_until: std::sync::Mutex::new(sent + ttl - margin(ttl)),
+            expires_at: expires,
+        })))
     }
 
     /// The epoch this process holds.
     pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
+        self.epoch
     }
 
-    /// The current state.
+    /// This process's name in the lease row.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    /// When the lease expires by the database's clock, as last renewed.
+    pub fn expires_at(&self) -> SystemTime {
+        *self.expires_at.borrow()
+    }
+
+    /// Renewals, as they happen.
+    pub fn renewals(&self) -> watch::Receiver<SystemTime> {
+        self.expires_at.subscribe()
+    }
+
+    /// The current state. Past the time this process may write (by its own
+    /// clock), the lease has lapsed, whatever the database says.
     pub fn state(&self) -> LeaseState {
-        *self.state.borrow()
+        let state = *self.state.borrow();
+        if let LeaseState::Held(_) = state
+            && Instant::now() >= self.valid_until()
+        {
+            warn!(epoch = self.epoch, "the lease was not renewed in time: flushes wait until it is");
+            self.state.send_replace(LeaseState::Lapsed);
+            return LeaseState::Lapsed;
+        }
+        state
+    }
+
+    fn valid_until(&self) -> Instant {
+        *self.valid_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Resolves when the lease is lost.
@@ -201,129 +237,94 @@ impl Lease {
         let _ = states.wait_for(|s| *s == LeaseState::Lost).await;
     }
 
-    /// A flush found the epoch moved: another process owns the database.
+    fn lose(&self, why: &str) {
+        if *self.state.borrow() != LeaseState::Lost {
+            error!(epoch = self.epoch, why, "lost the single-writer lease");
+            self.state.send_replace(LeaseState::Lost);
+            m::lease_lost();
+        }
+    }
+
+    /// A flush found the epoch moved (or the lease expired): another process
+    /// owns the database now, or may at any moment.
     pub(crate) fn fenced(&self, current: Option<u64>) {
-        if self.state() != LeaseState::Lost {
+        if *self.state.borrow() != LeaseState::Lost {
             error!(
-                ours = self.epoch(),
-                current, "the single-writer lease was taken by another process; this process stops writing"
+                ours = self.epoch,
+                current, "the single-writer lease was taken or has expired; this process stops writing"
             );
             self.state.send_replace(LeaseState::Lost);
+            m::lease_lost();
         }
     }
 
-    /// Watches the lock connection; when it is lost (a database outage),
-    /// re-takes the lock once the database answers and checks that the
-    /// epoch is still ours. Runs until `cancel` fires or the lease is lost.
-    pub async fn keep(self: std::sync::Arc<Self>, cancel: CancellationToken) {
-        let mut unanswered = 0u32;
+    /// Renews the lease every third of its time to live until `cancel`
+    /// fires or the lease is lost. A renewal that fails is retried soon; a
+    /// lapsed lease is renewed as soon as the database answers.
+    pub async fn keep(self: Arc<Self>, cancel: CancellationToken) {
+        let every = self.ttl / 3;
+        let retry = (every / 4).max(Duration::from_millis(100));
+        let mut next = Instant::now() + every;
         loop {
-            if cancel.run_until_cancelled(tokio::time::sleep(POLL)).await.is_none() {
-                return;
-            }
-            if self.state() == LeaseState::Lost {
-                return;
-            }
-            let check = {
-                let guard = self.lock_connection.lock().await;
-                match guard.as_ref() {
-                    Some(client) if !client.is_closed() => {
-                        match tokio::time::timeout(CHECK_TIMEOUT, client.simple_query("SELECT 1")).await {
-                            Ok(Ok(_)) => Check::Alive,
-                            Ok(Err(e)) if !client.is_closed() && e.as_db_error().is_some() => Check::Alive,
-                            Ok(Err(_)) => Check::Gone,
-                            Err(_) => Check::Unanswered,
-                        }
-                    }
-                    _ => Check::Gone,
-                }
+            // Wake to renew, or when the lease would lapse (to say so).
+            let until = match self.state() {
+                LeaseState::Held(_) => next.min(self.valid_until()),
+                LeaseState::Lapsed => next,
+                LeaseState::Lost => return,
             };
-            match check {
-                Check::Alive => {
-                    unanswered = 0;
-                    continue;
-                }
-                // A slow answer is not a lost connection (the lock is held
-                // as long as the session lives); only a connection that
-                // stays silent for several checks is given up.
-                Check::Unanswered if unanswered + 1 < UNANSWERED_CHECKS => {
-                    unanswered += 1;
-                    warn!(unanswered, "the lease's lock connection did not answer a check in time");
-                    continue;
-                }
-                Check::Unanswered | Check::Gone => unanswered = 0,
+            if cancel.run_until_cancelled(tokio::time::sleep_until(until.into())).await.is_none() {
+                return;
             }
-            warn!("lost the lease's lock connection; flushes wait until the lease is re-taken");
-            self.state.send_replace(LeaseState::Reacquiring);
-            *self.lock_connection.lock().await = None;
-            match self.retake(&cancel).await {
-                Some(true) => {
-                    info!(epoch = self.epoch(), "re-took the single-writer lease");
-                    self.state.send_replace(LeaseState::Held(self.epoch()));
+            if self.state() == LeaseState::Lost || Instant::now() < next {
+                continue;
+            }
+            let sent = Instant::now();
+            match tokio::time::timeout(every, self.renew()).await {
+                Ok(Ok(Some(expires_at))) => {
+                    *self.valid_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        sent + self.ttl - margin(self.ttl);
+                    if self.state.send_replace(LeaseState::Held(self.epoch)) == LeaseState::Lapsed {
+                        info!(epoch = self.epoch, "renewed the lapsed lease: nobody took over; flushes resume");
+                    }
+                    self.expires_at.send_replace(expires_at);
+                    m::lease_renewed(expires_at);
+                    next = sent + every;
                 }
-                Some(false) => {
-                    self.fenced(None);
+                Ok(Ok(None)) => {
+                    self.lose("another process took the lease over");
                     return;
                 }
-                None => return,
+                Ok(Err(e)) => {
+                    warn!(error = %e, "cannot renew the single-writer lease yet; retrying");
+                    next = Instant::now() + retry;
+                }
+                Err(_) => next = Instant::now() + retry,
             }
         }
     }
 
-    /// `Some(true)`: re-taken at our epoch; `Some(false)`: another process
-    /// took it; `None`: cancelled.
-    async fn retake(&self, cancel: &CancellationToken) -> Option<bool> {
-        let mut delays = crate::backoff::delays(POLL);
-        let mut held_at_our_epoch_since: Option<std::time::Instant> = None;
-        loop {
-            let attempt = async {
-                let client = super::connect(&self.config).await?;
-                let locked = try_lock(&client).await?;
-                let epoch = current(&client).await?.map(|(e, _)| e);
-                Ok::<_, DbError>((client, locked, epoch))
-            }
-            .await;
-            match attempt {
-                Ok((_, _, epoch)) if epoch != Some(self.epoch()) => return Some(false),
-                Ok((client, true, _)) => {
-                    *self.lock_connection.lock().await = Some(client);
-                    return Some(true);
-                }
-                // Our epoch, but the lock is held: a new holder about to
-                // increment it (a matter of milliseconds), or our own old
-                // session, which the server has not noticed is gone (a
-                // network cut). If it lasts, end that session.
-                Ok((client, false, _)) => {
-                    let since = *held_at_our_epoch_since.get_or_insert_with(std::time::Instant::now);
-                    if since.elapsed() > STALE_SESSION_AFTER {
-                        end_stale_session(&client).await;
-                        held_at_our_epoch_since = None;
-                    }
-                }
-                Err(e) => warn!(error = %e, "cannot re-take the lease yet"),
-            }
-            cancel.run_until_cancelled(tokio::time::sleep(delays.next().unwrap_or(POLL))).await?;
-        }
+    async fn renew(&self) -> Result<Option<SystemTime>, DbError> {
+        let client = self.pool.get().await?;
+        let row = client.query_opt(RENEW_SQL, &[&LEASE_NAME, &(self.epoch as i64), &self.ttl.as_secs_f64()]).await?;
+        Ok(row.map(|row| row.get::<_, chrono::DateTime<chrono::Utc>>(0).into()))
     }
 
-    /// Gives the lease up (the advisory lock; the epoch stays, so the next
-    /// holder increments past it).
-    ///
-    /// Bounded: a database that does not answer (frozen, cut off) cannot hold
-    /// a shutdown. The lock connection is closed either way, and a closed
-    /// session releases its advisory lock when the server notices.
+    /// Gives the lease up: it expires at once, so that a standby takes over
+    /// without waiting for its time to live; this process writes nothing
+    /// more. Bounded: a database that does not answer cannot hold a
+    /// shutdown (the lease then expires by itself).
     pub async fn release(&self) {
-        let Ok(mut guard) = tokio::time::timeout(CHECK_TIMEOUT, self.lock_connection.lock()).await else {
-            warn!("the lease's lock connection is busy; leaving it to close with the process");
-            return;
+        self.state.send_replace(LeaseState::Lost);
+        m::lease_released();
+        let released = async {
+            let client = self.pool.get().await?;
+            client.execute(RELEASE_SQL, &[&LEASE_NAME, &(self.epoch as i64)]).await?;
+            Ok::<_, DbError>(())
         };
-        if let Some(client) = guard.take() {
-            let unlocked =
-                tokio::time::timeout(CHECK_TIMEOUT, client.execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]))
-                    .await;
-            if !matches!(unlocked, Ok(Ok(_))) {
-                warn!("the database did not confirm the lease's release; closing its connection instead");
-            }
+        match tokio::time::timeout(Duration::from_secs(2), released).await {
+            Ok(Ok(())) => info!(epoch = self.epoch, "released the single-writer lease"),
+            Ok(Err(e)) => warn!(error = %e, "could not release the lease; it expires by itself"),
+            Err(_) => warn!("the database did not confirm the lease's release; it expires by itself"),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! the private local server used when `DATABASE_URL` is unset.
 
 pub mod dead_letters;
+pub(crate) mod feed;
 pub mod hydrate;
 pub mod lease;
 #[cfg(feature = "local-postgres")]

@@ -153,10 +153,10 @@ pub(crate) enum WriteError {
     /// (the connection hung); it is abandoned and retried.
     #[error("the flush attempt did not finish within {0:?}")]
     TimedOut(std::time::Duration),
-    /// The lease's lock connection is lost (the database is unreachable):
-    /// no flush until it is re-taken.
-    #[error("the single-writer lease is being re-taken (its connection to the database was lost)")]
-    LeaseUnavailable,
+    /// The lease was not renewed in time (the database is away, or this
+    /// process was frozen): no flush until it is.
+    #[error("the single-writer lease has lapsed (not renewed in time); waiting to renew it")]
+    LeaseLapsed,
     /// The lease's epoch is not ours: another process owns the database.
     #[error("the single-writer lease moved to epoch {current:?} (ours is {ours}); not committing")]
     Fenced { ours: u64, current: Option<u64> },
@@ -253,9 +253,10 @@ pub(crate) async fn write(
             let (current, written) = futures_util::future::join(check, writes).await;
             // A lost lease comes first: a fenced process reports nothing
             // as refused (no dead letters), it stops.
-            let current = current?.map(|row| row.get::<_, i64>(0) as u64);
-            if current != Some(ours) {
-                return Err(WriteError::Fenced { ours, current });
+            match super::lease::Fence::of(current?.as_ref(), ours) {
+                super::lease::Fence::Ours => {}
+                super::lease::Fence::Expired => return Err(WriteError::LeaseLapsed),
+                super::lease::Fence::Taken(current) => return Err(WriteError::Fenced { ours, current }),
             }
             written?
         }
@@ -264,6 +265,10 @@ pub(crate) async fn write(
     let mismatches = find_mismatches(&transaction, kinds, encoded, &written).await?;
     if !mismatches.is_empty() {
         return Err(WriteError::Conflicts(mismatches));
+    }
+    // Under the lease, standbys follow what is committed.
+    if let (Some(ours), true) = (epoch, commit) {
+        super::feed::append(&transaction, kinds, encoded, ours).await?;
     }
     for (kind, resolution, ids) in &encoded.resolve {
         let statement = transaction.prepare_cached(RESOLVE_DEAD_LETTERS_SQL).await?;

@@ -340,7 +340,7 @@ impl Flusher {
             let epoch = match &self.lease {
                 Some(lease) => match lease.state() {
                     LeaseState::Held(epoch) => Some(epoch),
-                    LeaseState::Reacquiring => return Err(WriteError::LeaseUnavailable),
+                    LeaseState::Lapsed => return Err(WriteError::LeaseLapsed),
                     LeaseState::Lost => return Err(WriteError::Fenced { ours: lease.epoch(), current: None }),
                 },
                 None => None,
@@ -493,11 +493,11 @@ pub(crate) fn classify_write(error: &WriteError) -> Classified {
         WriteError::TimedOut(_) => {
             Classified { class: ErrorClass::Transient, error_type: "timeout", sqlstate: None, unknown: false }
         }
-        WriteError::LeaseUnavailable => {
-            Classified { class: ErrorClass::Transient, error_type: "connection", sqlstate: None, unknown: false }
-        }
         WriteError::Fenced { .. } => {
             Classified { class: ErrorClass::Transient, error_type: "other", sqlstate: None, unknown: false }
+        }
+        WriteError::LeaseLapsed => {
+            Classified { class: ErrorClass::Transient, error_type: "connection", sqlstate: None, unknown: false }
         }
         WriteError::Conflicts(_) => {
             Classified { class: ErrorClass::Permanent, error_type: "conflict", sqlstate: None, unknown: false }

@@ -42,6 +42,8 @@ pub struct HealthSnapshot {
     pub last_error: Option<LastError>,
     /// Unresolved dead letters, as last counted in the database.
     pub dead_letters: Option<i64>,
+    /// The single-writer lease.
+    pub lease: LeaseView,
 }
 
 #[derive(Debug, Default)]
@@ -135,5 +137,63 @@ impl Health {
             message,
             at: SystemTime::now(),
         });
+    }
+}
+
+/// What a process is in the single-writer lease.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Role {
+    /// Not yet known (start-up).
+    #[default]
+    Starting,
+    /// It holds the lease and writes.
+    Leader,
+    /// Another process holds it; this one follows, ready to take over.
+    Standby,
+    /// It held the lease and lost it (expired or taken): it writes nothing
+    /// more.
+    Fenced,
+}
+
+impl Role {
+    /// As the status route says it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Leader => "leader",
+            Self::Standby => "standby",
+            Self::Fenced => "fenced",
+        }
+    }
+}
+
+/// The lease as this process sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaseView {
+    /// This process's role.
+    pub role: Role,
+    /// The lease's epoch (this process's when it holds it).
+    pub epoch: Option<u64>,
+    /// Who holds it.
+    pub holder: Option<String>,
+    /// When it expires unless renewed, by the database's clock.
+    pub expires_at: Option<SystemTime>,
+}
+
+impl LeaseView {
+    /// Held by this process.
+    pub fn held(epoch: u64, holder: &str, expires_at: SystemTime) -> Self {
+        Self { role: Role::Leader, epoch: Some(epoch), holder: Some(holder.to_owned()), expires_at: Some(expires_at) }
+    }
+}
+
+impl Health {
+    /// The lease as this process sees it now.
+    pub fn lease(&self) -> LeaseView {
+        self.lock().snapshot.lease.clone()
+    }
+
+    pub(crate) fn set_lease(&self, lease: LeaseView) {
+        self.lock().snapshot.lease = lease;
     }
 }
