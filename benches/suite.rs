@@ -413,8 +413,17 @@ struct Server {
 }
 
 impl Server {
+    /// Starts the release server and waits until it is ready.
     async fn start(bench: &Bench, envs: &[(&str, String)]) -> Server {
-        let data_dir = bench.scratch.join("server");
+        let server = Server::launch(bench, "server", envs).await;
+        server.wait_ready(Duration::from_secs(300)).await;
+        server
+    }
+
+    /// Starts the release server (data in a folder named `name`) and waits
+    /// until it listens.
+    async fn launch(bench: &Bench, name: &str, envs: &[(&str, String)]) -> Server {
+        let data_dir = bench.scratch.join(name);
         let _ = std::fs::remove_dir_all(&data_dir);
         let mut command = Command::new(&bench.binary);
         command
@@ -453,18 +462,55 @@ impl Server {
             });
         }
         let addr = addr_rx.recv_timeout(Duration::from_secs(60)).expect("the server listens");
-        let server = Server { child, addr, lines };
-        let deadline = Instant::now() + Duration::from_secs(300);
-        let client = reqwest::Client::new();
+        Server { child, addr, lines }
+    }
+
+    /// Polls `/readyz` every 10 ms until 200; returns when it was.
+    async fn wait_ready(&self, timeout: Duration) -> Instant {
+        let deadline = Instant::now() + timeout;
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().unwrap();
         loop {
-            if let Ok(response) = client.get(server.url("/readyz")).send().await
+            if let Ok(response) = client.get(self.url("/readyz")).send().await
                 && response.status() == 200
             {
-                break server;
+                return Instant::now();
             }
             assert!(Instant::now() < deadline, "the server became ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits until the status route says `role`.
+    async fn wait_role(&self, role: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let client = reqwest::Client::new();
+        loop {
+            if let Ok(response) = client.get(self.url("/api/outbox/status")).send().await
+                && let Ok(body) = response.json::<Value>().await
+                && body["role"] == role
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the server became {role}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    fn signal(&self, signal: Signal) {
+        let _ = kill(Pid::from_raw(self.pid()), signal);
+    }
+
+    /// Waits (bounded) for the process to end.
+    fn wait_exit(mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     fn url(&self, path: &str) -> String {
@@ -693,20 +739,7 @@ struct Hydration {
 
 async fn hydration(bench: &Bench) -> Hydration {
     eprintln!("P5: writing {HYDRATE_ITEMS} items");
-    bench.reset().await;
-    {
-        let mut client = bench.client().await;
-        let chunk = 100_000;
-        for start in (0..HYDRATE_ITEMS).step_by(chunk) {
-            let items: Vec<Arc<Item>> = (start..start + chunk).map(|n| Arc::new(bench_item(n))).collect();
-            let rows: Vec<&Arc<Item>> = items.iter().collect();
-            let transaction = client.transaction().await.unwrap();
-            copy_rows(&transaction, "items", &rows).await.expect("copy items");
-            transaction.commit().await.unwrap();
-        }
-        client.batch_execute("VACUUM ANALYZE items").await.unwrap();
-        client.batch_execute("CHECKPOINT").await.unwrap();
-    }
+    fill_items(bench, HYDRATE_ITEMS).await;
     let mut h = Hydration::default();
     for run in 0..RUNS {
         eprintln!("P5 run {}/{RUNS}", run + 1);
@@ -723,6 +756,122 @@ async fn hydration(bench: &Bench) -> Hydration {
         h.ready_seconds.push(ready);
         h.peak_rss_mib.push(rss);
         h.rows_per_second.push(HYDRATE_ITEMS as f64 / (hydration_ms / 1000.0));
+    }
+    bench.reset().await;
+    h
+}
+
+/// Empties `items` and COPYs `count` reference items into it.
+async fn fill_items(bench: &Bench, count: usize) {
+    bench.reset().await;
+    let mut client = bench.client().await;
+    let chunk = 100_000;
+    for start in (0..count).step_by(chunk) {
+        let items: Vec<Arc<Item>> = (start..(start + chunk).min(count)).map(|n| Arc::new(bench_item(n))).collect();
+        let rows: Vec<&Arc<Item>> = items.iter().collect();
+        let transaction = client.transaction().await.unwrap();
+        copy_rows(&transaction, "items", &rows).await.expect("copy items");
+        transaction.commit().await.unwrap();
+    }
+    client.batch_execute("VACUUM ANALYZE items").await.unwrap();
+    client.batch_execute("CHECKPOINT").await.unwrap();
+}
+
+#[derive(Default)]
+struct Handover {
+    ttl_seconds: u64,
+    rate: u64,
+    release_seconds: Runs,
+    freeze_seconds: Runs,
+    acknowledged: Vec<u64>,
+    lost: Vec<i64>,
+}
+
+/// Durable creates at a steady rate, each sent to the first server that
+/// answers it (refused connections, 503 and timeouts go to the next), until
+/// `stop`; returns the DFIDs acknowledged.
+async fn failover_load(urls: Vec<String>, rate: u64, stop: Arc<std::sync::atomic::AtomicBool>) -> Vec<String> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+    let mut acknowledged = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        tick.tick().await;
+        n += 1;
+        let body = serde_json::json!({"identifiers": [{"key": "handover", "value": n.to_string()}]});
+        for url in &urls {
+            let sent = client.post(format!("{url}/api/items")).header("Prefer", "durable").json(&body).send().await;
+            if let Ok(response) = sent
+                && response.status().is_success()
+                && let Ok(item) = response.json::<Value>().await
+            {
+                acknowledged.push(item["dfid"].as_str().unwrap_or_default().to_owned());
+                break;
+            }
+        }
+    }
+    acknowledged
+}
+
+/// P7: a standby taking over a holder of 1,000,000 items, once after the
+/// holder's graceful stop (the lease released) and once after it froze (the
+/// lease expired), under a steady durable load.
+async fn handover(bench: &Bench) -> Handover {
+    let ttl = pg::lease::DEFAULT_TTL.as_secs();
+    let mut h = Handover { ttl_seconds: ttl, rate: 200, ..Handover::default() };
+    eprintln!("P7: writing {HYDRATE_ITEMS} items");
+    fill_items(bench, HYDRATE_ITEMS).await;
+    for run in 0..RUNS {
+        eprintln!("P7 run {}/{RUNS}", run + 1);
+        let a = Server::start(bench, &[]).await;
+        let b = Server::launch(bench, "standby-b", &[]).await;
+        b.wait_role("standby", Duration::from_secs(300)).await;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let urls = vec![a.url(""), b.url("")];
+        let load = tokio::spawn(failover_load(urls, h.rate, stop.clone()));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Release: a graceful stop.
+        let released = Instant::now();
+        a.signal(Signal::SIGTERM);
+        let ready = b.wait_ready(Duration::from_secs(60)).await;
+        h.release_seconds.push(ready.duration_since(released).as_secs_f64());
+        a.wait_exit();
+        // Freeze: B stops answering and renewing; C takes over at expiry.
+        let c = Server::launch(bench, "standby-c", &[]).await;
+        c.wait_role("standby", Duration::from_secs(300)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut acknowledged = load.await.expect("load task");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let load = tokio::spawn(failover_load(vec![b.url(""), c.url("")], h.rate, stop.clone()));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let frozen = Instant::now();
+        b.signal(Signal::SIGSTOP);
+        let ready = c.wait_ready(Duration::from_secs(120)).await;
+        h.freeze_seconds.push(ready.duration_since(frozen).as_secs_f64());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        acknowledged.extend(load.await.expect("load task"));
+        b.signal(Signal::SIGCONT);
+        b.wait_exit();
+        c.wait_role("leader", Duration::from_secs(10)).await;
+        let stored: i64 = bench
+            .client()
+            .await
+            .query_one("SELECT count(*) FROM items WHERE id = ANY($1)", &[&acknowledged])
+            .await
+            .unwrap()
+            .get(0);
+        c.stop();
+        let lost = acknowledged.len() as i64 - stored;
+        eprintln!(
+            "  after release ready in {:.2} s, after a freeze in {:.2} s; {} durable creates acknowledged, {lost} lost",
+            h.release_seconds[run],
+            h.freeze_seconds[run],
+            acknowledged.len()
+        );
+        h.acknowledged.push(acknowledged.len() as u64);
+        h.lost.push(lost);
     }
     bench.reset().await;
     h
@@ -872,6 +1021,7 @@ fn report(
     p4: &Lag,
     p5: &Hydration,
     p6: &Outage,
+    p7: &Handover,
     elapsed: Duration,
 ) -> String {
     let mut md = String::new();
@@ -942,8 +1092,17 @@ fn report(
     let (_, rec, _) = stats(&p6.recovery_seconds);
     let _ = writeln!(
         w,
-        "| P6 30 s outage: zero loss, lag < 1 s within 10 s of the database's return | {lost} lost, {rec:.1} s | {} |\n",
+        "| P6 30 s outage: zero loss, lag < 1 s within 10 s of the database's return | {lost} lost, {rec:.1} s | {} |",
         verdict(lost == 0 && rec <= 10.0)
+    );
+    let (_, release, _) = stats(&p7.release_seconds);
+    let (_, freeze, _) = stats(&p7.freeze_seconds);
+    let lost7: i64 = p7.lost.iter().sum();
+    let _ = writeln!(
+        w,
+        "| P7 handover with 1,000,000 items ≤ 1 s after release, ≤ TTL + 2 s after a freeze, zero loss | {release:.2} s, {freeze:.2} s (TTL {} s), {lost7} lost | {} |\n",
+        p7.ttl_seconds,
+        verdict(release <= 1.0 && freeze <= p7.ttl_seconds as f64 + 2.0 && lost7 == 0)
     );
 
     let _ = writeln!(w, "## P1: recording a change\n");
@@ -1080,6 +1239,20 @@ fn report(
         );
     }
     let _ = writeln!(w);
+
+    let _ = writeln!(w, "## P7: handover to a standby\n");
+    let _ = writeln!(
+        w,
+        "Method: {HYDRATE_ITEMS} reference items in `items`; holder A and standby B of the release binary (B hydrated and following, status `standby`), default lease time to live ({} s); a client sends durable creates at {} req/s to whichever server answers (refused connections, 503 and 2 s timeouts go to the next). Release: SIGTERM to A (it drains and releases the lease), timed until B's `/readyz` answers 200 (polled every 10 ms). Freeze: a new standby C, then SIGSTOP to B, timed until C is ready. Lost = durable creates acknowledged and not in the table at the end.\n",
+        p7.ttl_seconds, p7.rate
+    );
+    let _ = writeln!(w, "| | min / median / max |\n|---|---|");
+    let _ = writeln!(w, "| release → standby ready (s) | {} |", fmt3(&p7.release_seconds, 2));
+    let _ = writeln!(w, "| freeze → standby ready (s) | {} |", fmt3(&p7.freeze_seconds, 2));
+    let acknowledged: Vec<String> = p7.acknowledged.iter().map(u64::to_string).collect();
+    let lost: Vec<String> = p7.lost.iter().map(i64::to_string).collect();
+    let _ = writeln!(w, "| durable creates acknowledged per run | {} |", acknowledged.join(" / "));
+    let _ = writeln!(w, "| lost per run | {} |\n", lost.join(" / "));
     md
 }
 
@@ -1126,6 +1299,7 @@ fn main() {
                     "p4" => drop(lag(&bench, 14_000.0).await),
                     "p5" => drop(hydration(&bench).await),
                     "p6" => drop(outage(&bench, 80_000 / 30).await),
+                    "p7" => drop(handover(&bench).await),
                     other => panic!("unknown part {other}"),
                 }
             }
@@ -1142,9 +1316,10 @@ fn main() {
         // (80 % of the default capacity of 100,000 entities over 30 s), so
         // every request is accepted and "zero loss" covers all of them.
         let p6 = outage(&bench, p4.rate.min(80_000 / 30)).await;
+        let p7 = handover(&bench).await;
         let p1 = criterion_medians(&root.join("target/criterion"));
         let machine = format!("{}; the disk takes {}", machine(&version), fsync_latency(&scratch));
-        let markdown = report(&machine, &p1, &p2, &p3, &p4, &p5, &p6, started.elapsed());
+        let markdown = report(&machine, &p1, &p2, &p3, &p4, &p5, &p6, &p7, started.elapsed());
         let notes = std::fs::read_to_string(root.join("benches/NOTES.md")).unwrap_or_default();
         std::fs::write(root.join("BENCHMARKS.md"), format!("{markdown}{notes}")).expect("write BENCHMARKS.md");
         eprintln!("wrote BENCHMARKS.md in {:.1} minutes", started.elapsed().as_secs_f64() / 60.0);

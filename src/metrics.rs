@@ -271,7 +271,14 @@ pub(crate) fn lease_taken(expires_at: SystemTime) {
 
 /// The held lease was renewed.
 pub(crate) fn lease_renewed(expires_at: SystemTime) {
+    metrics::gauge!(LEADER).set(1.0);
     metrics::gauge!(LEASE_EXPIRES_TIMESTAMP).set(unix_seconds(expires_at));
+}
+
+/// The held lease was not renewed in time: this process does not write
+/// until it is (it may have been taken over meanwhile).
+pub(crate) fn lease_lapsed() {
+    metrics::gauge!(LEADER).set(0.0);
 }
 
 /// The lease was lost (expired or taken): this process writes no more.

@@ -227,6 +227,7 @@ fn rules_and_dashboard_are_complete() {
         "OutboxStalled",
         "OutboxDeadLetters",
         "OutboxConflicts",
+        "OutboxNoLeader",
         "OutboxRejectingWrites",
         "OutboxQueueNearFull",
         "OutboxDatabaseDown",

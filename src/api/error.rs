@@ -131,16 +131,44 @@ impl From<ApplyError<ApiError>> for ApiError {
 
 impl From<TicketError> for ApiError {
     fn from(e: TicketError) -> Self {
-        if e.is_data_error() {
+        match &e {
             // The database refuses the data itself: the client's to fix.
-            Self::unprocessable(format!("the change was applied in memory but cannot be persisted: {e}"))
-        } else {
-            tracing::error!(error = %e, "durable change not committed");
-            Self::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "not-persisted",
+            _ if e.is_data_error() => {
+                Self::unprocessable(format!("the change was applied in memory but cannot be persisted: {e}"))
+            }
+            // Someone wrote the entity behind this server's back; an
+            // operator decides which version stands.
+            TicketError::Conflict { .. } => Self::new(
+                StatusCode::CONFLICT,
+                "conflict",
                 format!("the change was applied in memory but not persisted: {e}"),
-            )
+            ),
+            // This server stopped writing (it lost the lease, or its drain
+            // deadline passed) before the change committed. The change is
+            // kept in its spill file, replayed (never overwriting) when it
+            // next holds the lease.
+            TicketError::Abandoned => {
+                tracing::warn!(error = %e, "durable change not committed: this server stopped writing");
+                Self {
+                    retry_after: Some(Duration::from_secs(1)),
+                    ..Self::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not-persisted",
+                        format!(
+                            "the change was applied in memory but not committed: {e}; this server keeps it in its \
+                             spill file and replays it when it next holds the lease"
+                        ),
+                    )
+                }
+            }
+            TicketError::Quarantined { .. } => {
+                tracing::error!(error = %e, "durable change not committed");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "not-persisted",
+                    format!("the change was applied in memory but not persisted: {e}"),
+                )
+            }
         }
     }
 }

@@ -144,6 +144,17 @@ impl AppState {
         if !durable {
             return Ok(self.store.apply(change)?);
         }
+        // A durable change is taken only when it can be committed: not
+        // while the lease has lapsed (the database is away, or this process
+        // woke from a freeze and may have been replaced), so that a client
+        // told to retry elsewhere was not also taken in here.
+        if !self.health.may_commit() {
+            return Err(ApiError::unavailable(
+                "this instance cannot commit now: its single-writer lease has lapsed (the database is away, or \
+                 another instance is taking over); retry",
+                Duration::from_secs(1),
+            ));
+        }
         let (value, ticket) = self.store.apply_durable(change)?;
         // Leave a moment of the request's budget to answer in.
         let wait = self.request_timeout.saturating_sub(Duration::from_millis(500)).max(Duration::from_millis(100));

@@ -126,6 +126,9 @@ pub struct OutboxStatus {
     pub holder: Option<String>,
     /// When the lease expires unless renewed, by the database's clock.
     pub lease_expires_at: Option<DateTime<Utc>>,
+    /// The lease is held but was not renewed in time: no commits (and no
+    /// durable changes taken) until it is.
+    pub lease_lapsed: bool,
 }
 
 fn utc(time: SystemTime) -> DateTime<Utc> {
@@ -138,6 +141,7 @@ fn utc(time: SystemTime) -> DateTime<Utc> {
 pub async fn status(State(state): State<AppState>) -> impl IntoResponse {
     let outbox = state.store.outbox();
     let health = state.health.snapshot();
+    let lease = state.health.lease();
     axum::Json(OutboxStatus {
         depth: outbox.depth,
         capacity: outbox.capacity,
@@ -153,9 +157,10 @@ pub async fn status(State(state): State<AppState>) -> impl IntoResponse {
         }),
         dead_letters: health.dead_letters,
         quarantined: state.store.quarantined(),
-        role: health.lease.role.as_str().to_owned(),
-        epoch: health.lease.epoch,
-        holder: health.lease.holder,
-        lease_expires_at: health.lease.expires_at.map(utc),
+        role: lease.role.as_str().to_owned(),
+        epoch: lease.epoch,
+        holder: lease.holder,
+        lease_expires_at: lease.expires_at.map(utc),
+        lease_lapsed: lease.lapsed,
     })
 }

@@ -280,6 +280,7 @@ impl Engine {
 /// (the status route, readiness) about it until it is lost.
 fn hold(lease: &Arc<Lease>, health: &Arc<Health>, background: &CancellationToken) {
     tokio::spawn(lease.clone().keep(background.clone()));
+    health.set_lease_handle(lease.clone());
     let (lease, health, cancel) = (lease.clone(), health.clone(), background.clone());
     tokio::spawn(async move {
         health.set_lease(LeaseView::held(lease.epoch(), lease.holder(), lease.expires_at()));

@@ -63,10 +63,12 @@ impl Standby<'_> {
         held: LeaseRow,
         background: &CancellationToken,
     ) -> Result<Option<(Arc<Lease>, HydrationReport)>, EngineError> {
-        self.standby(&held);
         info!(holder = %held.holder, epoch = held.epoch, "the single-writer lease is held: hydrating and following as a standby");
+        (self.progress)(Progress::Step(&format!("hydrating as a standby; the lease is held by {}", held.holder)));
         let Some(mut report) = retry_hydrate(self.store, self.pool, self.cancel).await? else { return Ok(None) };
         let mut cursor = report.feed_cursor;
+        // A standby from here on: hydrated, following.
+        self.standby(&held);
         info!(entities = report.total, cursor, "standby hydrated; following the holder's commits");
         let lease = loop {
             if self.cancel.is_cancelled() {
@@ -119,6 +121,7 @@ impl Standby<'_> {
             epoch: Some(held.epoch),
             holder: Some(held.holder.clone()),
             expires_at: Some(held.expires_at),
+            lapsed: false,
         });
     }
 

@@ -213,6 +213,11 @@ impl Lease {
         self.expires_at.subscribe()
     }
 
+    /// Changes of state, as they happen.
+    pub fn states(&self) -> watch::Receiver<LeaseState> {
+        self.state.subscribe()
+    }
+
     /// The current state. Past the time this process may write (by its own
     /// clock), the lease has lapsed, whatever the database says.
     pub fn state(&self) -> LeaseState {
@@ -222,6 +227,7 @@ impl Lease {
         {
             warn!(epoch = self.epoch, "the lease was not renewed in time: flushes wait until it is");
             self.state.send_replace(LeaseState::Lapsed);
+            m::lease_lapsed();
             return LeaseState::Lapsed;
         }
         state

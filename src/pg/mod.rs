@@ -31,6 +31,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// stay idle, before the server ends it.
 pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Longest a pooled session may sit inside a transaction without sending
+/// anything. This process's transactions never pause that long unless it is
+/// frozen or starved; a frozen holder's open flush transaction holds a share
+/// lock on the lease row, so this bounds how long it can delay a standby's
+/// takeover past the lease's expiry.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// TCP keepalive idle time: a connection to a database host that vanished
 /// (no reset, no FIN) is found dead in about a minute, not hours.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
@@ -168,7 +175,7 @@ pub fn pool(mut config: tokio_postgres::Config, size: usize) -> Pool {
         config.options(format!(
             "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
             STATEMENT_TIMEOUT.as_millis(),
-            STATEMENT_TIMEOUT.as_millis()
+            IDLE_IN_TRANSACTION_TIMEOUT.as_millis()
         ));
     }
     let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use super::classify::{Classified, ErrorClass};
+use crate::pg::lease::LeaseState;
 
 /// An attempt without an answer for this long is reported as the last
 /// error (the database may hang: stopped, or a network cut).
@@ -60,6 +61,9 @@ pub struct Health {
     /// `std::sync::Mutex`: held for an assignment or a clone.
     state: Mutex<State>,
     next_call: AtomicU64,
+    /// The lease this process holds, once it holds one: asked directly
+    /// (its own clock) whether a commit is possible now.
+    lease: std::sync::OnceLock<std::sync::Arc<crate::pg::lease::Lease>>,
 }
 
 /// A database call under way; dropping it says it ended.
@@ -178,19 +182,42 @@ pub struct LeaseView {
     pub holder: Option<String>,
     /// When it expires unless renewed, by the database's clock.
     pub expires_at: Option<SystemTime>,
+    /// Held, but not renewed in time: no commits until it is (the database
+    /// is away, or this process was frozen and may have been replaced).
+    pub lapsed: bool,
 }
 
 impl LeaseView {
     /// Held by this process.
     pub fn held(epoch: u64, holder: &str, expires_at: SystemTime) -> Self {
-        Self { role: Role::Leader, epoch: Some(epoch), holder: Some(holder.to_owned()), expires_at: Some(expires_at) }
+        Self {
+            role: Role::Leader,
+            epoch: Some(epoch),
+            holder: Some(holder.to_owned()),
+            expires_at: Some(expires_at),
+            lapsed: false,
+        }
     }
 }
 
 impl Health {
     /// The lease as this process sees it now.
     pub fn lease(&self) -> LeaseView {
-        self.lock().snapshot.lease.clone()
+        let mut view = self.lock().snapshot.lease.clone();
+        view.lapsed = self.lease.get().is_some_and(|lease| lease.state() == LeaseState::Lapsed);
+        view
+    }
+
+    /// Whether a change could be committed now: this process holds the
+    /// lease and it has not lapsed (by this process's own clock, asked
+    /// now: a process that wakes from a freeze knows at once). Without a
+    /// lease (an engine that runs without one), yes.
+    pub fn may_commit(&self) -> bool {
+        self.lease.get().is_none_or(|lease| matches!(lease.state(), LeaseState::Held(_)))
+    }
+
+    pub(crate) fn set_lease_handle(&self, lease: std::sync::Arc<crate::pg::lease::Lease>) {
+        let _ = self.lease.set(lease);
     }
 
     pub(crate) fn set_lease(&self, lease: LeaseView) {

@@ -314,3 +314,132 @@ impl ServerProcess {
         self.child.try_wait().expect("poll the server")
     }
 }
+
+/// A private, non-durable PostgreSQL that listens on a loopback TCP port
+/// (for tests that put something between a server and the database).
+/// `LocalPostgres` chooses TCP by itself when its folder's path is too long
+/// for a unix socket (see `pg/local.rs`); a long folder name gets that.
+pub fn dedicated_postgres_tcp(label: &str) -> LocalPostgres {
+    let mut options = LocalPostgresOptions::new(scratch_dir(label).join(format!("pg-over-tcp-{}", "x".repeat(100))));
+    options.durable = false;
+    let local = LocalPostgres::start(options).expect("start a dedicated PostgreSQL on TCP");
+    assert!(
+        local.connection_string("postgres").contains("host=127.0.0.1"),
+        "the dedicated PostgreSQL listens on loopback TCP: {}",
+        local.connection_string("postgres")
+    );
+    local
+}
+
+/// The loopback TCP address a PostgreSQL configuration points to.
+pub fn tcp_address(config: &tokio_postgres::Config) -> std::net::SocketAddr {
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => {
+            format!("{host}:{port}").parse().expect("a numeric loopback address")
+        }
+        other => panic!("not a TCP endpoint: {other:?}"),
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 that forwards to `target` both ways, with a
+/// switch that stops forwarding while keeping both sockets open: a black
+/// hole, like a cut network link (no reset, no FIN; keepalives are answered
+/// by the proxy's own sockets). Bytes read while cut are held, not dropped,
+/// and are delivered once forwarding is restored, as TCP retransmission
+/// would after a partition heals. Connections accepted while cut reach the
+/// target only once restored.
+pub struct BlackHoleProxy {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    open: tokio::sync::watch::Sender<bool>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl BlackHoleProxy {
+    /// Starts forwarding to `target` (call inside a tokio runtime).
+    pub async fn start(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
+        let addr = listener.local_addr().expect("the proxy's address");
+        let (open, _) = tokio::sync::watch::channel(true);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (switch, cancel) = (open.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((inbound, _)) = accepted else { continue };
+                let (switch, cancel) = (switch.subscribe(), cancel.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = cancel.cancelled() => {}
+                        () = proxy_connection(inbound, target, switch) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, open, stop }
+    }
+
+    /// Stops forwarding; both sockets of every connection stay open.
+    pub fn cut(&self) {
+        self.open.send_replace(false);
+    }
+
+    /// Forwards again, held bytes first.
+    pub fn restore(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+impl Drop for BlackHoleProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn proxy_connection(
+    inbound: tokio::net::TcpStream,
+    target: std::net::SocketAddr,
+    mut open: tokio::sync::watch::Receiver<bool>,
+) {
+    if open.wait_for(|o| *o).await.is_err() {
+        return;
+    }
+    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else { return };
+    let _ = inbound.set_nodelay(true);
+    let _ = outbound.set_nodelay(true);
+    let (in_read, in_write) = inbound.into_split();
+    let (out_read, out_write) = outbound.into_split();
+    tokio::join!(pump(in_read, out_write, open.clone()), pump(out_read, in_write, open));
+}
+
+/// Copies one direction, holding whatever it has read while the switch is
+/// off.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut open: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        if open.wait_for(|o| *o).await.is_err() {
+            return;
+        }
+        let n = from.read(&mut buffer).await.unwrap_or(0);
+        // An end of stream is held like data: a cut link carries no FIN.
+        if open.wait_for(|o| *o).await.is_err() {
+            return;
+        }
+        if n == 0 {
+            let _ = to.shutdown().await;
+            return;
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
+}
