@@ -13,9 +13,12 @@ use serde::de::DeserializeOwned;
 use crate::metrics as m;
 
 /// A kind of entity kept by the [`Store`](crate::Store) and persisted to its
-/// own table.
+/// own table. Usually derived: `#[derive(outbox::Entity)]` with
+/// `#[entity(kind = "account", table = "accounts")]` and `#[entity(id)]` on
+/// the id field.
 ///
-/// The table has the layout every kind shares (create it in a migration):
+/// By default ([`Layout::Document`]) the table holds the entity as one
+/// `jsonb` document (`outbox::pg::create_table_sql` writes this):
 ///
 /// ```sql
 /// CREATE TABLE items (
@@ -28,15 +31,45 @@ use crate::metrics as m;
 /// ```
 ///
 /// Columns worth indexing can be added as generated columns over `data`
-/// (`status text GENERATED ALWAYS AS (data->>'status') STORED`).
+/// (`status text GENERATED ALWAYS AS (data->>'status') STORED`). With
+/// [`Layout::Columns`] the fields go to typed columns of their own instead.
 pub trait Entity: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
     /// The kind's name: a metric label, a log field, a dead letter's kind.
     /// Short, lowercase, fixed.
     const KIND: &'static str;
     /// The table the kind is persisted to.
     const TABLE: &'static str;
+    /// How the table stores it.
+    const LAYOUT: Layout = Layout::Document;
     /// The entity's id, unique within its kind. It must not change.
     fn id(&self) -> &str;
+}
+
+/// How a kind's table stores its entities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// One `data jsonb` column holding the entity.
+    Document,
+    /// One typed column per field, named after it (the id field is the
+    /// `id` column). The entity is read back from those columns as a JSON
+    /// object of the same names, so its fields serialize under their own
+    /// names. Every such column is nullable (a tombstone keeps none).
+    Columns {
+        /// The name of the id field.
+        id_field: &'static str,
+        /// The other fields' columns.
+        columns: &'static [Column],
+    },
+}
+
+/// A typed column of a kind's table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Column {
+    /// The column's (and the field's) name.
+    pub name: &'static str,
+    /// Its PostgreSQL type (`text`, `bigint`, `numeric`, `timestamptz`,
+    /// `jsonb`, ...).
+    pub sql_type: &'static str,
 }
 
 /// An entity in its type-erased form, as the store holds it.
@@ -88,6 +121,7 @@ pub(crate) struct KindInfo {
     pub(crate) type_id: TypeId,
     pub(crate) name: &'static str,
     pub(crate) table: &'static str,
+    pub(crate) layout: Layout,
     pub(crate) decode: Decode,
     pub(crate) mutations: Counter,
     pub(crate) coalesced: Counter,
@@ -104,6 +138,7 @@ impl KindInfo {
             type_id: TypeId::of::<E>(),
             name: E::KIND,
             table: E::TABLE,
+            layout: E::LAYOUT,
             decode: decode::<E>,
             mutations: metrics::counter!(m::MUTATIONS_TOTAL, &labels),
             coalesced: metrics::counter!(m::COALESCED_TOTAL, &labels),

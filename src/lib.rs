@@ -153,6 +153,9 @@ pub mod server;
 #[cfg(feature = "server")]
 pub use config::Config;
 pub use engine::Engine;
+pub use entity::Entity;
+#[cfg(feature = "derive")]
+pub use outbox_derive::Entity;
 #[cfg(feature = "server")]
 pub use server::{ServerError, run};
 pub use store::Store;

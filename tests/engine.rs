@@ -780,9 +780,10 @@ async fn hydration_reads_every_kind_from_one_snapshot() {
     // set can commit while hydration is between the two kinds.
     client
         .batch_execute(
-            "CREATE TABLE docs_rows (id text PRIMARY KEY, version bigint NOT NULL, deleted boolean NOT NULL DEFAULT false, data jsonb);
+            "CREATE TABLE docs_rows (id text PRIMARY KEY, version bigint NOT NULL, deleted boolean NOT NULL DEFAULT false,
+               data jsonb, updated_at timestamptz NOT NULL DEFAULT now());
              CREATE FUNCTION slow() RETURNS boolean LANGUAGE sql VOLATILE AS $$ SELECT true FROM pg_sleep(3) $$;
-             CREATE VIEW docs AS SELECT id, version, deleted, data FROM docs_rows WHERE slow();
+             CREATE VIEW docs AS SELECT id, version, deleted, data, updated_at FROM docs_rows WHERE slow();
              INSERT INTO docs_rows VALUES ('d', 1, false, '{\"id\": \"d\", \"body\": \"before\", \"n\": 1}');",
         )
         .await
@@ -887,4 +888,141 @@ async fn dead_letters_are_recorded_only_under_the_lease() {
     outbox::pg::dead_letters::record(&pool, Some(lease.epoch()), &[set]).await.unwrap();
     assert_eq!(outbox::pg::dead_letters::count_unresolved(&pool).await.unwrap(), 1);
     lease.release().await;
+}
+
+/// A kind stored in typed columns of its own table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, outbox::Entity)]
+#[entity(kind = "reading", table = "readings", columns)]
+struct Reading {
+    #[entity(id)]
+    id: String,
+    label: String,
+    total: i64,
+    count: i32,
+    active: bool,
+    taken_at: chrono::DateTime<chrono::Utc>,
+    note: Option<String>,
+    extra: serde_json::Value,
+    #[entity(sql = "numeric")]
+    amount: f64,
+}
+
+fn reading(id: &str, n: i64) -> Reading {
+    Reading {
+        id: id.into(),
+        label: format!("label {n} with 'quotes' and ünïcode"),
+        total: n * 1_000_000_000_000,
+        count: n as i32,
+        active: n % 2 == 0,
+        taken_at: chrono::DateTime::from_timestamp(1_700_000_000 + n, 0).unwrap(),
+        note: (n % 3 != 0).then(|| format!("note {n}")),
+        extra: serde_json::json!({"n": n, "tags": ["a", "b"], "nested": {"ok": true}}),
+        amount: n as f64 + 0.25,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kind_in_typed_columns_round_trips() {
+    let db = fresh_db("typed").await;
+    let pool = outbox::pg::pool(db.config.clone(), 4);
+    outbox::pg::migrate(&pool).await.unwrap();
+    let builder = || Store::builder().kind::<Reading>();
+    let (store, _) = builder().build();
+    outbox::pg::ensure_tables(&pool, &store).await.unwrap();
+    assert!(outbox::pg::create_table_sql::<Reading>().contains("\"total\" bigint"));
+    let engine = start(&db, builder(), config(1000, 2)).await;
+    let store = engine.store().clone();
+    let ((), ticket) = store
+        .apply_durable(|set| -> Result<(), StoreError> {
+            for n in 0..50 {
+                set.insert(reading(&format!("r{n}"), n))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    ticket.wait().await.unwrap();
+    store.apply(|set| set.update::<Reading>("r1", |r| r.note = None).map(|_| ())).unwrap();
+    store.apply(|set| set.delete::<Reading>("r2").map(|_| ())).unwrap();
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+
+    // The columns hold typed values, not a document.
+    let client = db.connect().await;
+    let row = client
+        .query_one(
+            "SELECT label, total, count, active, taken_at, note, extra->'nested'->>'ok', amount::text FROM readings WHERE id = 'r4'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "label 4 with 'quotes' and ünïcode");
+    assert_eq!(row.get::<_, i64>(1), 4_000_000_000_000);
+    assert_eq!(row.get::<_, i32>(2), 4);
+    assert!(row.get::<_, bool>(3));
+    assert_eq!(row.get::<_, chrono::DateTime<chrono::Utc>>(4), reading("r4", 4).taken_at);
+    assert_eq!(row.get::<_, Option<String>>(5).as_deref(), Some("note 4"));
+    assert_eq!(row.get::<_, String>(6), "true");
+    assert_eq!(row.get::<_, String>(7), "4.25");
+    let tombstone: (bool, Option<String>) = client
+        .query_one("SELECT deleted, label FROM readings WHERE id = 'r2'", &[])
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(tombstone, (true, None), "a tombstone keeps no values");
+
+    // Hydrated back from the columns, equal to what was written.
+    let engine = start(&db, builder(), config(1000, 2)).await;
+    let store = engine.store();
+    for n in 0..50 {
+        let id = format!("r{n}");
+        let mut expected = reading(&id, n);
+        if n == 1 {
+            expected.note = None;
+        }
+        match store.get::<Reading>(&id) {
+            Some(loaded) if n != 2 => assert_eq!(*loaded.value, expected),
+            None if n == 2 => {}
+            other => panic!("{id}: {other:?}"),
+        }
+    }
+    assert_eq!(store.read(|view| view.version::<Reading>("r1")), 2);
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_table_or_column_stops_start_up_at_once_saying_what_to_create() {
+    let db = fresh_db("missing-table").await;
+    let pool = outbox::pg::pool(db.config.clone(), 4);
+    outbox::pg::migrate(&pool).await.unwrap();
+    let start = |builder: StoreBuilder| {
+        let (pool, db_config) = (pool.clone(), db.config.clone());
+        async move {
+            let (store, receiver) = builder.build();
+            let started = std::time::Instant::now();
+            let result = Engine::start(
+                store,
+                receiver,
+                pool,
+                &db_config,
+                EngineConfig::default(),
+                &CancellationToken::new(),
+                &|_| {},
+            )
+            .await;
+            (result.map(|_| ()), started.elapsed())
+        }
+    };
+    let (result, elapsed) = start(Store::builder().kind::<Reading>()).await;
+    let error = result.expect_err("no table").to_string();
+    assert!(elapsed < Duration::from_secs(1), "at once: {elapsed:?}");
+    assert!(
+        error.contains("readings") && error.contains("CREATE TABLE") && error.contains("\"amount\" numeric"),
+        "{error}"
+    );
+
+    db.connect().await.batch_execute(&outbox::pg::create_table_sql::<Reading>()).await.unwrap();
+    db.connect().await.batch_execute("ALTER TABLE readings DROP COLUMN note").await.unwrap();
+    let (result, elapsed) = start(Store::builder().kind::<Reading>()).await;
+    let error = result.expect_err("no column").to_string();
+    assert!(elapsed < Duration::from_secs(1), "at once: {elapsed:?}");
+    assert!(error.contains("no column note") && error.contains("ADD COLUMN \"note\" text"), "{error}");
 }

@@ -135,6 +135,10 @@ pub enum EngineError {
     /// Hydration failed.
     #[error(transparent)]
     Hydrate(#[from] HydrateError),
+    /// A kind's table is missing, or lacks a column: start-up stops at
+    /// once, saying what to create.
+    #[error(transparent)]
+    Table(crate::pg::TableError),
 }
 
 /// How a shutdown ended.
@@ -184,6 +188,21 @@ impl Engine {
     ) -> Result<Option<(Self, HydrationReport)>, EngineError> {
         let _ = db_config;
         let background = cancel.child_token();
+        // Every kind's table and columns, before anything else: a missing
+        // one is a deployment mistake, said at once, not retried.
+        let checked = retry_startup("table check", cancel, || async {
+            match crate::pg::tables::check(&pool, store.kinds()).await {
+                Ok(()) => Ok(Ok(())),
+                Err(crate::pg::TableError::Db(e)) => Err(e),
+                Err(e) => Ok(Err(e)),
+            }
+        })
+        .await;
+        match checked {
+            None => return Ok(None),
+            Some(Err(e)) => return Err(EngineError::Table(e)),
+            Some(Ok(())) => {}
+        }
         let (lease, report) = if !config.lease {
             let Some(report) = prepare(&store, &pool, None, &config, cancel, progress).await? else { return Ok(None) };
             (None, report)

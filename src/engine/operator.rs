@@ -63,7 +63,7 @@ async fn act(
         let kind = store
             .kind_named(&letter.kind)
             .ok_or_else(|| DeadLetterError::UnknownKind { id: letter.id, kind: letter.kind.clone() })?;
-        let mut rows = current_rows(pool, kinds[kind].table, &[letter.entity_id.as_str()]).await?;
+        let mut rows = current_rows(pool, &kinds[kind], &[letter.entity_id.as_str()]).await?;
         let (database, database_value) = match rows.remove(&letter.entity_id) {
             None => (0, None),
             Some(row) => {

@@ -186,7 +186,7 @@ impl Standby<'_> {
     async fn load(&self, kind: KindId, ids: HashSet<String>) -> Result<(), Follow> {
         let info = &self.store.kinds()[kind];
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let rows = current_rows(self.pool, info.table, &ids).await?;
+        let rows = current_rows(self.pool, info, &ids).await?;
         let mut loaded: Vec<HydratedRow> = Vec::with_capacity(rows.len());
         for (id, row) in rows {
             let value = match (row.deleted, row.data) {

@@ -132,7 +132,7 @@ async fn hydrate_kind(
             }
         })
     };
-    let statement = client.prepare_cached(&super::sql::table(kind.table).select).await?;
+    let statement = client.prepare_cached(&super::sql::table(kind).select).await?;
     let rows = client.query_raw(&statement, std::iter::empty::<&(dyn ToSql + Sync)>()).await?;
     pin_mut!(rows);
     let mut chunk = Vec::with_capacity(CHUNK);
@@ -221,14 +221,14 @@ pub(crate) struct CurrentRow {
     pub(crate) data: Option<Vec<u8>>,
 }
 
-/// The rows of `ids` in `table` now (absent ids: no row).
+/// The rows of `ids` of `kind`'s table now (absent ids: no row).
 pub(crate) async fn current_rows(
     pool: &Pool,
-    table: &str,
+    kind: &KindInfo,
     ids: &[&str],
 ) -> Result<std::collections::HashMap<String, CurrentRow>, DbError> {
     let client = pool.get().await?;
-    let rows = client.query(&format!("{} WHERE id = ANY($1)", super::sql::table(table).select), &[&ids]).await?;
+    let rows = client.query(&format!("{} WHERE t.id = ANY($1)", super::sql::table(kind).select), &[&ids]).await?;
     let mut current = std::collections::HashMap::with_capacity(rows.len());
     for row in rows {
         let data: Option<JsonbRef<'_>> = row.try_get(3)?;

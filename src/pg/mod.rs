@@ -8,9 +8,11 @@ pub mod lease;
 #[cfg(feature = "local-postgres")]
 pub mod local;
 pub(crate) mod sql;
+pub mod tables;
 pub(crate) mod upsert;
 
 pub use sql::upsert_sql;
+pub use tables::{TableError, create_table_sql, ensure_tables};
 
 use std::time::Duration;
 

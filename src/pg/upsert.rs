@@ -15,7 +15,7 @@ use bytes::BufMut;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 
 use super::sql;
-use crate::entity::{KindId, KindInfo};
+use crate::entity::{KindId, KindInfo, Layout};
 use crate::outbox::{Batch, Resolution};
 
 /// Serialized JSON sent as `jsonb` in binary form (a version byte, then the
@@ -60,11 +60,32 @@ pub(crate) struct KindRows {
     pub(crate) ids: Vec<String>,
     pub(crate) versions: Vec<i64>,
     pub(crate) deleted: Vec<bool>,
+    /// The entities of a document table.
     pub(crate) data: Vec<Option<Jsonb>>,
+    /// The entities of a table of typed columns: per column, per row, the
+    /// value as text (cast by the statement).
+    pub(crate) columns: Vec<Vec<Option<String>>>,
     /// The version each row expects the table to hold (compare-and-set).
     pub(crate) bases: Vec<i64>,
     /// Each row's index in the batch.
     pub(crate) rows: Vec<usize>,
+}
+
+impl KindRows {
+    /// The statement parameters: ids, versions, tombstones, the entity's
+    /// arrays, and (compare-and-set) the bases.
+    fn params(&self, with_bases: bool) -> Vec<&(dyn ToSql + Sync)> {
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&self.ids, &self.versions, &self.deleted];
+        if self.columns.is_empty() {
+            params.push(&self.data);
+        } else {
+            params.extend(self.columns.iter().map(|column| column as &(dyn ToSql + Sync)));
+        }
+        if with_bases {
+            params.push(&self.bases);
+        }
+        params
+    }
 }
 
 /// A batch ready to send: encoded once, reused by every retry.
@@ -79,7 +100,24 @@ pub(crate) struct Encoded {
 #[derive(Debug)]
 pub(crate) struct EncodeError {
     pub(crate) row: usize,
-    pub(crate) error: serde_json::Error,
+    pub(crate) error: String,
+}
+
+/// The value of a typed column as text for its `::type` cast: strings as
+/// they are, numbers and booleans as written, null as NULL, and JSON text
+/// for `jsonb` columns (and for objects and arrays).
+fn column_text(value: Option<&serde_json::Value>, sql_type: &str) -> Option<String> {
+    use serde_json::Value;
+    match value {
+        None | Some(Value::Null) => None,
+        Some(value) if sql_type.eq_ignore_ascii_case("jsonb") || sql_type.eq_ignore_ascii_case("json") => {
+            Some(value.to_string())
+        }
+        Some(Value::String(text)) => Some(text.clone()),
+        Some(Value::Bool(flag)) => Some(flag.to_string()),
+        Some(Value::Number(number)) => Some(number.to_string()),
+        Some(other) => Some(other.to_string()),
+    }
 }
 
 fn version(v: u64) -> i64 {
@@ -87,7 +125,11 @@ fn version(v: u64) -> i64 {
 }
 
 /// Encodes the rows of `batch` at `rows` per kind.
-pub(crate) fn encode(batch: &Batch, rows: impl Iterator<Item = usize>) -> Result<Encoded, EncodeError> {
+pub(crate) fn encode(
+    kinds: &[KindInfo],
+    batch: &Batch,
+    rows: impl Iterator<Item = usize>,
+) -> Result<Encoded, EncodeError> {
     let mut order: Vec<usize> = rows.collect();
     order.sort_by(|&a, &b| {
         let (a, b) = (&batch.rows[a], &batch.rows[b]);
@@ -98,29 +140,52 @@ pub(crate) fn encode(batch: &Batch, rows: impl Iterator<Item = usize>) -> Result
     for index in order {
         let row = &batch.rows[index];
         if out.last().is_none_or(|k| k.kind != row.kind) {
+            let typed = match kinds[row.kind].layout {
+                Layout::Document => 0,
+                Layout::Columns { columns, .. } => columns.len(),
+            };
             out.push(KindRows {
                 kind: row.kind,
                 ids: Vec::new(),
                 versions: Vec::new(),
                 deleted: Vec::new(),
                 data: Vec::new(),
+                columns: vec![Vec::new(); typed],
                 bases: Vec::new(),
                 rows: Vec::new(),
             });
         }
         let part = out.last_mut().expect("pushed above");
-        let data = match &row.value {
+        let json = match &row.value {
             Some(value) => {
                 let mut json = Vec::with_capacity(256);
-                value.write_json(&mut json).map_err(|error| EncodeError { row: index, error })?;
-                Some(Jsonb(json))
+                value.write_json(&mut json).map_err(|error| EncodeError { row: index, error: error.to_string() })?;
+                Some(json)
             }
             None => None,
         };
+        match kinds[row.kind].layout {
+            Layout::Document => part.data.push(json.map(Jsonb)),
+            Layout::Columns { columns, .. } => {
+                let fields = match json {
+                    None => None,
+                    Some(json) => {
+                        Some(serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&json).map_err(
+                            |e| EncodeError {
+                                row: index,
+                                error: format!("a typed-column entity is not a JSON object: {e}"),
+                            },
+                        )?)
+                    }
+                };
+                for (values, column) in part.columns.iter_mut().zip(columns) {
+                    values.push(fields.as_ref().and_then(|f| column_text(f.get(column.name), column.sql_type)));
+                }
+            }
+        }
         part.ids.push(row.id.to_string());
         part.versions.push(version(row.version));
         part.deleted.push(row.value.is_none());
-        part.data.push(data);
         part.bases.push(version(row.base));
         part.rows.push(index);
         if let Some(resolution) = row.resolves {
@@ -188,8 +253,8 @@ async fn find_mismatches(
         if *count as usize == part.ids.len() {
             continue;
         }
-        let statement = transaction.prepare_cached(&sql::table(kinds[part.kind].table).mismatches).await?;
-        for row in transaction.query(&statement, &[&part.ids, &part.versions, &part.deleted, &part.data]).await? {
+        let statement = transaction.prepare_cached(&sql::table(&kinds[part.kind]).mismatches).await?;
+        for row in transaction.query(&statement, &part.params(false)).await? {
             let position = row.get::<_, i64>(0) as usize;
             let database_version = row.get::<_, Option<i64>>(1).map(|v| v.max(0) as u64);
             mismatches.push(Mismatch { row: part.rows[position - 1], database_version });
@@ -218,7 +283,7 @@ pub(crate) async fn write(
     let transaction = client.transaction().await?;
     let mut statements = Vec::with_capacity(encoded.kinds.len());
     for part in &encoded.kinds {
-        let sql = sql::table(kinds[part.kind].table);
+        let sql = sql::table(&kinds[part.kind]);
         let text = match mode {
             Mode::Upsert => &sql.upsert,
             Mode::CompareAndSet => &sql.compare_and_set,
@@ -229,13 +294,9 @@ pub(crate) async fn write(
         let mut written = Vec::with_capacity(statements.len());
         for (statement, part) in &statements {
             let count = match mode {
-                Mode::Upsert => {
-                    transaction.execute(statement, &[&part.ids, &part.versions, &part.deleted, &part.data]).await?
-                }
+                Mode::Upsert => transaction.execute(statement, &part.params(false)).await?,
                 Mode::CompareAndSet => {
-                    let params: [&(dyn ToSql + Sync); 5] =
-                        [&part.ids, &part.versions, &part.deleted, &part.data, &part.bases];
-                    transaction.query_one(statement, &params).await?.get::<_, i64>(0) as u64
+                    transaction.query_one(statement, &part.params(true)).await?.get::<_, i64>(0) as u64
                 }
             };
             written.push(count);

@@ -260,7 +260,7 @@ impl Flusher {
     /// capped, jittered backoff without a limit on attempts.
     async fn write_rows(&self, batch: &Batch, rows: &[usize], commit: bool) -> Result<(), Failure> {
         let kinds = self.store.kinds();
-        let encoded = match upsert::encode(batch, rows.iter().copied()) {
+        let encoded = match upsert::encode(kinds, batch, rows.iter().copied()) {
             Ok(encoded) => encoded,
             Err(e) => {
                 let row = &batch.rows[e.row];
