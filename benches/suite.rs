@@ -35,7 +35,6 @@ use futures_util::pin_mut;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use outbox::api::model::{Identifier, Item, ItemStatus};
-use outbox::engine::EngineConfig;
 use outbox::loadgen::{LoadConfig, LoadReport};
 use outbox::pg::{LocalPostgres, LocalPostgresOptions};
 use outbox::worker::WorkerConfig;
@@ -43,7 +42,6 @@ use outbox::{Engine, pg};
 use serde_json::Value;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{Json, ToSql, Type};
-use tokio_util::sync::CancellationToken;
 
 /// Repetitions of every measurement.
 const RUNS: usize = 3;
@@ -196,13 +194,9 @@ async fn outbox_worker(bench: &Bench, batch_max: usize) -> f64 {
         store.apply(|set| set.insert(Item::clone(item))).expect("insert");
     }
     let worker = WorkerConfig { batch_max, ..WorkerConfig::default() };
-    let config = EngineConfig { worker, spill_dir: None, holder: "bench".into(), ..EngineConfig::default() };
     let started = Instant::now();
-    let (engine, _) =
-        Engine::start(store, receiver, pool.clone(), &bench.config, config, &CancellationToken::new(), &|_| {})
-            .await
-            .expect("start the engine")
-            .expect("not cancelled");
+    let engine =
+        Engine::builder(store, receiver, pool.clone()).worker(worker).holder("bench").start().await.expect("start");
     while engine.store().outbox().depth > 0 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }

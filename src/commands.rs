@@ -3,11 +3,10 @@
 //! database as the server (`DATABASE_URL`, or the private PostgreSQL of the
 //! data folder, running or not).
 
-use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::Config;
-use crate::engine::{Engine, EngineConfig, EngineError, operator};
+use crate::engine::{Engine, EngineConfig, StartError, operator};
 use crate::pg::dead_letters::{self, DeadLetterError};
 use crate::pg::{self, DbError};
 use crate::server::{Database, ServerError};
@@ -37,7 +36,7 @@ pub enum CommandError {
     DeadLetter(#[from] DeadLetterError),
     /// The engine could not start.
     #[error(transparent)]
-    Engine(#[from] EngineError),
+    Engine(#[from] StartError),
     /// A server holds the lease: it alone may write entities.
     #[error(
         "a server holds the single-writer lease ({holder}); only it may write entities: use its admin API, {route} (with the admin bearer token), or stop it first"
@@ -82,9 +81,7 @@ pub async fn dead_letters(config: &Config, action: DeadLetterAction) -> Result<S
             .await
             .map(|letters| serde_json::to_string_pretty(&letters).expect("dead letters serialize"))
             .map_err(CommandError::from),
-        DeadLetterAction::Replay(id) | DeadLetterAction::Discard(id) => {
-            act_as_holder(config, &database, &pool, &action, id).await
-        }
+        DeadLetterAction::Replay(id) | DeadLetterAction::Discard(id) => act_as_holder(config, &pool, &action, id).await,
     };
     pool.close();
     database.close().await?;
@@ -93,7 +90,6 @@ pub async fn dead_letters(config: &Config, action: DeadLetterAction) -> Result<S
 
 async fn act_as_holder(
     config: &Config,
-    database: &Database,
     pool: &deadpool_postgres::Pool,
     action: &DeadLetterAction,
     id: i64,
@@ -108,21 +104,11 @@ async fn act_as_holder(
         lease_ttl: config.lease_ttl(),
         ..EngineConfig::default()
     };
-    let cancel = CancellationToken::new();
-    let started = Engine::start(
-        store,
-        receiver,
-        pool.clone(),
-        &database.config,
-        engine_config,
-        &cancel,
-        &|step| info!(step = %step, "starting"),
-    )
-    .await;
+    let started = Engine::builder(store, receiver, pool.clone()).config(engine_config).start().await;
     let engine = match started {
-        Ok(Some((engine, _))) => engine,
-        Ok(None) => return Err(CommandError::Cancelled),
-        Err(EngineError::LeaseHeld { holder }) => {
+        Ok(engine) => engine,
+        Err(StartError::Cancelled) => return Err(CommandError::Cancelled),
+        Err(StartError::LeaseHeld { holder }) => {
             return Err(CommandError::HolderRunning { holder, id, route: route(action, id) });
         }
         Err(e) => return Err(e.into()),

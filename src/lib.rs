@@ -98,20 +98,15 @@
 //! # }
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;
-//! use outbox::{Engine, engine::EngineConfig};
-//! use tokio_util::sync::CancellationToken;
+//! use outbox::Engine;
 //!
-//! let db = outbox::pg::parse_url("postgres://localhost/app")?;
-//! let pool = outbox::pg::pool(db.clone(), 8);
-//! outbox::pg::migrate(&pool).await?; // the lease and dead-letter tables
+//! let pool = outbox::pg::pool(outbox::pg::parse_url("postgres://localhost/app")?, 8);
+//! outbox::pg::migrate(&pool).await?; // the library's lease and dead-letter tables
 //! let (store, receiver) = Store::builder().kind::<Account>().build();
+//! outbox::pg::ensure_tables(&pool, &store).await?; // or create them in your own migrations
 //! // Takes the single-writer lease, replays spill files, loads every
 //! // account with its version, then starts the worker.
-//! let config = EngineConfig { spill_dir: Some(".data/spill".into()), ..EngineConfig::default() };
-//! let shutdown = CancellationToken::new();
-//! let (engine, _report) = Engine::start(store, receiver, pool, &db, config, &shutdown, &|step| println!("{step}"))
-//!     .await?
-//!     .expect("not cancelled");
+//! let engine = Engine::builder(store, receiver, pool).spill_dir(".data/spill").start().await?;
 //!
 //! // A durable change: answer the client only once it is committed.
 //! let (_, ticket) = engine.store().apply_durable(|set| set.upsert(Account { id: "carol".into(), balance: 5 }))?;
@@ -159,3 +154,5 @@ pub use outbox_derive::Entity;
 #[cfg(feature = "server")]
 pub use server::{ServerError, run};
 pub use store::Store;
+/// Cancels start-up and background tasks ([`engine::EngineBuilder::cancel_on`]).
+pub use tokio_util::sync::CancellationToken;

@@ -12,7 +12,7 @@ use tracing::{error, info};
 
 use crate::api::{self, AppState, Phase, Readiness};
 use crate::config::Config;
-use crate::engine::{Engine, EngineConfig, EngineError, Progress, retry_startup};
+use crate::engine::{Engine, EngineConfig, Progress, StartError, retry_startup};
 use crate::pg::{self, DbError, LocalPostgres, LocalPostgresError, LocalPostgresOptions};
 use crate::worker::health::Health;
 
@@ -43,7 +43,7 @@ pub enum ServerError {
     /// The engine could not start (a corrupt spill file, a row that does
     /// not decode): the server does not serve partial state.
     #[error("start-up failed: {0}")]
-    Engine(#[from] EngineError),
+    Engine(#[from] StartError),
     /// The drain deadline passed with the database away: unwritten changes
     /// were spilled.
     #[error(
@@ -174,7 +174,7 @@ async fn serve(
         lease_ttl: config.lease_ttl(),
         ..EngineConfig::default()
     };
-    let started = start_engine(database, &pool, store, receiver, engine_config, &readiness, &shutdown).await;
+    let started = start_engine(&pool, store, receiver, engine_config, &readiness, &shutdown).await;
     let engine = match started {
         Ok(Some(engine)) => {
             readiness.set(Phase::Ready);
@@ -222,25 +222,32 @@ async fn metrics_upkeep(metrics: metrics_exporter_prometheus::PrometheusHandle, 
 /// Migrations, then the engine (lease, spill replay, hydration, quarantined
 /// sets), each step told to `/readyz`. `None`: shutdown came first.
 async fn start_engine(
-    database: &Database,
     pool: &deadpool_postgres::Pool,
     store: crate::Store,
     receiver: crate::outbox::OutboxReceiver,
     engine_config: EngineConfig,
-    readiness: &Readiness,
+    readiness: &Arc<Readiness>,
     shutdown: &CancellationToken,
 ) -> Result<Option<Engine>, ServerError> {
     readiness.set(Phase::Starting("running migrations".into()));
     if retry_startup("migrations", shutdown, || pg::migrate(pool)).await.is_none() {
         return Ok(None);
     }
-    let progress = |progress: Progress<'_>| match progress {
-        Progress::Step(step) => readiness.set(Phase::Starting(step.to_owned())),
-        Progress::Standby { holder } => readiness.set(Phase::Standby(holder.to_owned())),
-    };
-    Ok(Engine::start(store, receiver, pool.clone(), &database.config, engine_config, shutdown, &progress)
-        .await?
-        .map(|(engine, _)| engine))
+    let readiness = readiness.clone();
+    let started = Engine::builder(store, receiver, pool.clone())
+        .config(engine_config)
+        .cancel_on(shutdown.clone())
+        .on_progress(move |progress| match progress {
+            Progress::Step(step) => readiness.set(Phase::Starting(step.to_owned())),
+            Progress::Standby { holder } => readiness.set(Phase::Standby(holder.to_owned())),
+        })
+        .start()
+        .await;
+    match started {
+        Ok(engine) => Ok(Some(engine)),
+        Err(StartError::Cancelled) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Shutdown (rule *Drain or spill*), bounded from the signal on: in-flight

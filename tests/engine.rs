@@ -11,11 +11,9 @@ use std::time::Duration;
 
 use common::{TestDb, fresh_db};
 use outbox::Engine;
-use outbox::engine::EngineConfig;
 use outbox::store::{ApplyError, Entity, Refusal, Store, StoreBuilder, StoreError};
 use outbox::worker::{Worker, WorkerConfig};
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Doc {
@@ -144,12 +142,7 @@ async fn start(db: &TestDb, builder: StoreBuilder, worker: WorkerConfig) -> Engi
     let pool = outbox::pg::pool(db.config.clone(), 8);
     outbox::pg::migrate(&pool).await.expect("migrations");
     let (store, receiver) = builder.build();
-    let config = EngineConfig { worker, holder: "engine-test".into(), ..EngineConfig::default() };
-    let (engine, _) = Engine::start(store, receiver, pool, &db.config, config, &CancellationToken::new(), &|_| {})
-        .await
-        .expect("start the engine")
-        .expect("not cancelled");
-    engine
+    Engine::builder(store, receiver, pool).worker(worker).holder("engine-test").start().await.expect("start the engine")
 }
 
 /// A small deterministic PRNG (xorshift64*), so failures replay by seed.
@@ -794,13 +787,7 @@ async fn hydration_reads_every_kind_from_one_snapshot() {
             let pool = outbox::pg::pool(db_config.clone(), 4);
             outbox::pg::migrate(&pool).await.unwrap();
             let (store, receiver) = Store::builder().kind::<Doc>().kind::<Tag>().build();
-            let config = EngineConfig { worker: config(1000, 1), lease: false, ..EngineConfig::default() };
-            let (engine, _) =
-                Engine::start(store, receiver, pool, &db_config, config, &CancellationToken::new(), &|_| {})
-                    .await
-                    .unwrap()
-                    .unwrap();
-            engine
+            Engine::builder(store, receiver, pool).worker(config(1000, 1)).lease(false).start().await.unwrap()
         }
     });
     let reading = common::poll_until(Duration::from_secs(20), || async {
@@ -994,20 +981,11 @@ async fn a_missing_table_or_column_stops_start_up_at_once_saying_what_to_create(
     let pool = outbox::pg::pool(db.config.clone(), 4);
     outbox::pg::migrate(&pool).await.unwrap();
     let start = |builder: StoreBuilder| {
-        let (pool, db_config) = (pool.clone(), db.config.clone());
+        let pool = pool.clone();
         async move {
             let (store, receiver) = builder.build();
             let started = std::time::Instant::now();
-            let result = Engine::start(
-                store,
-                receiver,
-                pool,
-                &db_config,
-                EngineConfig::default(),
-                &CancellationToken::new(),
-                &|_| {},
-            )
-            .await;
+            let result = Engine::builder(store, receiver, pool).start().await;
             (result.map(|_| ()), started.elapsed())
         }
     };

@@ -21,11 +21,13 @@ use crate::store::Store;
 use crate::worker::health::{Health, LeaseView, Role};
 use crate::worker::{DrainReport, Worker, WorkerConfig};
 
+mod builder;
 pub mod operator;
 mod spilling;
 mod standby;
 mod startup;
 
+pub use builder::EngineBuilder;
 use standby::Standby;
 use startup::{load_quarantine, prepare};
 
@@ -54,7 +56,7 @@ pub struct EngineConfig {
     /// This process's name in the lease row and logs.
     pub holder: String,
     /// Wait while another process holds the lease (a server); when false,
-    /// start-up fails at once with [`EngineError::LeaseHeld`] (a one-off
+    /// start-up fails at once with [`StartError::LeaseHeld`] (a one-off
     /// command).
     pub wait_for_lease: bool,
     /// Where the engine records what it sees of the database; share it
@@ -110,7 +112,7 @@ pub fn default_holder() -> String {
 
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
-pub enum EngineError {
+pub enum StartError {
     /// A spill file is unreadable; it was kept.
     #[error(transparent)]
     Spill(#[from] SpillError),
@@ -139,6 +141,10 @@ pub enum EngineError {
     /// once, saying what to create.
     #[error(transparent)]
     Table(crate::pg::TableError),
+    /// The cancellation token given to [`EngineBuilder::cancel_on`] fired
+    /// before start-up finished; nothing was started.
+    #[error("start-up was cancelled")]
+    Cancelled,
 }
 
 /// How a shutdown ended.
@@ -168,28 +174,36 @@ pub struct Engine {
     lease: Option<Arc<Lease>>,
     spill_dir: Option<PathBuf>,
     background: CancellationToken,
+    hydration: HydrationReport,
 }
 
 impl Engine {
-    /// Starts in order (rule *Ready after start-up*): takes the lease, or,
-    /// while another process holds it, waits as a hot standby (hydrated,
-    /// following what the holder commits) until it can take it over; replays
-    /// spill files; hydrates every entity (or catches up); loads the
-    /// quarantined sets; then starts the worker. `progress` hears each step
-    /// (for `/readyz`). Returns `None` if `cancel` fires first.
-    pub async fn start(
+    /// An engine for `store`, whose outbox `receiver` feeds the worker,
+    /// writing through `pool`. Every setting has a default; see
+    /// [`EngineBuilder`].
+    pub fn builder(store: Store, receiver: OutboxReceiver, pool: Pool) -> EngineBuilder {
+        EngineBuilder::new(store, receiver, pool)
+    }
+
+    /// Starts in order (rule *Ready after start-up*): checks every kind's
+    /// table, takes the lease, or, while another process holds it, waits as
+    /// a hot standby (hydrated, following what the holder commits) until it
+    /// can take it over; replays spill files; hydrates every entity (or
+    /// catches up); loads the quarantined sets; then starts the worker.
+    /// `progress` hears each step (for `/readyz`). `None` if `cancel` fires
+    /// first.
+    async fn start(
         store: Store,
         receiver: OutboxReceiver,
         pool: Pool,
-        db_config: &tokio_postgres::Config,
         config: EngineConfig,
         cancel: &CancellationToken,
         progress: &(dyn Fn(Progress<'_>) + Sync),
-    ) -> Result<Option<(Self, HydrationReport)>, EngineError> {
-        let _ = db_config;
+    ) -> Result<Option<Self>, StartError> {
         let background = cancel.child_token();
         // Every kind's table and columns, before anything else: a missing
         // one is a deployment mistake, said at once, not retried.
+        progress(Progress::Step("checking tables"));
         let checked = retry_startup("table check", cancel, || async {
             match crate::pg::tables::check(&pool, store.kinds()).await {
                 Ok(()) => Ok(Ok(())),
@@ -200,33 +214,15 @@ impl Engine {
         .await;
         match checked {
             None => return Ok(None),
-            Some(Err(e)) => return Err(EngineError::Table(e)),
+            Some(Err(e)) => return Err(StartError::Table(e)),
             Some(Ok(())) => {}
         }
-        let (lease, report) = if !config.lease {
+        let (lease, hydration) = if !config.lease {
             let Some(report) = prepare(&store, &pool, None, &config, cancel, progress).await? else { return Ok(None) };
             (None, report)
         } else {
-            progress(Progress::Step("taking the single-writer lease"));
-            let taking = || Lease::try_take(&pool, &config.holder, config.lease_ttl);
-            let Some(attempt) = retry_startup("lease", cancel, taking).await else { return Ok(None) };
-            let (lease, report) = match attempt {
-                Attempt::Taken(lease) => {
-                    hold(&lease, &config.health, &background);
-                    let prepared = prepare(&store, &pool, Some(&lease), &config, cancel, progress).await?;
-                    let Some(report) = prepared else { return Ok(None) };
-                    (lease, report)
-                }
-                Attempt::Held(row) if !config.wait_for_lease => {
-                    return Err(EngineError::LeaseHeld { holder: row.holder });
-                }
-                Attempt::Held(row) => {
-                    let standby = Standby { store: &store, pool: &pool, config: &config, cancel, progress };
-                    let Some((lease, report)) = standby.wait_and_take_over(row, &background).await? else {
-                        return Ok(None);
-                    };
-                    (lease, report)
-                }
+            let Some((lease, report)) = lead(&store, &pool, &config, cancel, progress, &background).await? else {
+                return Ok(None);
             };
             tokio::spawn(prune_feed(pool.clone(), background.clone()));
             (Some(lease), report)
@@ -248,7 +244,12 @@ impl Engine {
         let worker =
             Worker::start(store.clone(), receiver, pool.clone(), config.worker, lease.clone(), config.health.clone());
         let health = config.health;
-        Ok(Some((Self { store, pool, worker, lease, health, spill_dir: config.spill_dir, background }, report)))
+        Ok(Some(Self { store, pool, worker, lease, health, spill_dir: config.spill_dir, background, hydration }))
+    }
+
+    /// What hydration loaded at start-up.
+    pub fn hydration(&self) -> &HydrationReport {
+        &self.hydration
     }
 
     /// The store.
@@ -292,6 +293,33 @@ impl Engine {
             lease.release().await;
         }
         ShutdownReport { drain, spilled, lease_lost }
+    }
+}
+
+/// Takes the lease (or waits for it as a hot standby), then replays spill
+/// files and hydrates. `None`: cancelled.
+async fn lead(
+    store: &Store,
+    pool: &Pool,
+    config: &EngineConfig,
+    cancel: &CancellationToken,
+    progress: &(dyn Fn(Progress<'_>) + Sync),
+    background: &CancellationToken,
+) -> Result<Option<(Arc<Lease>, HydrationReport)>, StartError> {
+    progress(Progress::Step("taking the single-writer lease"));
+    let taking = || Lease::try_take(pool, &config.holder, config.lease_ttl);
+    let Some(attempt) = retry_startup("lease", cancel, taking).await else { return Ok(None) };
+    match attempt {
+        Attempt::Taken(lease) => {
+            hold(&lease, &config.health, background);
+            let prepared = prepare(store, pool, Some(&lease), config, cancel, progress).await?;
+            Ok(prepared.map(|report| (lease, report)))
+        }
+        Attempt::Held(row) if !config.wait_for_lease => Err(StartError::LeaseHeld { holder: row.holder }),
+        Attempt::Held(row) => {
+            let standby = Standby { store, pool, config, cancel, progress };
+            standby.wait_and_take_over(row, background).await
+        }
     }
 }
 
@@ -345,7 +373,7 @@ pub(super) async fn retry_hydrate(
     store: &Store,
     pool: &Pool,
     cancel: &CancellationToken,
-) -> Result<Option<HydrationReport>, EngineError> {
+) -> Result<Option<HydrationReport>, StartError> {
     let mut delays = backoff::delays(STARTUP_RETRY_MAX);
     loop {
         match hydrate(store, pool).await {

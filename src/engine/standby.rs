@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::startup::replay_spills;
-use super::{EngineConfig, EngineError, Progress, hold, retry_hydrate};
+use super::{EngineConfig, Progress, StartError, hold, retry_hydrate};
 use crate::entity::KindId;
 use crate::pg::DbError;
 use crate::pg::feed::{self, Gap};
@@ -37,7 +37,7 @@ enum Follow {
     Db(DbError),
     /// The holder wrote something this process cannot load: it cannot take
     /// over.
-    Fatal(EngineError),
+    Fatal(StartError),
 }
 
 impl From<DbError> for Follow {
@@ -62,7 +62,7 @@ impl Standby<'_> {
         &self,
         held: LeaseRow,
         background: &CancellationToken,
-    ) -> Result<Option<(Arc<Lease>, HydrationReport)>, EngineError> {
+    ) -> Result<Option<(Arc<Lease>, HydrationReport)>, StartError> {
         info!(holder = %held.holder, epoch = held.epoch, "the single-writer lease is held: hydrating and following as a standby");
         (self.progress)(Progress::Step(&format!("hydrating as a standby; the lease is held by {}", held.holder)));
         let Some(mut report) = retry_hydrate(self.store, self.pool, self.cancel).await? else { return Ok(None) };

@@ -11,7 +11,7 @@ use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::{EngineConfig, EngineError, Progress, retry_hydrate};
+use super::{EngineConfig, Progress, StartError, retry_hydrate};
 use crate::outbox::spill::{self, SpillRecord};
 use crate::outbox::{Batch, Resolution, Row, TicketError};
 use crate::pg::dead_letters::{DeadLetter, Reason};
@@ -31,7 +31,7 @@ pub(super) async fn prepare(
     config: &EngineConfig,
     cancel: &CancellationToken,
     progress: &(dyn Fn(Progress<'_>) + Sync),
-) -> Result<Option<HydrationReport>, EngineError> {
+) -> Result<Option<HydrationReport>, StartError> {
     if !replay_spills(store, pool, lease, config, cancel, progress).await? {
         return Ok(None);
     }
@@ -50,7 +50,7 @@ pub(super) async fn replay_spills(
     config: &EngineConfig,
     cancel: &CancellationToken,
     progress: &(dyn Fn(Progress<'_>) + Sync),
-) -> Result<bool, EngineError> {
+) -> Result<bool, StartError> {
     let Some(dir) = &config.spill_dir else { return Ok(true) };
     let listed = {
         let dir = dir.clone();
@@ -87,12 +87,12 @@ async fn replay_spill(
     path: &Path,
     retry_max_delay: Duration,
     cancel: &CancellationToken,
-) -> Result<bool, EngineError> {
+) -> Result<bool, StartError> {
     let content = {
         let path = path.to_path_buf();
         tokio::task::spawn_blocking(move || spill::read(&path)).await.expect("reading a spill file does not panic")?
     };
-    let content_error = |reason: String| EngineError::SpillContent { path: path.to_path_buf(), reason };
+    let content_error = |reason: String| StartError::SpillContent { path: path.to_path_buf(), reason };
     // Files of format version 1 know no bases: written version-guarded.
     let mode = if content.records.iter().all(|r| r.base.is_some()) { Mode::CompareAndSet } else { Mode::Upsert };
     let batch = batch_of(store, content.records).map_err(content_error)?;
@@ -117,7 +117,7 @@ async fn replay_spill(
             }
         }
         Outcome::Abandoned if lease.as_ref().is_some_and(|l| l.state() == LeaseState::Lost) => {
-            return Err(EngineError::LeaseLost);
+            return Err(StartError::LeaseLost);
         }
         Outcome::Abandoned => return Ok(false),
     }

@@ -14,9 +14,15 @@ pub(crate) mod upsert;
 pub use sql::upsert_sql;
 pub use tables::{TableError, create_table_sql, ensure_tables};
 
+/// The pool and driver crates whose types appear in this API, at the
+/// versions it was built with: use these paths rather than adding them as
+/// dependencies of your own.
+pub use deadpool_postgres::{self, Pool};
+pub use tokio_postgres::{self, Config};
+
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 use tokio_postgres::config::Host;
 
