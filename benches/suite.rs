@@ -1274,7 +1274,7 @@ fn main() {
         let config = postgres.config(DB);
         let url = postgres.connection_string(DB);
         let pool = pg::pool(config.clone(), 1);
-        pg::migrate(&pool).await.expect("migrations");
+        outbox::api::schema::migrate(&pool).await.expect("migrations");
         pool.close();
         let client = pg::connect(&config).await.unwrap();
         client.batch_execute("CREATE TABLE IF NOT EXISTS items_copy (LIKE items INCLUDING ALL)").await.unwrap();

@@ -58,7 +58,7 @@ pub enum CommandError {
 pub async fn migrate(config: &Config) -> Result<(), CommandError> {
     let database = Database::open_shared(config).await?;
     let pool = pg::pool(database.config.clone(), 1);
-    let result = pg::migrate(&pool).await;
+    let result = crate::api::schema::migrate(&pool).await;
     pool.close();
     database.close().await?;
     let applied = result?;

@@ -230,7 +230,7 @@ async fn start_engine(
     shutdown: &CancellationToken,
 ) -> Result<Option<Engine>, ServerError> {
     readiness.set(Phase::Starting("running migrations".into()));
-    if retry_startup("migrations", shutdown, || pg::migrate(pool)).await.is_none() {
+    if retry_startup("migrations", shutdown, || crate::api::schema::migrate(pool)).await.is_none() {
         return Ok(None);
     }
     let readiness = readiness.clone();

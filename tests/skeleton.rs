@@ -162,11 +162,13 @@ async fn migrate_command_applies_migrations_and_exits() {
         .expect("run outbox migrate");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let client = db.connect().await;
-    let row = client
-        .query_one("SELECT count(*) FROM refinery_schema_history", &[])
-        .await
-        .expect("refinery recorded the migrations");
-    assert!(row.get::<_, i64>(0) >= 1);
+    for history in ["outbox_schema_history", "reference_schema_history"] {
+        let row = client
+            .query_one(&format!("SELECT count(*) FROM {history}"), &[])
+            .await
+            .unwrap_or_else(|e| panic!("{history} records the migrations: {e}"));
+        assert!(row.get::<_, i64>(0) >= 1, "{history}");
+    }
 }
 
 /// Both isolation tests write the same table name with their own marker and

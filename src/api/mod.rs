@@ -13,6 +13,7 @@ pub mod items;
 pub mod local;
 pub mod model;
 pub mod ops;
+pub mod schema;
 pub mod validate;
 
 use std::sync::{Arc, Mutex};

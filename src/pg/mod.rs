@@ -7,10 +7,12 @@ pub mod hydrate;
 pub mod lease;
 #[cfg(feature = "local-postgres")]
 pub mod local;
+pub(crate) mod migrate;
 pub(crate) mod sql;
 pub mod tables;
 pub(crate) mod upsert;
 
+pub use migrate::{HISTORY_TABLE, migrate};
 pub use sql::upsert_sql;
 pub use tables::{TableError, create_table_sql, ensure_tables};
 
@@ -53,10 +55,6 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 /// How long a caller waits for a free pooled connection. Short, so that a
 /// database outage shows up as a fast, classified error instead of a hang.
 const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
-
-mod embedded {
-    refinery::embed_migrations!("migrations");
-}
 
 /// Errors of the database layer.
 #[derive(Debug, thiserror::Error)]
@@ -228,18 +226,6 @@ pub async fn create_database_if_missing(admin: &tokio_postgres::Config, name: &s
 /// Quotes an SQL identifier.
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Runs the embedded migrations from `migrations/` (refinery), each in its
-/// own transaction. Returns how many were applied now.
-pub async fn migrate(pool: &Pool) -> Result<usize, DbError> {
-    let mut client = pool.get().await?;
-    let report = embedded::migrations::runner().run_async(&mut **client).await?;
-    let applied = report.applied_migrations();
-    for migration in applied {
-        tracing::info!(migration = %migration, "applied migration");
-    }
-    Ok(applied.len())
 }
 
 /// One round trip to the database, for readiness checks.

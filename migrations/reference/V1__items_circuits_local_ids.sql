@@ -1,8 +1,9 @@
--- One table per entity kind of the reference service, all of the layout the
--- engine writes (see `outbox::store::Entity`): the entity as jsonb, its
--- version, and a tombstone flag (DESIGN I4, I6).
+-- The reference service's kinds, each in the document layout the engine
+-- writes: the entity as jsonb, its version, and a tombstone flag. History in
+-- `reference_schema_history`. `IF NOT EXISTS`: databases made before the
+-- reference service had a history of its own already hold these tables.
 
-CREATE TABLE items (
+CREATE TABLE IF NOT EXISTS items (
     id         text        PRIMARY KEY,
     version    bigint      NOT NULL,
     deleted    boolean     NOT NULL DEFAULT false,
@@ -11,9 +12,9 @@ CREATE TABLE items (
     -- Worth indexing: lookups by status from SQL (reports, repairs).
     status     text GENERATED ALWAYS AS (data->>'status') STORED
 );
-CREATE INDEX items_status ON items (status) WHERE NOT deleted;
+CREATE INDEX IF NOT EXISTS items_status ON items (status) WHERE NOT deleted;
 
-CREATE TABLE circuits (
+CREATE TABLE IF NOT EXISTS circuits (
     id         text        PRIMARY KEY,
     version    bigint      NOT NULL,
     deleted    boolean     NOT NULL DEFAULT false,
@@ -22,7 +23,7 @@ CREATE TABLE circuits (
 );
 
 -- Local ids (LID) of items created locally, mapped to their DFID.
-CREATE TABLE local_ids (
+CREATE TABLE IF NOT EXISTS local_ids (
     id         text        PRIMARY KEY,
     version    bigint      NOT NULL,
     deleted    boolean     NOT NULL DEFAULT false,

@@ -1,5 +1,5 @@
 -- Records that can never be written (SQLSTATE classes 22 and 23) are
--- quarantined here instead of blocking the outbox (DESIGN I8). A row stays
+-- quarantined here instead of blocking the outbox. A row stays
 -- until an operator replays or discards it, or until a newer version of the
 -- same entity commits (then `resolved_at` is set).
 CREATE TABLE outbox_dead_letters (

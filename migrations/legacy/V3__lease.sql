@@ -1,4 +1,4 @@
--- The single-writer lease (DESIGN I9, §9). One row per lease name. Every
+-- The single-writer lease. One row per lease name. Every
 -- new holder increments `epoch`; every flush transaction checks, under a
 -- share lock on this row, that the epoch is still its own, so a process that
 -- lost the lease can never commit. The advisory lock taken alongside is only
