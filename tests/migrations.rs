@@ -223,3 +223,13 @@ async fn processes_migrating_together_take_turns() {
     }
     assert_eq!(applied, 2, "each migration applied once");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_migration_says_what_the_database_said() {
+    let db = fresh_db("migrate-fails").await;
+    db.connect().await.batch_execute("CREATE TABLE outbox_lease (something_else integer)").await.unwrap();
+    let pool = outbox::pg::pool(db.config.clone(), 1);
+    let error = outbox::pg::migrate(&pool).await.expect_err("the table is in the way").to_string();
+    assert!(error.contains("42P07") && error.contains("\"outbox_lease\" already exists"), "{error}");
+    pool.close();
+}

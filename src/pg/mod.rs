@@ -69,7 +69,7 @@ pub enum DbError {
     #[error("database pool: {}", PoolErrorText(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
     /// A migration failed.
-    #[error("migration failed: {0}")]
+    #[error("migration failed: {}", MigrationErrorText(.0))]
     Migration(#[from] refinery::Error),
     /// The database did not answer in time.
     #[error("the database did not answer within {0:?}")]
@@ -114,6 +114,23 @@ impl std::fmt::Display for PoolErrorText<'_> {
             deadpool_postgres::PoolError::Backend(e) => ErrorText(e).fmt(f),
             other => other.fmt(f),
         }
+    }
+}
+
+/// A migration error with the database's own words when it has them.
+struct MigrationErrorText<'a>(&'a refinery::Error);
+
+impl std::fmt::Display for MigrationErrorText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0.kind())?;
+        let mut source = std::error::Error::source(self.0);
+        while let Some(cause) = source {
+            if let Some(postgres) = cause.downcast_ref::<tokio_postgres::Error>() {
+                return write!(f, ": {}", ErrorText(postgres));
+            }
+            source = cause.source();
+        }
+        Ok(())
     }
 }
 
@@ -205,7 +222,7 @@ pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::
     let (client, connection) = config.connect(NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "database connection closed");
+            tracing::debug!(error = %ErrorText(&e), "database connection closed");
         }
     });
     Ok(client)
