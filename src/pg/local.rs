@@ -101,6 +101,15 @@ pub enum LocalPostgresError {
         /// Log file.
         log: PathBuf,
     },
+    /// The database could not be created.
+    #[error("creating database {name}: {source}")]
+    CreateDatabase {
+        /// Its name.
+        name: String,
+        /// The cause.
+        #[source]
+        source: super::DbError,
+    },
     /// A file-system or process error.
     #[error("{context}: {source}")]
     Io {
@@ -202,6 +211,32 @@ impl LocalPostgres {
         }
         server.start_postmaster()?;
         Ok(server)
+    }
+
+    /// One call for an example or a small service: starts (creating it on
+    /// first use) a durable private server in `data_dir`, creates database
+    /// `dbname` in it when missing, and returns the server (dropping it
+    /// stops the server) with the settings to connect to that database.
+    ///
+    /// ```no_run
+    /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (_postgres, config) = outbox::pg::LocalPostgres::open(".data/postgres", "bank").await?;
+    /// let pool = outbox::pg::pool(config, 4);
+    /// # Ok(()) }
+    /// ```
+    pub async fn open(
+        data_dir: impl Into<PathBuf>,
+        dbname: &str,
+    ) -> Result<(Self, tokio_postgres::Config), LocalPostgresError> {
+        let options = LocalPostgresOptions::new(data_dir);
+        let server = tokio::task::spawn_blocking(move || Self::start(options)).await.map_err(|e| {
+            LocalPostgresError::Io { context: "starting PostgreSQL".into(), source: io::Error::other(e) }
+        })??;
+        super::create_database_if_missing(&server.config("postgres"), dbname)
+            .await
+            .map_err(|source| LocalPostgresError::CreateDatabase { name: dbname.to_owned(), source })?;
+        let config = server.config(dbname);
+        Ok((server, config))
     }
 
     /// The cluster folder.

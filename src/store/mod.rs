@@ -44,9 +44,10 @@ pub(crate) use persist::{LoadedMember, LoadedSet, Unwritten};
 use quarantine::QuarantineBook;
 
 use crate::metrics as m;
-use crate::outbox::{
-    EntityKey, Ledger, OutboxReceiver, OutboxSnapshot, Ticket, TicketShared, Track, Waiter, push_waiter,
-};
+use crate::outbox::{EntityKey, Ledger, TicketShared, Track, Waiter, push_waiter};
+/// What the store hands out: the worker's end of the outbox, a durable
+/// change's ticket, the outbox's figures.
+pub use crate::outbox::{OutboxReceiver, OutboxSnapshot, Ticket, TicketError};
 
 /// The `Retry-After` hint given when the queue is full: time for the worker
 /// to write a few batches.
