@@ -314,6 +314,120 @@ async fn plain_copy(bench: &Bench) -> f64 {
     FAST_ROWS as f64 / started.elapsed().as_secs_f64()
 }
 
+/// The same fields as a `data jsonb` document and as typed columns, for
+/// the layout comparison (rows of similar size: ~250 bytes).
+macro_rules! layout_kind {
+    ($name:ident, $kind:literal, $table:literal $(, $columns:ident)?) => {
+        #[derive(Clone, serde::Serialize, serde::Deserialize, outbox::Entity)]
+        #[entity(kind = $kind, table = $table $(, $columns)?)]
+        struct $name {
+            #[entity(id)]
+            id: String,
+            name: String,
+            size: String,
+            material: String,
+            weight_g: i64,
+            gtin: String,
+            sku: String,
+            active: bool,
+            created_at: chrono::DateTime<Utc>,
+        }
+
+        impl $name {
+            fn new(n: usize) -> Self {
+                Self {
+                    id: format!("DFID-bench-{n:08}"),
+                    name: format!("hex bolt {n}"),
+                    size: "M8x40".into(),
+                    material: "stainless steel A2".into(),
+                    weight_g: (n % 500) as i64,
+                    gtin: format!("{:013}", 4_000_000_000_000u64 + n as u64),
+                    sku: format!("HB-{n}"),
+                    active: n % 7 != 0,
+                    created_at: Utc::now(),
+                }
+            }
+        }
+    };
+}
+
+layout_kind!(DocumentRow, "document_row", "layout_documents");
+layout_kind!(ColumnRow, "column_row", "layout_columns", columns);
+
+/// The outbox worker writing `FAST_ROWS` rows of kind `E` (made by
+/// `make`), timed like (c).
+async fn layout_worker<E: outbox::Entity>(bench: &Bench, make: fn(usize) -> E) -> f64 {
+    let pool = pg::pool(bench.config.clone(), 8);
+    let (store, receiver) = outbox::Store::builder().kind::<E>().capacity(FAST_ROWS * 2).build();
+    pg::ensure_tables(&pool, &store).await.expect("layout tables");
+    bench.client().await.batch_execute(&format!("TRUNCATE {}; CHECKPOINT", E::TABLE)).await.expect("reset");
+    store
+        .apply(|set| -> Result<(), outbox::store::StoreError> {
+            for n in 0..FAST_ROWS {
+                set.insert(make(n))?;
+            }
+            Ok(())
+        })
+        .expect("insert");
+    let started = Instant::now();
+    let engine = Engine::builder(store, receiver, pool.clone()).holder("bench").start().await.expect("start");
+    while engine.store().outbox().depth > 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let rate = FAST_ROWS as f64 / started.elapsed().as_secs_f64();
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+    let written: i64 =
+        bench.client().await.query_one(&format!("SELECT count(*) FROM {}", E::TABLE), &[]).await.unwrap().get(0);
+    assert_eq!(written, FAST_ROWS as i64, "every {} row written", E::KIND);
+    pool.close();
+    rate
+}
+
+/// The worker's throughput with typed columns against the document
+/// layout, same fields, runs alternating.
+#[derive(Default)]
+struct Layouts {
+    document: Runs,
+    columns: Runs,
+    columns_over_document: Runs,
+    /// Average row size in the table, bytes (document, columns).
+    row_bytes: (f64, f64),
+}
+
+async fn layouts(bench: &Bench) -> Layouts {
+    let mut l = Layouts::default();
+    // Warm-up, not counted.
+    layout_worker(bench, DocumentRow::new).await;
+    layout_worker(bench, ColumnRow::new).await;
+    for run in 0..P2_RUNS {
+        let (document, columns) = if run % 2 == 0 {
+            let d = layout_worker(bench, DocumentRow::new).await;
+            (d, layout_worker(bench, ColumnRow::new).await)
+        } else {
+            let c = layout_worker(bench, ColumnRow::new).await;
+            (layout_worker(bench, DocumentRow::new).await, c)
+        };
+        eprintln!("layouts run {}/{P2_RUNS}: document {document:.0}, columns {columns:.0} rows/s", run + 1);
+        l.document.push(document);
+        l.columns.push(columns);
+        l.columns_over_document.push(columns / document);
+    }
+    let client = bench.client().await;
+    let size = |table: &'static str| {
+        let client = &client;
+        async move {
+            let row = client
+                .query_one(&format!("SELECT avg(pg_column_size(t.*))::float8 FROM {table} t"), &[])
+                .await
+                .expect("row size");
+            row.get::<_, f64>(0)
+        }
+    };
+    l.row_bytes = (size("layout_documents").await, size("layout_columns").await);
+    client.batch_execute("TRUNCATE layout_documents, layout_columns").await.expect("reset");
+    l
+}
+
 #[derive(Default)]
 struct Persistence {
     naive: Runs,
@@ -1011,6 +1125,7 @@ fn report(
     machine: &str,
     p1: &[(String, f64, f64, f64)],
     p2: &Persistence,
+    layouts: &Layouts,
     p3: &Http,
     p4: &Lag,
     p5: &Hydration,
@@ -1132,6 +1247,17 @@ fn report(
     let _ = writeln!(w, "| (c)/(d), `OUTBOX_BATCH_MAX={TUNED_BATCH}` | {} | ≥ 0.90 |", fmt3(&p2.tuned_over_hand, 2));
     let _ = writeln!(w, "| (c)/(a) | {} | ≥ 30 |", fmt3(&p2.outbox_over_naive, 1));
     let _ = writeln!(w, "| (c)/(e) | {} | (ceiling) |\n", fmt3(&p2.outbox_over_copy, 2));
+
+    let _ = writeln!(w, "### Typed columns against the document layout\n");
+    let _ = writeln!(
+        w,
+        "Method: one kind with nine fields (five text, a bigint, a boolean, a timestamptz), written by the outbox worker with its defaults as in (c), {FAST_ROWS} rows per run, once as a `data jsonb` document per row and once in typed columns of its own table; runs alternate which layout goes first; each table is emptied and checkpointed before its run. Average row size in the table: {:.0} bytes (document), {:.0} bytes (columns).\n",
+        layouts.row_bytes.0, layouts.row_bytes.1
+    );
+    let _ = writeln!(w, "| layout | rows/s |\n|---|---|");
+    let _ = writeln!(w, "| document (`data jsonb`) | {} |", fmt3(&layouts.document, 0));
+    let _ = writeln!(w, "| typed columns | {} |", fmt3(&layouts.columns, 0));
+    let _ = writeln!(w, "| columns / document (per run) | {} |\n", fmt3(&layouts.columns_over_document, 2));
 
     let _ = writeln!(w, "## P3: HTTP throughput, persistence on vs off\n");
     let _ = writeln!(
@@ -1294,6 +1420,7 @@ fn main() {
                     "p5" => drop(hydration(&bench).await),
                     "p6" => drop(outage(&bench, 80_000 / 30).await),
                     "p7" => drop(handover(&bench).await),
+                    "layouts" => drop(layouts(&bench).await),
                     other => panic!("unknown part {other}"),
                 }
             }
@@ -1302,6 +1429,7 @@ fn main() {
             return;
         }
         let p2 = persistence(&bench).await;
+        let layouts = layouts(&bench).await;
         let p3 = http(&bench).await;
         let sustainable = stats(&p3.on.iter().map(|r| r.throughput).collect::<Vec<_>>()).1;
         let p4 = lag(&bench, sustainable).await;
@@ -1313,7 +1441,7 @@ fn main() {
         let p7 = handover(&bench).await;
         let p1 = criterion_medians(&root.join("target/criterion"));
         let machine = format!("{}; the disk takes {}", machine(&version), fsync_latency(&scratch));
-        let markdown = report(&machine, &p1, &p2, &p3, &p4, &p5, &p6, &p7, started.elapsed());
+        let markdown = report(&machine, &p1, &p2, &layouts, &p3, &p4, &p5, &p6, &p7, started.elapsed());
         let notes = std::fs::read_to_string(root.join("benches/NOTES.md")).unwrap_or_default();
         std::fs::write(root.join("BENCHMARKS.md"), format!("{markdown}{notes}")).expect("write BENCHMARKS.md");
         eprintln!("wrote BENCHMARKS.md in {:.1} minutes", started.elapsed().as_secs_f64() / 60.0);
