@@ -110,6 +110,22 @@ pub struct Config {
     #[arg(long, env = "OUTBOX_REQUEST_TIMEOUT_S", value_name = "OUTBOX_REQUEST_TIMEOUT_S", default_value_t = 30, value_parser = positive_u64, global = true)]
     pub request_timeout_s: u64,
 
+    /// Seconds an `Idempotency-Key`'s first answer is kept and replayed to
+    /// retries of the same request; then it expires (a tombstone).
+    #[arg(long, env = "OUTBOX_IDEMPOTENCY_TTL_S", value_name = "OUTBOX_IDEMPOTENCY_TTL_S", default_value_t = 86_400, value_parser = positive_u64, global = true)]
+    pub idempotency_ttl_s: u64,
+
+    /// Seconds a connection may take to send a request's headers; then it
+    /// is answered 408 and closed. Also how long an idle keep-alive
+    /// connection stays open.
+    #[arg(long, env = "OUTBOX_HEADER_TIMEOUT_S", value_name = "OUTBOX_HEADER_TIMEOUT_S", default_value_t = 10, value_parser = positive_u64, global = true)]
+    pub header_timeout_s: u64,
+
+    /// Most HTTP connections open at once; beyond it new connections wait
+    /// in the listen queue until one closes.
+    #[arg(long, env = "OUTBOX_MAX_CONNECTIONS", value_name = "OUTBOX_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = positive_usize, global = true)]
+    pub max_connections: usize,
+
     /// For benchmarks only: the worker takes batches but writes nothing, so
     /// every change is lost. Measures what persistence costs the server.
     #[arg(

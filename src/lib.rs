@@ -140,6 +140,8 @@ pub mod api;
 pub mod commands;
 #[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
+pub mod connections;
 #[cfg(feature = "loadgen")]
 pub mod loadgen;
 #[cfg(feature = "server")]

@@ -62,6 +62,18 @@ pub const BUILD_INFO: &str = "outbox_build_info";
 pub const HTTP_REQUESTS_TOTAL: &str = "outbox_http_requests_total";
 /// HTTP request duration, by method, route template and status.
 pub const HTTP_REQUEST_DURATION: &str = "outbox_http_request_duration_seconds";
+/// Retried requests answered with the stored answer of their
+/// `Idempotency-Key`.
+pub const IDEMPOTENT_REPLAYS_TOTAL: &str = "outbox_idempotent_replays_total";
+/// HTTP connections open now.
+pub const HTTP_CONNECTIONS: &str = "outbox_http_connections";
+/// HTTP connections closed by the server, by reason: `limit` (more than
+/// `OUTBOX_MAX_CONNECTIONS` open), `header_timeout` (headers not complete
+/// within `OUTBOX_HEADER_TIMEOUT_S`).
+pub const HTTP_CONNECTIONS_REFUSED_TOTAL: &str = "outbox_http_connections_refused_total";
+
+/// Values of the `reason` label of [`HTTP_CONNECTIONS_REFUSED_TOTAL`].
+pub const CONNECTION_REFUSALS: [&str; 2] = ["limit", "header_timeout"];
 
 /// Values of the `error_type` label of [`PERSIST_FAILURES_TOTAL`].
 pub const ERROR_TYPES: [&str; 7] = ["connection", "timeout", "conflict", "constraint", "data", "schema", "other"];
@@ -128,6 +140,16 @@ pub fn install() -> metrics_exporter_prometheus::PrometheusHandle {
 }
 
 fn describe() {
+    describe_counter!(
+        IDEMPOTENT_REPLAYS_TOTAL,
+        "Retried requests answered with the stored answer of their Idempotency-Key."
+    );
+    describe_gauge!(HTTP_CONNECTIONS, "HTTP connections open now.");
+    describe_counter!(
+        HTTP_CONNECTIONS_REFUSED_TOTAL,
+        "HTTP connections closed by the server: reason=limit (over OUTBOX_MAX_CONNECTIONS), reason=header_timeout \
+         (headers not complete within OUTBOX_HEADER_TIMEOUT_S)."
+    );
     describe_counter!(MUTATIONS_TOTAL, "Changes recorded through the store.");
     describe_counter!(COALESCED_TOTAL, "Changes absorbed by an already pending record of the same entity.");
     describe_counter!(REJECTED_TOTAL, "Changes refused; reason=queue_full means the outbox was full (HTTP 503).");
@@ -177,6 +199,10 @@ fn describe() {
 /// `0`, not an absent series. Per-kind series are created when a store
 /// registers its kinds.
 fn register_series() {
+    metrics::counter!(IDEMPOTENT_REPLAYS_TOTAL).increment(0);
+    for reason in CONNECTION_REFUSALS {
+        metrics::counter!(HTTP_CONNECTIONS_REFUSED_TOTAL, "reason" => reason).increment(0);
+    }
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     for result in BATCH_RESULTS {
         metrics::counter!(BATCHES_TOTAL, "result" => result).increment(0);
@@ -321,6 +347,25 @@ pub(crate) fn http_request(method: &str, route: &str, status: u16, elapsed: Dura
         [("method", method_label(method).to_owned()), ("route", route.to_owned()), ("status", status.to_string())];
     metrics::counter!(HTTP_REQUESTS_TOTAL, &labels).increment(1);
     metrics::histogram!(HTTP_REQUEST_DURATION, &labels).record(elapsed.as_secs_f64());
+}
+
+/// A retried request was answered with its key's stored answer.
+#[cfg(feature = "server")]
+pub(crate) fn idempotent_replay() {
+    metrics::counter!(IDEMPOTENT_REPLAYS_TOTAL).increment(1);
+}
+
+/// HTTP connections open now.
+#[cfg(feature = "server")]
+pub(crate) fn http_connections(open: usize) {
+    metrics::gauge!(HTTP_CONNECTIONS).set(open as f64);
+}
+
+/// An HTTP connection was closed by the server; `reason` is one of
+/// [`CONNECTION_REFUSALS`].
+#[cfg(feature = "server")]
+pub(crate) fn http_connection_refused(reason: &'static str) {
+    metrics::counter!(HTTP_CONNECTIONS_REFUSED_TOTAL, "reason" => reason).increment(1);
 }
 
 /// The outbox gauges: depth, lag, oldest pending change.

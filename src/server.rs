@@ -19,6 +19,9 @@ use crate::worker::health::Health;
 /// How often histogram upkeep runs in the metrics recorder.
 const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How often expired `Idempotency-Key` records are deleted (at most).
+const IDEMPOTENCY_EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -157,12 +160,16 @@ async fn serve(
         body_limit: config.body_limit,
         request_timeout: config.request_timeout(),
         admin_token: config.admin_token.clone().filter(|t| !t.is_empty()),
+        idempotency_ttl: Duration::from_secs(config.idempotency_ttl_s),
+        in_flight: Default::default(),
     };
     let app = api::router(state);
     let http_shutdown = shutdown.clone();
-    let http = tokio::spawn(async move {
-        axum::serve(listener, app).with_graceful_shutdown(http_shutdown.cancelled_owned()).await
-    });
+    let limits = crate::connections::Limits {
+        max_connections: config.max_connections,
+        header_timeout: Duration::from_secs(config.header_timeout_s),
+    };
+    let http = tokio::spawn(async move { crate::connections::serve(listener, app, limits, http_shutdown).await });
 
     // Start-up (rule *Ready after start-up*). Until every step is done,
     // /readyz answers 503 with the step it is on.
@@ -179,6 +186,12 @@ async fn serve(
         Ok(Some(engine)) => {
             readiness.set(Phase::Ready);
             info!(%addr, "ready");
+            let ttl = Duration::from_secs(config.idempotency_ttl_s);
+            tokio::spawn(api::idempotency::expire_periodically(
+                engine.store().clone(),
+                ttl.min(IDEMPOTENCY_EXPIRY_INTERVAL),
+                shutdown.clone(),
+            ));
             engine
         }
         Ok(None) | Err(_) => {

@@ -57,3 +57,29 @@ ensure_cargo_audit() {
     echo "cargo-audit not found; installing it (cargo install --locked cargo-audit)" >&2
     cargo install --locked cargo-audit && cargo audit --version >/dev/null
 }
+
+# schemathesis, pinned, in a virtualenv under target/ (no global install),
+# for scripts/fuzz.
+SCHEMATHESIS_VERSION=4.32.5
+SCHEMATHESIS_VENV=target/schemathesis
+
+ensure_schemathesis() {
+    local st="$SCHEMATHESIS_VENV/bin/schemathesis"
+    if [ -x "$st" ] && "$st" --version 2>/dev/null | grep -q "version $SCHEMATHESIS_VERSION\$"; then
+        return 0
+    fi
+    if ! command -v python3 >/dev/null 2>&1; then
+        echo "python3 not found; installing python3 and python3-venv" >&2
+        apt_install python3 python3-venv
+    fi
+    rm -rf "$SCHEMATHESIS_VENV"
+    if ! python3 -m venv "$SCHEMATHESIS_VENV" 2>/dev/null; then
+        echo "python3 cannot make a virtualenv; installing python3-venv" >&2
+        apt_install python3-venv
+        rm -rf "$SCHEMATHESIS_VENV"
+        python3 -m venv "$SCHEMATHESIS_VENV"
+    fi
+    echo "installing schemathesis $SCHEMATHESIS_VERSION into $SCHEMATHESIS_VENV" >&2
+    "$SCHEMATHESIS_VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+    "$st" --version >/dev/null
+}

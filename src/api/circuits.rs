@@ -61,8 +61,7 @@ pub async fn create(
         created_at: now,
         updated_at: now,
     };
-    let saved = state.change(durable, |set| Ok(set.insert(circuit)?)).await?;
-    Ok(state.respond(StatusCode::CREATED, &CircuitView::from(saved), durable))
+    state.answer(durable, StatusCode::CREATED, |set| Ok(set.insert(circuit)?), CircuitView::from).await
 }
 
 /// `GET /api/circuits/{id}`.
@@ -107,38 +106,42 @@ pub async fn add_item(
     ApiJson(body): ApiJson<AddItem>,
 ) -> Result<Response, ApiError> {
     validate::id(&body.dfid, "dfid")?;
-    let saved = state
-        .change(durable, |set| {
-            let circuit =
-                set.get::<Circuit>(&id).ok_or_else(|| ApiError::not_found(format!("circuit {id} not found")))?;
-            let item = existing(set, &body.dfid)?;
-            require_active(&item, "adding it to a circuit")?;
-            if circuit.items.iter().any(|d| **d == *body.dfid) {
-                set.watch::<Circuit>(&id);
-                set.watch::<Item>(&body.dfid);
-                return Ok(circuit);
-            }
-            if circuit.items.len() >= MAX_CIRCUIT_ITEMS {
-                return Err(ApiError::unprocessable(format!("circuit {id} holds {MAX_CIRCUIT_ITEMS} items already")));
-            }
-            if item.circuits.len() >= MAX_ITEM_CIRCUITS {
-                return Err(ApiError::unprocessable(format!(
-                    "item {} is in {MAX_ITEM_CIRCUITS} circuits already",
-                    body.dfid
-                )));
-            }
-            let now = Utc::now();
-            set.update::<Item>(&body.dfid, |item| {
-                if !item.circuits.contains(&id) {
-                    item.circuits.push(id.clone());
+    state
+        .answer(
+            durable,
+            StatusCode::OK,
+            |set| {
+                let circuit =
+                    set.get::<Circuit>(&id).ok_or_else(|| ApiError::not_found(format!("circuit {id} not found")))?;
+                let item = existing(set, &body.dfid)?;
+                require_active(&item, "adding it to a circuit")?;
+                if circuit.items.iter().any(|d| **d == *body.dfid) {
+                    set.watch::<Circuit>(&id);
+                    set.watch::<Item>(&body.dfid);
+                    return Ok(circuit);
                 }
-                item.updated_at = now;
-            })?;
-            Ok(set.update::<Circuit>(&id, |c| {
-                c.items.push(std::sync::Arc::from(body.dfid.as_str()));
-                c.updated_at = now;
-            })?)
-        })
-        .await?;
-    Ok(state.respond(StatusCode::OK, &CircuitView::from(saved), durable))
+                if circuit.items.len() >= MAX_CIRCUIT_ITEMS {
+                    return Err(ApiError::conflict(format!("circuit {id} holds {MAX_CIRCUIT_ITEMS} items already")));
+                }
+                if item.circuits.len() >= MAX_ITEM_CIRCUITS {
+                    return Err(ApiError::conflict(format!(
+                        "item {} is in {MAX_ITEM_CIRCUITS} circuits already",
+                        body.dfid
+                    )));
+                }
+                let now = Utc::now();
+                set.update::<Item>(&body.dfid, |item| {
+                    if !item.circuits.contains(&id) {
+                        item.circuits.push(id.clone());
+                    }
+                    item.updated_at = now;
+                })?;
+                Ok(set.update::<Circuit>(&id, |c| {
+                    c.items.push(std::sync::Arc::from(body.dfid.as_str()));
+                    c.updated_at = now;
+                })?)
+            },
+            CircuitView::from,
+        )
+        .await
 }

@@ -61,6 +61,16 @@ impl ApiError {
         Self::new(StatusCode::CONFLICT, "conflict", detail)
     }
 
+    /// The same problem, as a conflict with the current state (409).
+    pub fn as_conflict(self) -> Self {
+        Self { status: StatusCode::CONFLICT, kind: "conflict", ..self }
+    }
+
+    /// The same problem, as a malformed request (400).
+    pub fn as_bad_request(self) -> Self {
+        Self { status: StatusCode::BAD_REQUEST, kind: "bad-request", ..self }
+    }
+
     /// 422: well-formed but unacceptable.
     pub fn unprocessable(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, "validation", detail)

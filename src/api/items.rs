@@ -112,7 +112,7 @@ pub(crate) fn merge_into(
     let mut identifiers = target_item.identifiers.clone();
     let added = validate::add_identifiers(&mut identifiers, &source_item.identifiers);
     if identifiers.len() > MAX_IDENTIFIERS {
-        return Err(ApiError::unprocessable(format!(
+        return Err(ApiError::conflict(format!(
             "the merged item would have {} identifiers; at most {MAX_IDENTIFIERS} are allowed",
             identifiers.len()
         )));
@@ -147,8 +147,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     body.validate("")?;
     let item = body.into_item(None);
-    let saved = state.change(durable, |set| Ok(set.insert(item)?)).await?;
-    Ok(state.respond(StatusCode::CREATED, &ItemView::from(saved), durable))
+    state.answer(durable, StatusCode::CREATED, |set| Ok(set.insert(item)?), ItemView::from).await
 }
 
 /// Body of `POST /api/items/batch`.
@@ -191,16 +190,20 @@ pub async fn create_batch(
         item.validate(&format!("items[{i}]."))?;
     }
     let items: Vec<Item> = body.items.into_iter().map(|b| b.into_item(None)).collect();
-    let saved = state
-        .change(durable, |set| {
-            items
-                .into_iter()
-                .map(|item| set.insert(item).map(ItemView::from))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(ApiError::from)
-        })
-        .await?;
-    Ok(state.respond(StatusCode::CREATED, &ItemList { items: saved }, durable))
+    state
+        .answer(
+            durable,
+            StatusCode::CREATED,
+            |set| {
+                items
+                    .into_iter()
+                    .map(|item| set.insert(item).map(ItemView::from))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(ApiError::from)
+            },
+            |saved| ItemList { items: saved },
+        )
+        .await
 }
 
 /// `GET /api/items/{dfid}`.
@@ -254,7 +257,11 @@ pub struct ItemPage {
 pub async fn list(State(state): State<AppState>, ApiQuery(query): ApiQuery<ListQuery>) -> Result<Response, ApiError> {
     state.ensure_ready()?;
     let identifier = match (query.key, query.value) {
-        (Some(key), Some(value)) => Some((key, value)),
+        (Some(key), Some(value)) => {
+            validate::text(&key, 1, validate::MAX_KEY_LEN, "key").map_err(ApiError::as_bad_request)?;
+            validate::text(&value, 1, validate::MAX_VALUE_LEN, "value").map_err(ApiError::as_bad_request)?;
+            Some((key, value))
+        }
         (None, None) => None,
         _ => return Err(ApiError::bad_request("key and value go together: give both or neither")),
     };
@@ -301,46 +308,51 @@ pub async fn update(
     Durable(durable): Durable,
     ApiJson(body): ApiJson<UpdateItem>,
 ) -> Result<Response, ApiError> {
-    if body.enriched_data.is_none() && body.identifiers.is_none() {
-        return Err(ApiError::unprocessable("give enriched_data, identifiers, or both"));
-    }
     if let Some(identifiers) = &body.identifiers {
         validate::identifiers(identifiers, 0, "identifiers")?;
     }
     if let Some(data) = &body.enriched_data {
         validate::enriched_data(data, "enriched_data")?;
     }
-    let saved = state
-        .change(durable, |set| {
-            let item = existing(set, &dfid)?;
-            if item.status == ItemStatus::Merged {
-                require_active(&item, "an update")?;
-            }
-            let mut identifiers = item.identifiers.clone();
-            validate::add_identifiers(&mut identifiers, body.identifiers.as_deref().unwrap_or_default());
-            if identifiers.len() > MAX_IDENTIFIERS {
-                return Err(ApiError::unprocessable(format!(
-                    "the item would have {} identifiers; at most {MAX_IDENTIFIERS} are allowed",
-                    identifiers.len()
-                )));
-            }
-            let mut data = item.enriched_data.to_map();
-            for (key, value) in body.enriched_data.unwrap_or_default() {
-                if value.is_null() {
-                    data.remove(&key);
-                } else {
-                    data.insert(key, value);
+    state
+        .answer(
+            durable,
+            StatusCode::OK,
+            |set| {
+                let item = existing(set, &dfid)?;
+                if item.status == ItemStatus::Merged {
+                    require_active(&item, "an update")?;
                 }
-            }
-            validate::enriched_data(&data, "the item's enriched_data after the update")?;
-            Ok(set.update::<Item>(&dfid, |item| {
-                item.identifiers = identifiers;
-                item.enriched_data = JsonObject::from_map(&data);
-                item.updated_at = Utc::now();
-            })?)
-        })
-        .await?;
-    Ok(state.respond(StatusCode::OK, &ItemView::from(saved), durable))
+                if body.enriched_data.is_none() && body.identifiers.is_none() {
+                    return Ok(item); // nothing to change: the item as it is
+                }
+                let mut identifiers = item.identifiers.clone();
+                validate::add_identifiers(&mut identifiers, body.identifiers.as_deref().unwrap_or_default());
+                if identifiers.len() > MAX_IDENTIFIERS {
+                    return Err(ApiError::conflict(format!(
+                        "the item would have {} identifiers; at most {MAX_IDENTIFIERS} are allowed",
+                        identifiers.len()
+                    )));
+                }
+                let mut data = item.enriched_data.to_map();
+                for (key, value) in body.enriched_data.unwrap_or_default() {
+                    if value.is_null() {
+                        data.remove(&key);
+                    } else {
+                        data.insert(key, value);
+                    }
+                }
+                validate::enriched_data(&data, "the item's enriched_data after the update")
+                    .map_err(ApiError::as_conflict)?;
+                Ok(set.update::<Item>(&dfid, |item| {
+                    item.identifiers = identifiers;
+                    item.enriched_data = JsonObject::from_map(&data);
+                    item.updated_at = Utc::now();
+                })?)
+            },
+            ItemView::from,
+        )
+        .await
 }
 
 /// Body of `POST /api/items/{dfid}/merge`.
@@ -367,8 +379,14 @@ pub async fn merge(
     ApiJson(body): ApiJson<MergeItems>,
 ) -> Result<Response, ApiError> {
     validate::id(&body.source_dfid, "source_dfid")?;
-    let (target, _) = state.change(durable, |set| merge_into(set, &dfid, &body.source_dfid)).await?;
-    Ok(state.respond(StatusCode::OK, &ItemView::from(target), durable))
+    state
+        .answer(
+            durable,
+            StatusCode::OK,
+            |set| merge_into(set, &dfid, &body.source_dfid),
+            |(target, _)| ItemView::from(target),
+        )
+        .await
 }
 
 /// Body of `POST /api/items/{dfid}/split`.
@@ -407,47 +425,48 @@ pub async fn split(
 ) -> Result<Response, ApiError> {
     validate::identifiers(&body.identifiers, 1, "identifiers")?;
     let moved = validate::dedup_identifiers(body.identifiers);
-    let result = state
-        .change(durable, |set| {
-            let original = existing(set, &dfid)?;
-            require_active(&original, "a split")?;
-            let unknown: Vec<String> = moved
-                .iter()
-                .filter(|i| !original.identifiers.contains(i))
-                .map(|i| format!("{}={}", i.key, i.value))
-                .collect();
-            if !unknown.is_empty() {
-                return Err(ApiError::unprocessable(format!(
-                    "item {dfid} has no identifier(s) {}",
-                    unknown.join(", ")
-                )));
-            }
-            let remaining: Vec<Identifier> =
-                original.identifiers.iter().filter(|i| !moved.contains(i)).cloned().collect();
-            if remaining.is_empty() {
-                return Err(ApiError::unprocessable("a split must leave the original at least one identifier"));
-            }
-            let now = Utc::now();
-            let created = Item {
-                dfid: new_dfid(),
-                local_id: None,
-                status: ItemStatus::Active,
-                identifiers: moved.clone(),
-                enriched_data: JsonObject::empty(),
-                merged_into: None,
-                circuits: Vec::new(),
-                created_at: now,
-                updated_at: now,
-            };
-            let original = set.update::<Item>(&dfid, |item| {
-                item.identifiers = remaining;
-                item.updated_at = now;
-            })?;
-            let created = set.insert(created)?;
-            Ok(SplitResult { original: original.into(), created: created.into() })
-        })
-        .await?;
-    Ok(state.respond(StatusCode::CREATED, &result, durable))
+    state
+        .answer(
+            durable,
+            StatusCode::CREATED,
+            |set| {
+                let original = existing(set, &dfid)?;
+                require_active(&original, "a split")?;
+                let unknown: Vec<String> = moved
+                    .iter()
+                    .filter(|i| !original.identifiers.contains(i))
+                    .map(|i| format!("{}={}", i.key, i.value))
+                    .collect();
+                if !unknown.is_empty() {
+                    return Err(ApiError::conflict(format!("item {dfid} has no identifier(s) {}", unknown.join(", "))));
+                }
+                let remaining: Vec<Identifier> =
+                    original.identifiers.iter().filter(|i| !moved.contains(i)).cloned().collect();
+                if remaining.is_empty() {
+                    return Err(ApiError::conflict("a split must leave the original at least one identifier"));
+                }
+                let now = Utc::now();
+                let created = Item {
+                    dfid: new_dfid(),
+                    local_id: None,
+                    status: ItemStatus::Active,
+                    identifiers: moved.clone(),
+                    enriched_data: JsonObject::empty(),
+                    merged_into: None,
+                    circuits: Vec::new(),
+                    created_at: now,
+                    updated_at: now,
+                };
+                let original = set.update::<Item>(&dfid, |item| {
+                    item.identifiers = remaining;
+                    item.updated_at = now;
+                })?;
+                let created = set.insert(created)?;
+                Ok(SplitResult { original: original.into(), created: created.into() })
+            },
+            |result| result,
+        )
+        .await
 }
 
 /// `PUT /api/items/{dfid}/deprecate`: marks an active item deprecated;
@@ -465,28 +484,32 @@ pub async fn deprecate(
     Path(dfid): Path<String>,
     Durable(durable): Durable,
 ) -> Result<Response, ApiError> {
-    let saved = state
-        .change(durable, |set| {
-            let item = existing(set, &dfid)?;
-            match item.status {
-                ItemStatus::Deprecated => {
-                    // Idempotent: nothing changes, but a durable caller still
-                    // waits for the state it is shown to be committed.
-                    set.watch::<Item>(&dfid);
-                    Ok(item)
+    state
+        .answer(
+            durable,
+            StatusCode::OK,
+            |set| {
+                let item = existing(set, &dfid)?;
+                match item.status {
+                    ItemStatus::Deprecated => {
+                        // Idempotent: nothing changes, but a durable caller still
+                        // waits for the state it is shown to be committed.
+                        set.watch::<Item>(&dfid);
+                        Ok(item)
+                    }
+                    ItemStatus::Merged => Err(ApiError::conflict(format!(
+                        "item {dfid} is merged into {}; it cannot be deprecated",
+                        item.merged_into.as_deref().unwrap_or("another item")
+                    ))),
+                    ItemStatus::Active => Ok(set.update::<Item>(&dfid, |item| {
+                        item.status = ItemStatus::Deprecated;
+                        item.updated_at = Utc::now();
+                    })?),
                 }
-                ItemStatus::Merged => Err(ApiError::conflict(format!(
-                    "item {dfid} is merged into {}; it cannot be deprecated",
-                    item.merged_into.as_deref().unwrap_or("another item")
-                ))),
-                ItemStatus::Active => Ok(set.update::<Item>(&dfid, |item| {
-                    item.status = ItemStatus::Deprecated;
-                    item.updated_at = Utc::now();
-                })?),
-            }
-        })
-        .await?;
-    Ok(state.respond(StatusCode::OK, &ItemView::from(saved), durable))
+            },
+            ItemView::from,
+        )
+        .await
 }
 
 /// `DELETE /api/items/{dfid}`: deletes an item (a versioned tombstone) and
@@ -504,25 +527,25 @@ pub async fn delete(
     Durable(durable): Durable,
 ) -> Result<Response, ApiError> {
     state
-        .change(durable, |set| {
-            let item = existing(set, &dfid)?;
-            let now = Utc::now();
-            for circuit in &item.circuits {
-                match set.update::<Circuit>(circuit, |c| {
-                    c.items.retain(|d| **d != *dfid);
-                    c.updated_at = now;
-                }) {
-                    Ok(_) | Err(StoreError::NotFound { .. }) => {}
-                    Err(e) => return Err(e.into()),
+        .answer(
+            durable,
+            StatusCode::NO_CONTENT,
+            |set| {
+                let item = existing(set, &dfid)?;
+                let now = Utc::now();
+                for circuit in &item.circuits {
+                    match set.update::<Circuit>(circuit, |c| {
+                        c.items.retain(|d| **d != *dfid);
+                        c.updated_at = now;
+                    }) {
+                        Ok(_) | Err(StoreError::NotFound { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
                 }
-            }
-            set.delete::<Item>(&dfid)?;
-            Ok(())
-        })
-        .await?;
-    let mut response = StatusCode::NO_CONTENT.into_response();
-    if durable {
-        response.headers_mut().insert("preference-applied", axum::http::HeaderValue::from_static("durable"));
-    }
-    Ok(response)
+                set.delete::<Item>(&dfid)?;
+                Ok(())
+            },
+            |()| (),
+        )
+        .await
 }

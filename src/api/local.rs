@@ -48,21 +48,26 @@ pub async fn create(
     body.validate("")?;
     let local_id = uuid::Uuid::new_v4().to_string();
     let item = body.into_item(Some(local_id.clone()));
-    let created = state
-        .change(durable, |set| {
-            let now = Utc::now();
-            let mapping = LocalMapping {
-                local_id: local_id.clone(),
-                dfid: item.dfid.clone(),
-                merge: None,
-                created_at: now,
-                updated_at: now,
-            };
-            set.insert(mapping)?;
-            Ok(set.insert(item)?)
-        })
-        .await?;
-    Ok(state.respond(StatusCode::CREATED, &LocalItem { local_id, item: created.into() }, durable))
+    let mapping_id = local_id.clone();
+    state
+        .answer(
+            durable,
+            StatusCode::CREATED,
+            |set| {
+                let now = Utc::now();
+                let mapping = LocalMapping {
+                    local_id: mapping_id,
+                    dfid: item.dfid.clone(),
+                    merge: None,
+                    created_at: now,
+                    updated_at: now,
+                };
+                set.insert(mapping)?;
+                Ok(set.insert(item)?)
+            },
+            |created| LocalItem { local_id, item: created.into() },
+        )
+        .await
 }
 
 /// Body of `POST /api/items/local/merge`.
@@ -109,36 +114,43 @@ pub async fn merge(
             return Err(ApiError::unprocessable(format!("local_ids: {id} is given twice")));
         }
     }
-    let result = state
-        .change(durable, |set| {
-            let target_dfid = mapping(set, &ids[0])?.dfid.clone();
-            let mut merged = Vec::new();
-            let mut target = None;
-            for local_id in &ids[1..] {
-                let map = mapping(set, local_id)?;
-                if map.merge.is_some() || map.dfid == target_dfid {
-                    return Err(ApiError::conflict(format!("local id {local_id} is already merged into {}", map.dfid)));
+    state
+        .answer(
+            durable,
+            StatusCode::OK,
+            |set| {
+                let target_dfid = mapping(set, &ids[0])?.dfid.clone();
+                let mut merged = Vec::new();
+                let mut target = None;
+                for local_id in &ids[1..] {
+                    let map = mapping(set, local_id)?;
+                    if map.merge.is_some() || map.dfid == target_dfid {
+                        return Err(ApiError::conflict(format!(
+                            "local id {local_id} is already merged into {}",
+                            map.dfid
+                        )));
+                    }
+                    let source_before: Item = Item::clone(&existing(set, &map.dfid)?.value);
+                    let (merged_target, added) = merge_into(set, &target_dfid, &map.dfid)?;
+                    let now = Utc::now();
+                    set.update::<LocalMapping>(local_id, |m| {
+                        m.merge = Some(LocalMerge {
+                            target_dfid: target_dfid.clone(),
+                            source_before: source_before.clone(),
+                            added_identifiers: added,
+                        });
+                        m.dfid = target_dfid.clone();
+                        m.updated_at = now;
+                    })?;
+                    merged.push(ItemView::from(existing(set, &source_before.dfid)?));
+                    target = Some(merged_target);
                 }
-                let source_before: Item = Item::clone(&existing(set, &map.dfid)?.value);
-                let (merged_target, added) = merge_into(set, &target_dfid, &map.dfid)?;
-                let now = Utc::now();
-                set.update::<LocalMapping>(local_id, |m| {
-                    m.merge = Some(LocalMerge {
-                        target_dfid: target_dfid.clone(),
-                        source_before: source_before.clone(),
-                        added_identifiers: added,
-                    });
-                    m.dfid = target_dfid.clone();
-                    m.updated_at = now;
-                })?;
-                merged.push(ItemView::from(existing(set, &source_before.dfid)?));
-                target = Some(merged_target);
-            }
-            let target = target.ok_or_else(|| ApiError::unprocessable("nothing to merge"))?;
-            Ok(LocalMergeResult { target: target.into(), merged })
-        })
-        .await?;
-    Ok(state.respond(StatusCode::OK, &result, durable))
+                let target = target.ok_or_else(|| ApiError::conflict("nothing to merge"))?;
+                Ok(LocalMergeResult { target: target.into(), merged })
+            },
+            |result| result,
+        )
+        .await
 }
 
 /// Body of `POST /api/items/local/unmerge`.
@@ -175,36 +187,40 @@ pub async fn unmerge(
     ApiJson(body): ApiJson<LocalUnmergeRequest>,
 ) -> Result<Response, ApiError> {
     validate::id(&body.local_id, "local_id")?;
-    let result = state
-        .change(durable, |set| {
-            let map = mapping(set, &body.local_id)?;
-            let Some(merge) = map.merge.clone() else {
-                return Err(ApiError::conflict(format!("local id {} is not merged", body.local_id)));
-            };
-            if !set.contains::<Item>(&merge.source_before.dfid) {
-                return Err(ApiError::conflict(format!(
-                    "item {} of local id {} was deleted after the merge; it cannot be restored",
-                    merge.source_before.dfid, body.local_id
-                )));
-            }
-            let now = Utc::now();
-            let target = if set.contains::<Item>(&merge.target_dfid) {
-                Some(set.update::<Item>(&merge.target_dfid, |item| {
-                    item.identifiers.retain(|i| !merge.added_identifiers.contains(i));
-                    item.updated_at = now;
-                })?)
-            } else {
-                None
-            };
-            let restored = Item { updated_at: now, ..merge.source_before.clone() };
-            let restored = set.upsert(restored)?;
-            set.update::<LocalMapping>(&body.local_id, |m| {
-                m.dfid = merge.source_before.dfid.clone();
-                m.merge = None;
-                m.updated_at = now;
-            })?;
-            Ok(LocalUnmergeResult { restored: restored.into(), target: target.map(ItemView::from) })
-        })
-        .await?;
-    Ok(state.respond(StatusCode::OK, &result, durable))
+    state
+        .answer(
+            durable,
+            StatusCode::OK,
+            |set| {
+                let map = mapping(set, &body.local_id)?;
+                let Some(merge) = map.merge.clone() else {
+                    return Err(ApiError::conflict(format!("local id {} is not merged", body.local_id)));
+                };
+                if !set.contains::<Item>(&merge.source_before.dfid) {
+                    return Err(ApiError::conflict(format!(
+                        "item {} of local id {} was deleted after the merge; it cannot be restored",
+                        merge.source_before.dfid, body.local_id
+                    )));
+                }
+                let now = Utc::now();
+                let target = if set.contains::<Item>(&merge.target_dfid) {
+                    Some(set.update::<Item>(&merge.target_dfid, |item| {
+                        item.identifiers.retain(|i| !merge.added_identifiers.contains(i));
+                        item.updated_at = now;
+                    })?)
+                } else {
+                    None
+                };
+                let restored = Item { updated_at: now, ..merge.source_before.clone() };
+                let restored = set.upsert(restored)?;
+                set.update::<LocalMapping>(&body.local_id, |m| {
+                    m.dfid = merge.source_before.dfid.clone();
+                    m.merge = None;
+                    m.updated_at = now;
+                })?;
+                Ok(LocalUnmergeResult { restored: restored.into(), target: target.map(ItemView::from) })
+            },
+            |result| result,
+        )
+        .await
 }

@@ -6,8 +6,10 @@
 
 pub mod admin;
 pub mod circuits;
+pub mod contract;
 pub mod error;
 pub mod extract;
+pub mod idempotency;
 pub mod index;
 pub mod items;
 pub mod local;
@@ -19,7 +21,8 @@ pub mod validate;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request};
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -27,7 +30,6 @@ use axum::{Extension, Router};
 use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
-use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
@@ -116,6 +118,11 @@ pub struct AppState {
     pub request_timeout: Duration,
     /// The admin bearer token; `None` turns the admin routes off.
     pub admin_token: Option<String>,
+    /// How long an `Idempotency-Key`'s answer is kept
+    /// (`OUTBOX_IDEMPOTENCY_TTL_S`).
+    pub idempotency_ttl: Duration,
+    /// Keys whose first request is being answered.
+    pub in_flight: Arc<idempotency::InFlight>,
 }
 
 impl AppState {
@@ -176,6 +183,43 @@ impl AppState {
         Ok(value)
     }
 
+    /// Applies `change` through the store and answers `status` with
+    /// `render` of its outcome (JSON; no body for 204). A request with an
+    /// `Idempotency-Key` stores that answer in the same change set, so it is
+    /// persisted with the change (rule *Idempotent requests*).
+    pub async fn answer<T, B: Serialize>(
+        &self,
+        durable: bool,
+        status: StatusCode,
+        change: impl FnOnce(&mut ChangeSet<'_>) -> Result<T, ApiError>,
+        render: impl FnOnce(T) -> B,
+    ) -> Result<Response, ApiError> {
+        let pending = idempotency::pending();
+        let body = self
+            .change(durable, |set| {
+                let outcome = change(set)?;
+                let body = if status == StatusCode::NO_CONTENT {
+                    Vec::new()
+                } else {
+                    serde_json::to_vec(&render(outcome)).map_err(|e| ApiError::internal(&e))?
+                };
+                if let Some(pending) = &pending {
+                    set.upsert(pending.record(status, &body))?;
+                }
+                Ok(body)
+            })
+            .await?;
+        let mut response = if body.is_empty() {
+            status.into_response()
+        } else {
+            (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        };
+        if durable {
+            response.headers_mut().insert("preference-applied", HeaderValue::from_static("durable"));
+        }
+        Ok(response)
+    }
+
     /// A JSON response, saying `Preference-Applied: durable` when the change
     /// was committed before answering.
     pub fn respond(&self, status: StatusCode, body: &impl Serialize, durable: bool) -> Response {
@@ -226,6 +270,7 @@ pub fn store_builder() -> crate::store::StoreBuilder {
         .kind::<model::Item>()
         .kind::<model::Circuit>()
         .kind::<model::LocalMapping>()
+        .kind::<idempotency::IdempotencyRecord>()
         .index::<model::Item, _>(index::ItemIndex::default())
 }
 
@@ -262,35 +307,32 @@ fn routes(admin: bool) -> OpenApiRouter<AppState> {
 }
 
 /// Every error answer is problem details: the document says so once, for
-/// every 4xx and 5xx response the handlers list, instead of on each.
-fn with_problem_details(document: &mut utoipa::openapi::OpenApi) {
-    use utoipa::openapi::{Content, Ref, RefOr};
-    for item in document.paths.paths.values_mut() {
-        let operations =
-            [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch, &mut item.head];
-        for operation in operations.into_iter().flatten() {
-            for (status, response) in operation.responses.responses.iter_mut() {
-                if let RefOr::T(response) = response
-                    && (status.starts_with('4') || status.starts_with('5'))
-                    && response.content.is_empty()
-                {
-                    let problem = Content::new(Some(Ref::from_schema_name("Problem")));
-                    response.content.insert("application/problem+json".to_owned(), RefOr::T(problem));
+/// every 4xx and 5xx response, instead of on each.
+fn with_problem_details(document: &mut serde_json::Value) {
+    let problem = serde_json::json!({"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}});
+    for item in document["paths"].as_object_mut().expect("paths").values_mut() {
+        for operation in item.as_object_mut().expect("a path item").values_mut() {
+            for (status, response) in operation["responses"].as_object_mut().expect("responses").iter_mut() {
+                if (status.starts_with('4') || status.starts_with('5')) && response.get("content").is_none() {
+                    response["content"] = problem.clone();
                 }
             }
         }
     }
 }
 
-/// The router and its OpenAPI document, admin routes included or not.
-fn router_and_document(admin: bool) -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    let (router, mut document) = routes(admin).split_for_parts();
+/// The router and its OpenAPI document (as JSON), admin routes included or
+/// not.
+fn router_and_document(admin: bool) -> (Router<AppState>, serde_json::Value) {
+    let (router, document) = routes(admin).split_for_parts();
+    let mut document = serde_json::to_value(&document).expect("the OpenAPI document serializes");
+    contract::complete(&mut document);
     with_problem_details(&mut document);
     (router, document)
 }
 
 /// The OpenAPI document of the service (with the admin routes).
-pub fn openapi() -> utoipa::openapi::OpenApi {
+pub fn openapi() -> serde_json::Value {
     router_and_document(true).1
 }
 
@@ -298,18 +340,69 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn router(state: AppState) -> Router {
     let admin = state.admin_token.is_some();
     let (router, document) = router_and_document(admin);
-    let document = ops::OpenApiJson(Arc::new(document.to_json().expect("the OpenAPI document serializes")));
+    let document = ops::OpenApiJson(Arc::new(document.to_string()));
     let router =
         if admin { router.route_layer(middleware::from_fn_with_state(state.clone(), admin_gate)) } else { router };
     router
         .fallback(|| async { ApiError::not_found("no such route") })
+        .route_layer(middleware::from_fn_with_state(state.clone(), idempotency::guard))
         .route_layer(middleware::from_fn(track_http))
         .layer(Extension(document))
-        .layer(RequestBodyLimitLayer::new(state.body_limit))
+        .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(state.clone(), limit_body))
         .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, state.request_timeout))
         .layer(middleware::from_fn(problem_for_bare_errors))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Most of an over-limit body read and discarded before answering 413, and
+/// for how long: a client that sends its whole body before reading gets
+/// the answer instead of a connection reset (a lingering close).
+const LINGER_MAX_BYTES: usize = 16 * 1024 * 1024;
+const LINGER_MAX_TIME: Duration = Duration::from_secs(5);
+
+/// Reads the body whole, up to the limit (`OUTBOX_BODY_LIMIT`); a larger
+/// one is read on and discarded (up to [`LINGER_MAX_BYTES`]) and answered
+/// 413, closing the connection.
+async fn limit_body(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    use http_body_util::BodyExt;
+    let (parts, mut body) = request.into_parts();
+    let mut kept = Vec::new();
+    let mut total = 0usize;
+    let read = tokio::time::timeout(LINGER_MAX_TIME, async {
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame?.into_data() else { continue };
+            total += data.len();
+            if total <= state.body_limit {
+                kept.extend_from_slice(&data);
+            } else if total > LINGER_MAX_BYTES {
+                break;
+            }
+        }
+        Ok::<(), axum::Error>(())
+    })
+    .await;
+    if total > state.body_limit {
+        let mut response = ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            format!("the request body exceeds the size limit of {} bytes (OUTBOX_BODY_LIMIT)", state.body_limit),
+        )
+        .into_response();
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
+    match read {
+        Ok(Ok(())) => next.run(Request::from_parts(parts, Body::from(kept))).await,
+        Ok(Err(e)) => ApiError::bad_request(format!("the request body could not be read: {e}")).into_response(),
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            format!("the request body did not arrive within {} s", LINGER_MAX_TIME.as_secs()),
+        )
+        .into_response(),
+    }
 }
 
 /// Applies the admin token check to `/api/admin/*` only.

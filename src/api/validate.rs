@@ -10,9 +10,9 @@ use super::model::Identifier;
 
 /// Most identifiers on one item (and in one request).
 pub const MAX_IDENTIFIERS: usize = 100;
-/// Longest identifier key, in bytes.
+/// Longest identifier key, in characters.
 pub const MAX_KEY_LEN: usize = 128;
-/// Longest identifier value, in bytes.
+/// Longest identifier value, in characters.
 pub const MAX_VALUE_LEN: usize = 512;
 /// Most top-level keys of `enriched_data`.
 pub const MAX_ENRICHED_KEYS: usize = 256;
@@ -20,7 +20,7 @@ pub const MAX_ENRICHED_KEYS: usize = 256;
 pub const MAX_ENRICHED_BYTES: usize = 64 * 1024;
 /// Most items in one batch create.
 pub const MAX_BATCH: usize = 1000;
-/// Longest circuit name, in bytes.
+/// Longest circuit name, in characters.
 pub const MAX_NAME_LEN: usize = 200;
 /// Most items in one circuit.
 pub const MAX_CIRCUIT_ITEMS: usize = 10_000;
@@ -29,7 +29,7 @@ pub const MAX_CIRCUIT_ITEMS: usize = 10_000;
 pub const MAX_ITEM_CIRCUITS: usize = 100;
 /// Most local ids in one local merge.
 pub const MAX_LOCAL_MERGE: usize = 100;
-/// Longest id accepted in a path or body, in bytes.
+/// Longest id accepted in a path or body, in characters.
 pub const MAX_ID_LEN: usize = 128;
 /// Default and largest page of `GET /api/items`.
 pub const DEFAULT_PAGE: usize = 100;
@@ -52,13 +52,15 @@ pub fn identifiers(list: &[Identifier], min: usize, at: &str) -> Result<(), ApiE
     Ok(())
 }
 
-/// Checks a string's length (bytes) and that it has no control characters.
+/// Checks a string's length in characters (as JSON Schema's `maxLength`
+/// counts) and that it has no control characters.
 pub fn text(value: &str, min: usize, max: usize, at: &str) -> Result<(), ApiError> {
-    if value.len() < min {
+    let length = value.chars().count();
+    if length < min {
         return Err(ApiError::unprocessable(format!("{at}: must not be empty")));
     }
-    if value.len() > max {
-        return Err(ApiError::unprocessable(format!("{at}: at most {max} bytes allowed ({} given)", value.len())));
+    if length > max {
+        return Err(ApiError::unprocessable(format!("{at}: at most {max} characters allowed ({length} given)")));
     }
     if value.chars().any(char::is_control) {
         return Err(ApiError::unprocessable(format!("{at}: control characters are not allowed")));
