@@ -236,7 +236,7 @@ async fn metrics_upkeep(metrics: metrics_exporter_prometheus::PrometheusHandle, 
 /// sets), each step told to `/readyz`. `None`: shutdown came first.
 async fn start_engine(
     pool: &deadpool_postgres::Pool,
-    store: crate::Store,
+    store: crate::store::Store,
     receiver: crate::outbox::OutboxReceiver,
     engine_config: EngineConfig,
     readiness: &Arc<Readiness>,

@@ -692,3 +692,102 @@ async fn unknown_methods_share_one_metric_label() {
         "they count as other"
     );
 }
+
+/// A limit as the document states it.
+fn limit(document: &Value, pointer: &str) -> usize {
+    document.pointer(pointer).and_then(Value::as_u64).unwrap_or_else(|| panic!("the document states {pointer}"))
+        as usize
+}
+
+#[tokio::test]
+async fn the_document_states_the_limits_the_validators_enforce() {
+    let (app, store) = app_with(10_000, Phase::Ready, None);
+    let document = call(&app, "GET", "/openapi.json", None).await.body;
+    let schemas = "/components/schemas";
+    let max_key = limit(&document, &format!("{schemas}/Identifier/properties/key/maxLength"));
+    let max_value = limit(&document, &format!("{schemas}/Identifier/properties/value/maxLength"));
+    let max_identifiers = limit(&document, &format!("{schemas}/CreateItem/properties/identifiers/maxItems"));
+    let max_batch = limit(&document, &format!("{schemas}/BatchCreate/properties/items/maxItems"));
+    let max_name = limit(&document, &format!("{schemas}/CreateCircuit/properties/name/maxLength"));
+    let max_keys = limit(&document, &format!("{schemas}/EnrichedData/maxProperties"));
+    assert_eq!(
+        document.pointer(&format!("{schemas}/Identifier/properties/key/pattern")),
+        Some(&json!(outbox::api::contract::NO_CONTROL))
+    );
+
+    // Each limit is where the server draws the line: at it accepted, past
+    // it refused (lengths count characters, as JSON Schema does).
+    let accepted = |body: Value, path: &'static str| {
+        let app = app.clone();
+        async move {
+            let answer = call(&app, "POST", path, Some(&body.to_string())).await;
+            assert_eq!(answer.status, StatusCode::CREATED, "{path} {body}: {}", answer.body);
+        }
+    };
+    let refused = |body: Value, path: &'static str| {
+        let (app, store) = (app.clone(), store.clone());
+        async move {
+            assert_refused(&app, &store, "POST", path, Some(&body.to_string()), StatusCode::UNPROCESSABLE_ENTITY).await
+        }
+    };
+    let identifier = |key: String, value: String| json!({"identifiers": [{"key": key, "value": value}]});
+    accepted(identifier("é".repeat(max_key), "€".repeat(max_value)), "/api/items").await;
+    refused(identifier("é".repeat(max_key + 1), "v".into()), "/api/items").await;
+    refused(identifier("k".into(), "€".repeat(max_value + 1)), "/api/items").await;
+    refused(identifier("bell\u{7}".into(), "v".into()), "/api/items").await;
+    refused(identifier("k".into(), "c1\u{85}".into()), "/api/items").await;
+    let many = |n: usize| (0..n).map(|i| json!({"key": "sku", "value": format!("v{i}")})).collect::<Vec<_>>();
+    accepted(json!({"identifiers": many(max_identifiers)}), "/api/items").await;
+    refused(json!({"identifiers": many(max_identifiers + 1)}), "/api/items").await;
+    let batch = |n: usize| json!({"items": (0..n).map(|i| identifier("b".into(), i.to_string())).collect::<Vec<_>>()});
+    accepted(batch(max_batch), "/api/items/batch").await;
+    refused(batch(max_batch + 1), "/api/items/batch").await;
+    accepted(json!({"name": "ñ".repeat(max_name)}), "/api/circuits").await;
+    refused(json!({"name": "ñ".repeat(max_name + 1)}), "/api/circuits").await;
+    let data = |n: usize| (0..n).map(|i| (format!("k{i}"), json!(i))).collect::<serde_json::Map<_, _>>();
+    accepted(json!({"identifiers": many(1), "enriched_data": data(max_keys)}), "/api/items").await;
+    refused(json!({"identifiers": many(1), "enriched_data": data(max_keys + 1)}), "/api/items").await;
+
+    let page = document["paths"]["/api/items"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "limit")
+        .map(|p| p["schema"]["maximum"].as_u64().unwrap())
+        .unwrap();
+    assert_eq!(call(&app, "GET", &format!("/api/items?limit={page}"), None).await.status, StatusCode::OK);
+    for bad in [format!("/api/items?limit={}", page + 1), "/api/items?limit=0".into(), "/api/items?key=k".into()] {
+        assert_eq!(call(&app, "GET", &bad, None).await.status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+
+    // Every operation with a body answers malformed JSON 400 and a wrong
+    // content type 415, and says so.
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            if operation.get("requestBody").is_none() {
+                continue;
+            }
+            let uri = path.replace("{dfid}", "DFID-x").replace("{id}", "x");
+            let method_upper = method.to_uppercase();
+            let malformed = call(&app, &method_upper, &uri, Some("{")).await.status;
+            let request = Request::builder()
+                .method(method_upper.as_str())
+                .uri(&uri)
+                .header(header::CONTENT_TYPE, "text/plain")
+                .body(Body::from("{}"))
+                .unwrap();
+            let wrong_type = send(&app, request).await.status;
+            for status in [malformed, wrong_type] {
+                assert!(
+                    operation["responses"].get(status.as_str()).is_some(),
+                    "{method} {path} answers {status}, which its document lists"
+                );
+            }
+            assert_eq!(
+                (malformed, wrong_type),
+                (StatusCode::BAD_REQUEST, StatusCode::UNSUPPORTED_MEDIA_TYPE),
+                "{method} {path}"
+            );
+        }
+    }
+}

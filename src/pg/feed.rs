@@ -16,8 +16,6 @@ use deadpool_postgres::Pool;
 
 use super::DbError;
 use super::lease::LEASE_NAME;
-use super::upsert::Encoded;
-use crate::entity::KindInfo;
 
 /// Appends the entry of one flush transaction (inside it, last before the
 /// commit).
@@ -34,18 +32,18 @@ pub(crate) struct Entry {
     pub(crate) kinds: Vec<(String, Vec<String>)>,
 }
 
-/// Appends the entry for `encoded`, written under `epoch`.
+/// Appends the entry of a transaction written under `epoch`: per kind
+/// name, the ids it wrote.
 pub(crate) async fn append(
     transaction: &deadpool_postgres::Transaction<'_>,
-    kinds: &[KindInfo],
-    encoded: &Encoded,
+    written: &[(&str, &[String])],
     epoch: u64,
 ) -> Result<(), tokio_postgres::Error> {
-    let names: Vec<&str> = encoded.kinds.iter().map(|part| kinds[part.kind].name).collect();
-    let mut ends = Vec::with_capacity(encoded.kinds.len());
-    let mut ids: Vec<&str> = Vec::with_capacity(encoded.kinds.iter().map(|p| p.ids.len()).sum());
-    for part in &encoded.kinds {
-        ids.extend(part.ids.iter().map(String::as_str));
+    let names: Vec<&str> = written.iter().map(|(name, _)| *name).collect();
+    let mut ends = Vec::with_capacity(written.len());
+    let mut ids: Vec<&str> = Vec::with_capacity(written.iter().map(|(_, ids)| ids.len()).sum());
+    for (_, part) in written {
+        ids.extend(part.iter().map(String::as_str));
         ends.push(ids.len() as i32);
     }
     let statement = transaction.prepare_cached(APPEND_SQL).await?;

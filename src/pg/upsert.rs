@@ -329,7 +329,9 @@ pub(crate) async fn write(
     }
     // Under the lease, standbys follow what is committed.
     if let (Some(ours), true) = (epoch, commit) {
-        super::feed::append(&transaction, kinds, encoded, ours).await?;
+        let written: Vec<(&str, &[String])> =
+            encoded.kinds.iter().map(|part| (kinds[part.kind].name, part.ids.as_slice())).collect();
+        super::feed::append(&transaction, &written, ours).await?;
     }
     for (kind, resolution, ids) in &encoded.resolve {
         let statement = transaction.prepare_cached(RESOLVE_DEAD_LETTERS_SQL).await?;
