@@ -17,6 +17,10 @@ use nix::sys::signal::Signal;
 use reqwest::Method;
 use serde_json::{Value, json};
 
+/// The tests that load the machine with connections run one at a time:
+/// their deadlines mean little while another floods the same two cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The answer to one request: status, `Idempotent-Replayed`, body.
 struct Answer {
     status: u16,
@@ -243,6 +247,7 @@ fn send_whole_then_read(addr: &str, body_len: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_oversized_body_gets_413_every_time() {
+    let _serial = SERIAL.lock().await;
     let db = fresh_db("too-large").await;
     let server = ServerProcess::start(
         &[],
@@ -285,6 +290,7 @@ async fn healthz_answers(server: &ServerProcess) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn half_open_requests_are_closed_by_the_header_timeout_and_healthz_is_answered_throughout() {
+    let _serial = SERIAL.lock().await;
     // The default header timeout: 10 s.
     let db = fresh_db("slowloris").await;
     let server = ServerProcess::start(
@@ -336,6 +342,7 @@ async fn half_open_requests_are_closed_by_the_header_timeout_and_healthz_is_answ
 
 #[tokio::test(flavor = "multi_thread")]
 async fn beyond_the_connection_limit_new_connections_wait_and_are_counted() {
+    let _serial = SERIAL.lock().await;
     let db = fresh_db("connection-limit").await;
     let server = ServerProcess::start(
         &[],
