@@ -900,6 +900,25 @@ struct Hydration {
     ready_seconds: Runs,
     peak_rss_mib: Runs,
     rows_per_second: Runs,
+    /// One run each at larger sizes: (items, hydration seconds, peak RSS MiB).
+    scale: Vec<(usize, f64, f64)>,
+}
+
+/// The larger sizes P5 is also measured at, to show the curve is linear.
+const HYDRATE_SCALE: [usize; 2] = [2_000_000, 4_000_000];
+
+/// Starts the release server on `count` items already in `items`; its
+/// hydration seconds, start-to-ready seconds and peak RSS.
+async fn hydrate_once(bench: &Bench, count: usize) -> (f64, f64, f64) {
+    let started = Instant::now();
+    let server = Server::start(bench, &[]).await;
+    let ready = started.elapsed().as_secs_f64();
+    let hydration_ms = server.logged("hydration finished", "elapsed_ms").expect("hydration is logged");
+    let entities = server.logged("hydration finished", "entities").unwrap_or(0.0);
+    assert_eq!(entities as usize, count, "every item hydrated");
+    let rss = server.peak_rss_mib();
+    server.stop();
+    (hydration_ms / 1000.0, ready, rss)
 }
 
 async fn hydration(bench: &Bench) -> Hydration {
@@ -908,19 +927,19 @@ async fn hydration(bench: &Bench) -> Hydration {
     let mut h = Hydration::default();
     for run in 0..RUNS {
         eprintln!("P5 run {}/{RUNS}", run + 1);
-        let started = Instant::now();
-        let server = Server::start(bench, &[]).await;
-        let ready = started.elapsed().as_secs_f64();
-        let hydration_ms = server.logged("hydration finished", "elapsed_ms").expect("hydration is logged");
-        let entities = server.logged("hydration finished", "entities").unwrap_or(0.0);
-        assert_eq!(entities as usize, HYDRATE_ITEMS, "every item hydrated");
-        let rss = server.peak_rss_mib();
-        server.stop();
-        eprintln!("  hydration {:.2} s, ready after {ready:.2} s, peak RSS {rss:.0} MiB", hydration_ms / 1000.0);
-        h.seconds.push(hydration_ms / 1000.0);
+        let (seconds, ready, rss) = hydrate_once(bench, HYDRATE_ITEMS).await;
+        eprintln!("  hydration {seconds:.2} s, ready after {ready:.2} s, peak RSS {rss:.0} MiB");
+        h.seconds.push(seconds);
         h.ready_seconds.push(ready);
         h.peak_rss_mib.push(rss);
-        h.rows_per_second.push(HYDRATE_ITEMS as f64 / (hydration_ms / 1000.0));
+        h.rows_per_second.push(HYDRATE_ITEMS as f64 / seconds);
+    }
+    for count in HYDRATE_SCALE {
+        eprintln!("P5: writing {count} items");
+        fill_items(bench, count).await;
+        let (seconds, _, rss) = hydrate_once(bench, count).await;
+        eprintln!("  {count} items: hydration {seconds:.2} s, peak RSS {rss:.0} MiB");
+        h.scale.push((count, seconds, rss));
     }
     bench.reset().await;
     h
@@ -1417,6 +1436,24 @@ fn report(
     let _ = writeln!(w, "| rows/s | {} |", fmt3(&p5.rows_per_second, 0));
     let _ = writeln!(w, "| start to ready (s) | {} |", fmt3(&p5.ready_seconds, 2));
     let _ = writeln!(w, "| peak RSS (MiB) | {} |\n", fmt3(&p5.peak_rss_mib, 0));
+
+    let (_, median_seconds, _) = stats(&p5.seconds);
+    let (_, median_rss, _) = stats(&p5.peak_rss_mib);
+    let _ = writeln!(w, "The curve (one run at each larger size):\n");
+    let _ = writeln!(w, "| items | hydration (s) | s per 1M | peak RSS (MiB) | MiB per 1M |\n|---|---|---|---|---|");
+    let million = HYDRATE_ITEMS as f64 / 1e6;
+    let _ = writeln!(
+        w,
+        "| {HYDRATE_ITEMS} (median) | {median_seconds:.2} | {:.2} | {median_rss:.0} | {:.0} |",
+        median_seconds / million,
+        median_rss / million
+    );
+    for (count, seconds, rss) in &p5.scale {
+        let millions = *count as f64 / 1e6;
+        let _ =
+            writeln!(w, "| {count} | {seconds:.2} | {:.2} | {rss:.0} | {:.0} |", seconds / millions, rss / millions);
+    }
+    let _ = writeln!(w);
 
     let _ = writeln!(w, "## P6: a 30 s outage under steady load\n");
     let _ = writeln!(
