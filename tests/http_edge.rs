@@ -291,11 +291,16 @@ async fn healthz_answers(server: &ServerProcess) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn half_open_requests_are_closed_by_the_header_timeout_and_healthz_is_answered_throughout() {
     let _serial = SERIAL.lock().await;
-    // The default header timeout: 10 s.
+    // A header timeout longer than opening 3,000 connections takes on a
+    // loaded machine, so that they are all open at once.
     let db = fresh_db("slowloris").await;
     let server = ServerProcess::start(
         &[],
-        &[("DATABASE_URL", db.url()), ("OUTBOX_DATA_DIR", scratch_dir("slowloris").display().to_string())],
+        &[
+            ("DATABASE_URL", db.url()),
+            ("OUTBOX_DATA_DIR", scratch_dir("slowloris").display().to_string()),
+            ("OUTBOX_HEADER_TIMEOUT_S", "30".to_owned()),
+        ],
     );
     server.wait_ready(Duration::from_secs(60)).await;
     let baseline = open_fds(server.pid());
@@ -304,30 +309,37 @@ async fn half_open_requests_are_closed_by_the_header_timeout_and_healthz_is_answ
     let started = Instant::now();
     let mut slow = tokio::task::spawn_blocking(move || half_open(&addr, 3000)).await.unwrap();
     let opened = started.elapsed();
-    let held = poll_until(Duration::from_secs(3), || async { open_fds(server.pid()) >= baseline + 2500 }).await;
-    assert!(held, "the half-open connections are open: {} (baseline {baseline})", open_fds(server.pid()));
+    let held = poll_until(Duration::from_secs(5), || async { open_fds(server.pid()) >= baseline + 2500 }).await;
+    assert!(
+        held,
+        "the half-open connections are open: {} (baseline {baseline}, opened in {opened:?})",
+        open_fds(server.pid())
+    );
     // Ordinary requests are answered while they are held.
     while started.elapsed() < Duration::from_secs(8) {
         assert!(healthz_answers(&server).await, "/healthz is answered");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Every half-open connection is closed by the server within the
-    // timeout of its opening (and a little slack for a loaded machine).
+    // Every half-open connection is answered 408 and closed by the server
+    // within the timeout of its opening (and a little slack for a loaded
+    // machine).
     tokio::task::spawn_blocking(move || {
         for stream in &mut slow {
-            stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-            let mut buffer = [0u8; 256];
-            match stream.read(&mut buffer) {
+            stream.set_read_timeout(Some(Duration::from_secs(45))).unwrap();
+            let mut answer = Vec::new();
+            match stream.read_to_end(&mut answer) {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
                 Err(e) => panic!("a half-open connection was not closed: {e}"),
             }
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(answer.starts_with("HTTP/1.1 408 "), "answered 408 before closing: {answer:?}");
         }
     })
     .await
     .unwrap();
     let closed = started.elapsed();
-    assert!(closed < opened + Duration::from_secs(15), "opened in {opened:?}, all closed after {closed:?}");
+    assert!(closed < opened + Duration::from_secs(35), "opened in {opened:?}, all closed after {closed:?}");
     let back = poll_until(Duration::from_secs(5), || async { open_fds(server.pid()) <= baseline + 10 }).await;
     assert!(back, "file descriptors back to normal: {} (baseline {baseline})", open_fds(server.pid()));
     assert!(healthz_answers(&server).await);
