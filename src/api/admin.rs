@@ -12,8 +12,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
-use super::AppState;
 use super::error::ApiError;
+use super::{AppState, Shared};
 use crate::engine::operator;
 use crate::pg::dead_letters::{self, DeadLetterError};
 
@@ -24,7 +24,7 @@ const LIST_LIMIT: i64 = 1000;
 /// and the one expected are compared as SHA-256 digests, in constant time:
 /// neither the bytes nor the length of the expected token show in the time
 /// a refusal takes.
-pub async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn require_token(State(state): State<Shared>, request: Request, next: Next) -> Response {
     let Some(expected) = state.admin_token.as_deref() else {
         return ApiError::not_found("no such route").into_response();
     };
@@ -62,7 +62,7 @@ pub struct DeadLetterList {
         (status = 401, description = "Missing or wrong token"),
         (status = 503, description = "The database does not answer"),
     ))]
-pub async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
+pub async fn list(State(state): State<Shared>) -> Result<Response, ApiError> {
     let dead_letters = dead_letters::list_unresolved(&state.pool, LIST_LIMIT).await.map_err(|e| {
         ApiError::unavailable(format!("the database does not answer: {e}"), std::time::Duration::from_secs(5))
     })?;
@@ -109,7 +109,7 @@ fn action_wait(state: &AppState) -> std::time::Duration {
         (status = 503, description = "Not the lease holder, starting, or the database does not answer"),
         (status = 504, description = "Not committed in time; it stays queued"),
     ))]
-pub async fn replay(State(state): State<AppState>, Path(id): Path<i64>) -> Result<Response, ApiError> {
+pub async fn replay(State(state): State<Shared>, Path(id): Path<i64>) -> Result<Response, ApiError> {
     state.ensure_ready()?;
     let resolved =
         operator::replay(&state.store, &state.pool, id, action_wait(&state)).await.map_err(dead_letter_error)?;
@@ -131,7 +131,7 @@ pub async fn replay(State(state): State<AppState>, Path(id): Path<i64>) -> Resul
         (status = 503, description = "Not the lease holder, starting, or the database does not answer"),
         (status = 504, description = "Not committed in time; it stays queued"),
     ))]
-pub async fn discard(State(state): State<AppState>, Path(id): Path<i64>) -> Result<Response, ApiError> {
+pub async fn discard(State(state): State<Shared>, Path(id): Path<i64>) -> Result<Response, ApiError> {
     state.ensure_ready()?;
     let resolved =
         operator::discard(&state.store, &state.pool, id, action_wait(&state)).await.map_err(dead_letter_error)?;

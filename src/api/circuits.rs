@@ -8,7 +8,7 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::AppState;
+use super::Shared;
 use super::error::ApiError;
 use super::extract::{ApiJson, Durable};
 use super::items::{existing, require_active};
@@ -48,7 +48,7 @@ pub struct CreateCircuit {
         (status = 422, description = "Invalid name"),
     ))]
 pub async fn create(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     Durable(durable): Durable,
     ApiJson(body): ApiJson<CreateCircuit>,
 ) -> Result<Response, ApiError> {
@@ -71,7 +71,7 @@ pub async fn create(
         (status = 200, description = "The circuit", body = CircuitView),
         (status = 404, description = "No such circuit"),
     ))]
-pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn get(State(state): State<Shared>, Path(id): Path<String>) -> Result<Response, ApiError> {
     state.ensure_ready()?;
     match state.store.get::<Circuit>(&id) {
         Some(circuit) => Ok(axum::Json(CircuitView::from(circuit)).into_response()),
@@ -100,7 +100,7 @@ pub struct AddItem {
         (status = 422, description = "The circuit is full, or the item is in too many circuits"),
     ))]
 pub async fn add_item(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     Path(id): Path<String>,
     Durable(durable): Durable,
     ApiJson(body): ApiJson<AddItem>,

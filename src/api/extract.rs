@@ -8,7 +8,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 
 use super::error::ApiError;
-use super::{AckMode, AppState};
+use super::{AckMode, Shared};
 
 /// `axum::Json`, with its rejections (bad syntax, wrong types, unknown
 /// fields, wrong content type, too large) rendered as problem details.
@@ -55,10 +55,10 @@ impl From<QueryRejection> for ApiError {
 /// (`OUTBOX_ACK`) says so.
 pub struct Durable(pub bool);
 
-impl FromRequestParts<AppState> for Durable {
+impl FromRequestParts<Shared> for Durable {
     type Rejection = Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, Self::Rejection> {
         Ok(Self(wants_durable(&parts.headers, state.ack)))
     }
 }

@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use super::AppState;
 use super::error::ApiError;
+use super::{AppState, Shared};
 use crate::store::{Entity, Store, StoreError};
 
 /// The request header.
@@ -149,7 +149,7 @@ fn applies(method: &Method, path: &str) -> bool {
 
 /// The middleware: replays, refuses, or answers the request with its key
 /// pending.
-pub async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn guard(State(state): State<Shared>, request: Request, next: Next) -> Response {
     let Some(value) = request.headers().get(KEY_HEADER).cloned() else {
         return next.run(request).await;
     };

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
 
-use super::AppState;
+use super::Shared;
 use super::error::ApiError;
 use super::extract::{ApiJson, ApiQuery, Durable};
 use super::index::{ItemFilter, ItemIndex};
@@ -141,7 +141,7 @@ pub(crate) fn merge_into(
         (status = 503, description = "Queue full or starting; see Retry-After"),
     ))]
 pub async fn create(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     Durable(durable): Durable,
     ApiJson(body): ApiJson<CreateItem>,
 ) -> Result<Response, ApiError> {
@@ -176,7 +176,7 @@ pub struct ItemList {
         (status = 503, description = "Queue full or starting"),
     ))]
 pub async fn create_batch(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     Durable(durable): Durable,
     ApiJson(body): ApiJson<BatchCreate>,
 ) -> Result<Response, ApiError> {
@@ -213,7 +213,7 @@ pub async fn create_batch(
         (status = 200, description = "The item", body = ItemView),
         (status = 404, description = "No such item (or deleted)"),
     ))]
-pub async fn get(State(state): State<AppState>, Path(dfid): Path<String>) -> Result<Response, ApiError> {
+pub async fn get(State(state): State<Shared>, Path(dfid): Path<String>) -> Result<Response, ApiError> {
     state.ensure_ready()?;
     match state.store.get::<Item>(&dfid) {
         Some(item) => Ok(axum::Json(ItemView::from(item)).into_response()),
@@ -254,7 +254,7 @@ pub struct ItemPage {
         (status = 200, description = "A page of items", body = ItemPage),
         (status = 400, description = "Bad query"),
     ))]
-pub async fn list(State(state): State<AppState>, ApiQuery(query): ApiQuery<ListQuery>) -> Result<Response, ApiError> {
+pub async fn list(State(state): State<Shared>, ApiQuery(query): ApiQuery<ListQuery>) -> Result<Response, ApiError> {
     state.ensure_ready()?;
     let identifier = match (query.key, query.value) {
         (Some(key), Some(value)) => {
@@ -303,7 +303,7 @@ pub struct UpdateItem {
         (status = 422, description = "Invalid update"),
     ))]
 pub async fn update(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     Path(dfid): Path<String>,
     Durable(durable): Durable,
     ApiJson(body): ApiJson<UpdateItem>,
@@ -373,7 +373,7 @@ pub struct MergeItems {
         (status = 409, description = "Merge into itself, or an item not active"),
     ))]
 pub async fn merge(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     Path(dfid): Path<String>,
     Durable(durable): Durable,
     ApiJson(body): ApiJson<MergeItems>,
@@ -418,7 +418,7 @@ pub struct SplitResult {
         (status = 422, description = "Unknown identifiers, or none would remain"),
     ))]
 pub async fn split(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     Path(dfid): Path<String>,
     Durable(durable): Durable,
     ApiJson(body): ApiJson<SplitItem>,
@@ -480,7 +480,7 @@ pub async fn split(
         (status = 409, description = "The item is merged"),
     ))]
 pub async fn deprecate(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     Path(dfid): Path<String>,
     Durable(durable): Durable,
 ) -> Result<Response, ApiError> {
@@ -522,7 +522,7 @@ pub async fn deprecate(
         (status = 404, description = "No such item"),
     ))]
 pub async fn delete(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     Path(dfid): Path<String>,
     Durable(durable): Durable,
 ) -> Result<Response, ApiError> {

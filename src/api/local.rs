@@ -10,7 +10,7 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::AppState;
+use super::Shared;
 use super::error::ApiError;
 use super::extract::{ApiJson, Durable};
 use super::items::{CreateItem, ItemView, existing, merge_into};
@@ -41,7 +41,7 @@ fn mapping(set: &ChangeSet<'_>, local_id: &str) -> Result<Versioned<LocalMapping
         (status = 503, description = "Queue full or starting"),
     ))]
 pub async fn create(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     Durable(durable): Durable,
     ApiJson(body): ApiJson<CreateItem>,
 ) -> Result<Response, ApiError> {
@@ -100,7 +100,7 @@ pub struct LocalMergeResult {
         (status = 422, description = "Fewer than 2 or duplicate local ids"),
     ))]
 pub async fn merge(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     Durable(durable): Durable,
     ApiJson(body): ApiJson<LocalMergeRequest>,
 ) -> Result<Response, ApiError> {
@@ -182,7 +182,7 @@ pub struct LocalUnmergeResult {
         (status = 409, description = "The local id is not merged, or its item was deleted since"),
     ))]
 pub async fn unmerge(
-    State(state): State<AppState>,
+    State(state): State<Shared>,
     Durable(durable): Durable,
     ApiJson(body): ApiJson<LocalUnmergeRequest>,
 ) -> Result<Response, ApiError> {

@@ -97,8 +97,7 @@ impl Default for Readiness {
     }
 }
 
-/// What every handler can reach.
-#[derive(Clone)]
+/// What every handler can reach (as [`Shared`]).
 pub struct AppState {
     /// Start-up progress.
     pub readiness: Arc<Readiness>,
@@ -124,6 +123,9 @@ pub struct AppState {
     /// Keys whose first request is being answered.
     pub in_flight: Arc<idempotency::InFlight>,
 }
+
+/// The state handlers and middleware take.
+pub type Shared = Arc<AppState>;
 
 impl AppState {
     /// Refuses entity routes until start-up (hydration) is done: before
@@ -276,7 +278,7 @@ pub fn store_builder() -> crate::store::StoreBuilder {
 
 /// Every route and its documentation. The admin routes are included only
 /// when a token is configured.
-fn routes(admin: bool) -> OpenApiRouter<AppState> {
+fn routes(admin: bool) -> OpenApiRouter<Shared> {
     let router = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(items::create, items::list))
         .routes(routes!(items::create_batch))
@@ -323,7 +325,7 @@ fn with_problem_details(document: &mut serde_json::Value) {
 
 /// The router and its OpenAPI document (as JSON), admin routes included or
 /// not.
-fn router_and_document(admin: bool) -> (Router<AppState>, serde_json::Value) {
+fn router_and_document(admin: bool) -> (Router<Shared>, serde_json::Value) {
     let (router, document) = routes(admin).split_for_parts();
     let mut document = serde_json::to_value(&document).expect("the OpenAPI document serializes");
     contract::complete(&mut document);
@@ -338,6 +340,9 @@ pub fn openapi() -> serde_json::Value {
 
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
+    // Shared by reference: every extractor and middleware clones the state
+    // of every request, which is then one reference count.
+    let state: Shared = Arc::new(state);
     let admin = state.admin_token.is_some();
     let (router, document) = router_and_document(admin);
     let document = ops::OpenApiJson(Arc::new(document.to_string()));
@@ -365,7 +370,7 @@ const LINGER_MAX_TIME: Duration = Duration::from_secs(5);
 /// Reads the body whole, up to the limit (`OUTBOX_BODY_LIMIT`); a larger
 /// one is read on and discarded (up to [`LINGER_MAX_BYTES`]) and answered
 /// 413, closing the connection.
-async fn limit_body(State(state): State<AppState>, request: Request, next: Next) -> Response {
+async fn limit_body(State(state): State<Shared>, request: Request, next: Next) -> Response {
     use http_body_util::BodyExt;
     let (parts, mut body) = request.into_parts();
     let mut kept = Vec::new();
@@ -407,7 +412,7 @@ async fn limit_body(State(state): State<AppState>, request: Request, next: Next)
 
 /// Applies the admin token check to `/api/admin/*` only.
 async fn admin_gate(
-    axum::extract::State(state): axum::extract::State<AppState>,
+    axum::extract::State(state): axum::extract::State<Shared>,
     request: Request,
     next: Next,
 ) -> Response {

@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{AppState, Phase};
+use super::{Phase, Shared};
 
 /// Body of `/healthz` and `/readyz`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -41,7 +41,7 @@ pub async fn healthz() -> impl IntoResponse {
         (status = 200, description = "Ready", body = HealthBody),
         (status = 503, description = "Starting, shutting down, or the database does not answer", body = HealthBody),
     ))]
-pub async fn readyz(State(state): State<AppState>) -> Response {
+pub async fn readyz(State(state): State<Shared>) -> Response {
     let unavailable = |status: &str, reason: String| {
         (StatusCode::SERVICE_UNAVAILABLE, axum::Json(HealthBody { status: status.into(), reason: Some(reason) }))
             .into_response()
@@ -65,7 +65,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 /// `GET /metrics`: Prometheus text format.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus metrics", body = String, content_type = "text/plain")))]
-pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+pub async fn metrics(State(state): State<Shared>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }
 
@@ -138,7 +138,7 @@ fn utc(time: SystemTime) -> DateTime<Utc> {
 /// `GET /api/outbox/status`: how far persistence is behind, and why.
 #[utoipa::path(get, path = "/api/outbox/status", tag = "operations",
     responses((status = 200, description = "Outbox status", body = OutboxStatus)))]
-pub async fn status(State(state): State<AppState>) -> impl IntoResponse {
+pub async fn status(State(state): State<Shared>) -> impl IntoResponse {
     let outbox = state.store.outbox();
     let health = state.health.snapshot();
     let lease = state.health.lease();
