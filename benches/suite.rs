@@ -609,8 +609,13 @@ impl Server {
     }
 
     /// Waits (bounded) for the process to end.
-    fn wait_exit(mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
+    fn wait_exit(self) {
+        self.wait_exit_within(Duration::from_secs(60));
+    }
+
+    /// Waits up to `limit` for the process to end, then kills it.
+    fn wait_exit_within(mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
@@ -647,17 +652,9 @@ impl Server {
         })
     }
 
-    fn stop(mut self) {
-        let _ = kill(Pid::from_raw(self.pid()), Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn stop(self) {
+        self.signal(Signal::SIGTERM);
+        self.wait_exit_within(Duration::from_secs(120));
     }
 }
 

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    BlackHoleProxy, ServerProcess, dedicated_postgres_tcp, fresh_db, http, poll_until, scratch_dir, tcp_address,
+    BlackHoleProxy, ServerProcess, database_items, dedicated_postgres_tcp, fresh_db, http, memory_items, poll_until,
+    scratch_dir, tcp_address,
 };
 use nix::sys::signal::Signal;
 use reqwest::Method;
@@ -122,34 +123,6 @@ async fn wait_exit(server: &mut ServerProcess, timeout: Duration) -> (ExitStatus
         assert!(started.elapsed() < timeout, "the server did not exit within {timeout:?}\n{}", server.log());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Every live item in memory (paged through the API): dfid → (version, item).
-async fn memory_items(server: &ServerProcess) -> BTreeMap<String, (i64, Value)> {
-    let mut out = BTreeMap::new();
-    let mut path = "/api/items?limit=1000".to_owned();
-    loop {
-        let page: Value = http().get(server.url(&path)).send().await.unwrap().json().await.unwrap();
-        for item in page["items"].as_array().unwrap() {
-            let mut data = item.clone();
-            let version = data.as_object_mut().unwrap().remove("version").unwrap().as_i64().unwrap();
-            out.insert(item["dfid"].as_str().unwrap().to_owned(), (version, data));
-        }
-        match page["next"].as_str() {
-            Some(next) => path = format!("/api/items?limit=1000&after={next}"),
-            None => return out,
-        }
-    }
-}
-
-async fn database_items(client: &tokio_postgres::Client) -> BTreeMap<String, (i64, Value)> {
-    client
-        .query("SELECT id, version, data FROM items WHERE NOT deleted", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get::<_, String>(0), (r.get::<_, i64>(1), r.get::<_, Value>(2))))
-        .collect()
 }
 
 /// Every row, tombstones too: id → (version, deleted, data).

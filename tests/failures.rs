@@ -11,7 +11,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ServerProcess, TestDb, dedicated_postgres, fresh_db, http, poll_until, scratch_dir};
+use common::{
+    ServerProcess, TestDb, database_items, dedicated_postgres, fresh_db, http, memory_items, poll_until, scratch_dir,
+};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
@@ -53,34 +55,6 @@ async fn metric(server: &ServerProcess, name: &str, labels: &[&str]) -> f64 {
         .filter(|line| labels.iter().all(|l| line.contains(l)))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-/// Every live item in memory (paged through the API): dfid → (version, item).
-async fn memory_items(server: &ServerProcess) -> BTreeMap<String, (i64, Value)> {
-    let mut out = BTreeMap::new();
-    let mut path = "/api/items?limit=1000".to_owned();
-    loop {
-        let page: Value = http().get(server.url(&path)).send().await.unwrap().json().await.unwrap();
-        for item in page["items"].as_array().unwrap() {
-            let mut data = item.clone();
-            let version = data.as_object_mut().unwrap().remove("version").unwrap().as_i64().unwrap();
-            out.insert(item["dfid"].as_str().unwrap().to_owned(), (version, data));
-        }
-        match page["next"].as_str() {
-            Some(next) => path = format!("/api/items?limit=1000&after={next}"),
-            None => return out,
-        }
-    }
-}
-
-async fn database_items(client: &tokio_postgres::Client) -> BTreeMap<String, (i64, Value)> {
-    client
-        .query("SELECT id, version, data FROM items WHERE NOT deleted", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get::<_, String>(0), (r.get::<_, i64>(1), r.get::<_, Value>(2))))
-        .collect()
 }
 
 fn outbox_cli(url: &str, data_dir: &Path, args: &[&str]) -> (bool, String, String) {

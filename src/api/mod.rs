@@ -197,20 +197,28 @@ impl AppState {
         render: impl FnOnce(T) -> B,
     ) -> Result<Response, ApiError> {
         let pending = idempotency::pending();
-        let body = self
+        let encode = |body: B| -> Result<Vec<u8>, ApiError> {
+            if status == StatusCode::NO_CONTENT {
+                return Ok(Vec::new());
+            }
+            serde_json::to_vec(&body).map_err(|e| ApiError::internal(&e))
+        };
+        let mut render = Some(render);
+        // Only a keyed request's answer is made inside the change set (it is
+        // stored with it); any other is made after the store's lock is let go.
+        let outcome = self
             .change(durable, |set| {
                 let outcome = change(set)?;
-                let body = if status == StatusCode::NO_CONTENT {
-                    Vec::new()
-                } else {
-                    serde_json::to_vec(&render(outcome)).map_err(|e| ApiError::internal(&e))?
-                };
-                if let Some(pending) = &pending {
-                    set.upsert(pending.record(status, &body))?;
-                }
-                Ok(body)
+                let Some(pending) = &pending else { return Ok(Err(outcome)) };
+                let body = encode(render.take().expect("rendered once")(outcome))?;
+                set.upsert(pending.record(status, &body))?;
+                Ok(Ok(body))
             })
             .await?;
+        let body = match outcome {
+            Ok(body) => body,
+            Err(outcome) => encode(render.take().expect("rendered once")(outcome))?,
+        };
         let mut response = if body.is_empty() {
             status.into_response()
         } else {
@@ -220,16 +228,6 @@ impl AppState {
             response.headers_mut().insert("preference-applied", HeaderValue::from_static("durable"));
         }
         Ok(response)
-    }
-
-    /// A JSON response, saying `Preference-Applied: durable` when the change
-    /// was committed before answering.
-    pub fn respond(&self, status: StatusCode, body: &impl Serialize, durable: bool) -> Response {
-        let mut response = (status, axum::Json(body)).into_response();
-        if durable {
-            response.headers_mut().insert("preference-applied", HeaderValue::from_static("durable"));
-        }
-        response
     }
 }
 

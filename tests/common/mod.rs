@@ -443,3 +443,34 @@ async fn pump(
         }
     }
 }
+
+/// Every live item in memory (paged through the API): dfid → (version, item).
+pub async fn memory_items(server: &ServerProcess) -> std::collections::BTreeMap<String, (i64, serde_json::Value)> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut path = "/api/items?limit=1000".to_owned();
+    loop {
+        let page: serde_json::Value = http().get(server.url(&path)).send().await.unwrap().json().await.unwrap();
+        for item in page["items"].as_array().unwrap() {
+            let mut data = item.clone();
+            let version = data.as_object_mut().unwrap().remove("version").unwrap().as_i64().unwrap();
+            out.insert(item["dfid"].as_str().unwrap().to_owned(), (version, data));
+        }
+        match page["next"].as_str() {
+            Some(next) => path = format!("/api/items?limit=1000&after={next}"),
+            None => return out,
+        }
+    }
+}
+
+/// Every live item in the database: dfid → (version, item).
+pub async fn database_items(
+    client: &tokio_postgres::Client,
+) -> std::collections::BTreeMap<String, (i64, serde_json::Value)> {
+    client
+        .query("SELECT id, version, data FROM items WHERE NOT deleted", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, String>(0), (r.get::<_, i64>(1), r.get::<_, serde_json::Value>(2))))
+        .collect()
+}
