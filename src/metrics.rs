@@ -44,6 +44,9 @@ pub const DEAD_LETTERS: &str = "outbox_dead_letters";
 /// Rows left unwritten because the database held an equal or newer version
 /// this process did not write, by entity kind.
 pub const CONFLICTS_TOTAL: &str = "outbox_conflicts_total";
+/// Batch writes whose `COPY` of new rows met a row already in the table
+/// and were written again with upserts.
+pub const COPY_FALLBACKS_TOTAL: &str = "outbox_copy_fallbacks_total";
 /// 1 on the lease holder, 0 on a standby or a fenced process.
 pub const LEADER: &str = "outbox_leader";
 /// When the held lease expires unless renewed (0 when not held).
@@ -169,6 +172,10 @@ fn describe() {
     describe_histogram!(PERSIST_LATENCY, Unit::Seconds, "Time from a change being applied to its commit.");
     describe_counter!(PERSIST_FAILURES_TOTAL, "Failed batch flush attempts, by error type.");
     describe_counter!(RETRIES_TOTAL, "Retries of failed batches scheduled.");
+    describe_counter!(
+        COPY_FALLBACKS_TOTAL,
+        "Batch writes whose COPY of new rows met a row already in the table, written again with upserts."
+    );
     describe_counter!(DEAD_LETTERS_TOTAL, "Records quarantined in outbox_dead_letters.");
     describe_gauge!(DEAD_LETTERS, "Unresolved dead letters.");
     describe_gauge!(LEADER, "1 on the lease holder, 0 on a standby or a process that lost the lease.");
@@ -214,6 +221,7 @@ fn register_series() {
         metrics::counter!(REJECTED_TOTAL, "reason" => reason).increment(0);
     }
     metrics::counter!(RETRIES_TOTAL).increment(0);
+    metrics::counter!(COPY_FALLBACKS_TOTAL).increment(0);
     metrics::counter!(LEASE_TAKEOVERS_TOTAL).increment(0);
     metrics::gauge!(LEADER).set(0.0);
     metrics::gauge!(LEASE_EXPIRES_TIMESTAMP).set(0.0);
@@ -265,6 +273,12 @@ pub(crate) fn flush_failed(elapsed: Duration, error_type: &'static str, reached_
 pub(crate) fn flush_fenced(elapsed: Duration) {
     metrics::counter!(BATCHES_TOTAL, "result" => "error").increment(1);
     metrics::histogram!(FLUSH_DURATION).record(elapsed.as_secs_f64());
+}
+
+/// A batch's `COPY` of new rows met a row already there; it is written
+/// again with upserts.
+pub(crate) fn copy_fell_back() {
+    metrics::counter!(COPY_FALLBACKS_TOTAL).increment(1);
 }
 
 /// A retry of a failed batch was scheduled.

@@ -59,7 +59,8 @@ impl Entity for Account {
 }
 
 /// Creates the standard entity tables, with a row-write counter and a
-/// statement counter per table for the tests that count writes.
+/// statement counter per table (and a count of the `COPY` statements among
+/// them) for the tests that count writes.
 async fn create_tables(db: &TestDb, tables: &[&str]) {
     let client = db.connect().await;
     client
@@ -75,6 +76,10 @@ async fn create_tables(db: &TestDb, tables: &[&str]) {
              BEGIN
                INSERT INTO writes VALUES (TG_TABLE_NAME, 'statement', 1)
                ON CONFLICT (tbl, kind) DO UPDATE SET n = writes.n + 1;
+               IF current_query() ILIKE 'COPY %' THEN
+                 INSERT INTO writes VALUES (TG_TABLE_NAME, 'copy', 1)
+                 ON CONFLICT (tbl, kind) DO UPDATE SET n = writes.n + 1;
+               END IF;
                RETURN NULL;
              END $$;",
         )
@@ -749,6 +754,105 @@ async fn a_version_written_elsewhere_is_a_conflict_never_a_silent_success() {
     assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
 }
 
+/// Inserts `doc` into `docs` at `version` behind the store's back.
+async fn insert_behind(db: &TestDb, doc: &Doc, version: i64) {
+    let data = serde_json::to_value(doc).unwrap();
+    db.connect()
+        .await
+        .execute("INSERT INTO docs (id, version, data) VALUES ($1, $2, $3)", &[&doc.id, &version, &data])
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn new_rows_are_copied_and_a_retry_after_an_ambiguous_commit_falls_back_to_the_upsert() {
+    let db = fresh_db("copy-retry").await;
+    create_tables(&db, &["docs"]).await;
+    let engine = start(&db, Store::builder().kind::<Doc>(), config(1000, 1)).await;
+    let store = engine.store().clone();
+    let doc = |id: String| Doc { body: format!("body of {id}"), id, n: 1 };
+    let create = |ids: Vec<String>| {
+        store
+            .apply_durable(|set| -> Result<(), StoreError> {
+                for id in ids {
+                    set.insert(doc(id))?;
+                }
+                Ok(())
+            })
+            .unwrap()
+            .1
+    };
+    // Rows the table never held go in with COPY.
+    create((0..100).map(|i| format!("new{i}")).collect()).wait().await.unwrap();
+    assert!(write_count(&db, "docs", "copy").await >= 1, "new rows are copied");
+    let copies = write_count(&db, "docs", "copy").await;
+
+    // The state after a commit whose answer was lost: the table holds the
+    // rows as this batch writes them, the store thinks it holds none.
+    let ids: Vec<String> = (0..50).map(|i| format!("again{i}")).collect();
+    for id in &ids {
+        insert_behind(&db, &doc(id.clone()), 1).await;
+    }
+    let mut batch = ids.clone();
+    batch.extend((0..50).map(|i| format!("fresh{i}")));
+    create(batch).wait().await.expect("the retry recognises its own rows and writes the rest");
+    assert_eq!(write_count(&db, "docs", "copy").await, copies, "the COPY met the rows and was rolled back");
+    let pool = outbox::pg::pool(db.config.clone(), 2);
+    assert!(outbox::pg::dead_letters::list_unresolved(&pool, 10).await.unwrap().is_empty());
+    assert_eq!(memory_rows::<Doc>(&store), db_rows(&db, "docs").await);
+
+    // A row of the same version written by someone else is a conflict, on
+    // this path as on any other; the rest of the batch is written.
+    let theirs = Doc { id: "taken".into(), body: "theirs".into(), n: 9 };
+    insert_behind(&db, &theirs, 1).await;
+    let error = create(vec!["taken".into()]).wait().await.expect_err("a conflict");
+    assert!(
+        matches!(error, outbox::outbox::TicketError::Conflict { version: 1, database_version: Some(1), .. }),
+        "{error}"
+    );
+    create(vec!["after".into()]).wait().await.unwrap();
+    let rows = db_rows(&db, "docs").await;
+    assert_eq!(rows["taken"].2.as_ref().unwrap()["body"], "theirs", "not overwritten");
+    assert_eq!(rows.len(), 100 + 100 + 2);
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_row_in_a_copied_batch_is_quarantined_alone() {
+    let db = fresh_db("copy-refused").await;
+    create_tables(&db, &["docs"]).await;
+    db.connect().await.batch_execute("ALTER TABLE docs ADD CHECK (data->>'body' <> 'refused')").await.unwrap();
+    let engine = start(&db, Store::builder().kind::<Doc>(), config(1000, 1)).await;
+    let store = engine.store().clone();
+    let tickets: Vec<_> = (0..300)
+        .map(|i| {
+            let body = if i == 150 { "refused".to_owned() } else { format!("body {i}") };
+            let doc = Doc { id: format!("d{i}"), body, n: 0 };
+            store.apply_durable(|set| set.insert(doc).map(|_| ())).unwrap().1
+        })
+        .collect();
+    for (i, ticket) in tickets.into_iter().enumerate() {
+        let result = tokio::time::timeout(Duration::from_secs(30), ticket.wait()).await.expect("resolves");
+        if i == 150 {
+            let error = result.expect_err("refused");
+            assert!(
+                matches!(&error, outbox::outbox::TicketError::Quarantined { sqlstate: Some(code), .. } if code == "23514"),
+                "{error}"
+            );
+        } else {
+            result.unwrap_or_else(|e| panic!("d{i}: {e}"));
+        }
+    }
+    assert!(write_count(&db, "docs", "copy").await >= 1, "the rows were copied");
+    let rows = db_rows(&db, "docs").await;
+    assert_eq!(rows.len(), 299);
+    assert!(!rows.contains_key("d150"));
+    let pool = outbox::pg::pool(db.config.clone(), 2);
+    let letters = outbox::pg::dead_letters::list_unresolved(&pool, 10).await.unwrap();
+    assert_eq!(letters.iter().map(|l| l.entity_id.as_str()).collect::<Vec<_>>(), ["d150"]);
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn callers_that_give_up_leave_no_claims_behind() {
     // No worker: nothing is ever committed, as in a database outage.
@@ -897,13 +1001,13 @@ struct Reading {
 fn reading(id: &str, n: i64) -> Reading {
     Reading {
         id: id.into(),
-        label: format!("label {n} with 'quotes' and ünïcode"),
+        label: format!("label {n} with 'quotes', a\ttab, a\nnewline, a\r, a backslash \\ and \\N, and ünïcode"),
         total: n * 1_000_000_000_000,
         count: n as i32,
         active: n % 2 == 0,
         taken_at: chrono::DateTime::from_timestamp(1_700_000_000 + n, 0).unwrap(),
         note: (n % 3 != 0).then(|| format!("note {n}")),
-        extra: serde_json::json!({"n": n, "tags": ["a", "b"], "nested": {"ok": true}}),
+        extra: serde_json::json!({"n": n, "tags": ["a", "b\t"], "nested": {"ok": true}, "path": "C:\\dir\nx"}),
         amount: n as f64 + 0.25,
     }
 }
@@ -941,7 +1045,7 @@ async fn a_kind_in_typed_columns_round_trips() {
         )
         .await
         .unwrap();
-    assert_eq!(row.get::<_, String>(0), "label 4 with 'quotes' and ünïcode");
+    assert_eq!(row.get::<_, String>(0), reading("r4", 4).label);
     assert_eq!(row.get::<_, i64>(1), 4_000_000_000_000);
     assert_eq!(row.get::<_, i32>(2), 4);
     assert!(row.get::<_, bool>(3));

@@ -94,7 +94,7 @@ async fn replay_spill(
     };
     let content_error = |reason: String| StartError::SpillContent { path: path.to_path_buf(), reason };
     // Files of format version 1 know no bases: written version-guarded.
-    let mode = if content.records.iter().all(|r| r.base.is_some()) { Mode::CompareAndSet } else { Mode::Upsert };
+    let mode = if content.records.iter().all(|r| r.base.is_some()) { Mode::CompareAndSet } else { Mode::Guarded };
     let batch = batch_of(store, content.records).map_err(content_error)?;
     let records = batch.rows.len();
     let flusher = Flusher {

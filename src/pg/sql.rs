@@ -32,6 +32,13 @@ pub(crate) struct TableSql {
     /// Every row as (id, version, deleted, the entity as jsonb), for
     /// hydration; followed by `WHERE id = ANY($1)` to read some.
     pub(crate) select: String,
+    /// `COPY ... FROM STDIN` of (id, version, deleted, the entity) for rows
+    /// the table has never held: binary for a document table, text (each
+    /// value parsed by its column's type, as the casts do) for typed
+    /// columns.
+    pub(crate) copy: String,
+    /// Whether [`copy`](Self::copy) reads PostgreSQL's binary format.
+    pub(crate) copy_binary: bool,
     /// The columns `CREATE TABLE` would make, for start-up checks and
     /// messages: (name, type).
     pub(crate) columns: Vec<(String, String)>,
@@ -135,6 +142,11 @@ impl TableSql {
             "SELECT t.id, t.version, t.deleted, CASE WHEN t.deleted THEN NULL ELSE {} END FROM {table} AS t",
             shape.read
         );
+        let copy_binary = matches!(layout, Layout::Document);
+        let copy = format!(
+            "COPY {table} (id, version, deleted, {names}) FROM STDIN{}",
+            if copy_binary { " (FORMAT binary)" } else { "" }
+        );
         let mut columns = vec![
             ("id".to_owned(), "text".to_owned()),
             ("version".to_owned(), "bigint".to_owned()),
@@ -147,7 +159,7 @@ impl TableSql {
             }
         }
         columns.push(("updated_at".to_owned(), "timestamptz".to_owned()));
-        Self { upsert, compare_and_set, mismatches, select, columns }
+        Self { upsert, compare_and_set, mismatches, select, copy, copy_binary, columns }
     }
 }
 

@@ -2,6 +2,14 @@
 //! through `unnest` of parallel arrays, all kinds of a batch in one
 //! transaction, and a check that the table holds every row as written.
 //!
+//! Rows the table has never held (the store knows no version of them in
+//! the database) are instead streamed in with `COPY`, the cheapest way into
+//! a table. Should such a row be there after all (a retry after a commit
+//! whose answer was lost, or a row this process did not know of), the
+//! `COPY` fails with a unique violation, and the same transaction is run
+//! again with every row upserted, so the version guard and the conflict
+//! check decide as for any other row.
+//!
 //! A row the guard left unwritten (the table holds an equal version with
 //! other content, or a newer one) was written by someone else: the
 //! transaction is rolled back and the rows are reported as conflicts, never
@@ -11,7 +19,9 @@
 
 use std::error::Error as StdError;
 
-use bytes::BufMut;
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::SinkExt;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 
 use super::sql;
@@ -69,6 +79,9 @@ pub(crate) struct KindRows {
     pub(crate) bases: Vec<i64>,
     /// Each row's index in the batch.
     pub(crate) rows: Vec<usize>,
+    /// Whether the table held none of these rows when they were taken (base
+    /// 0): they may be copied in.
+    pub(crate) fresh: bool,
 }
 
 impl KindRows {
@@ -133,13 +146,14 @@ pub(crate) fn encode(
     let mut order: Vec<usize> = rows.collect();
     order.sort_by(|&a, &b| {
         let (a, b) = (&batch.rows[a], &batch.rows[b]);
-        a.kind.cmp(&b.kind).then_with(|| a.id.cmp(&b.id))
+        a.kind.cmp(&b.kind).then_with(|| (a.base != 0).cmp(&(b.base != 0))).then_with(|| a.id.cmp(&b.id))
     });
     let mut out: Vec<KindRows> = Vec::new();
     let mut resolve: Vec<(KindId, Resolution, Vec<String>)> = Vec::new();
     for index in order {
         let row = &batch.rows[index];
-        if out.last().is_none_or(|k| k.kind != row.kind) {
+        let fresh = row.base == 0;
+        if out.last().is_none_or(|k| k.kind != row.kind || k.fresh != fresh) {
             let typed = match kinds[row.kind].layout {
                 Layout::Document => 0,
                 Layout::Columns { columns, .. } => columns.len(),
@@ -153,6 +167,7 @@ pub(crate) fn encode(
                 columns: vec![Vec::new(); typed],
                 bases: Vec::new(),
                 rows: Vec::new(),
+                fresh,
             });
         }
         let part = out.last_mut().expect("pushed above");
@@ -234,8 +249,12 @@ pub(crate) enum WriteError {
 /// How rows are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
-    /// Version-guarded upsert: the normal flush.
+    /// The normal flush: rows the table never held are copied in, the
+    /// rest written with the version-guarded upsert.
     Upsert,
+    /// Version-guarded upsert of every row, whatever the store knew of the
+    /// table (spill files that record no bases).
+    Guarded,
     /// Compare-and-set against each row's base: spill-file replay.
     CompareAndSet,
 }
@@ -267,11 +286,47 @@ async fn find_mismatches(
 const RESOLVE_DEAD_LETTERS_SQL: &str = "UPDATE outbox_dead_letters SET resolved_at = now(), resolution = $3 \
      WHERE resolved_at IS NULL AND kind = $1 AND entity_id = ANY($2)";
 
+/// How one kind's part of a batch is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Statement {
+    Upsert,
+    CompareAndSet,
+    Copy,
+}
+
+impl Statement {
+    fn of(mode: Mode, part: &KindRows, copy: bool) -> Self {
+        match mode {
+            Mode::Upsert if copy && part.fresh => Self::Copy,
+            Mode::Upsert | Mode::Guarded => Self::Upsert,
+            Mode::CompareAndSet => Self::CompareAndSet,
+        }
+    }
+}
+
+/// A write step failed: in a `COPY` of rows thought new, or elsewhere.
+enum StepError {
+    Copy(tokio_postgres::Error),
+    Other(tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for StepError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::Other(e)
+    }
+}
+
 /// Writes an encoded batch in one transaction: the fencing check (when
 /// `epoch` is given) pipelined with one write per kind, a check that every
 /// row is in the table as written, and the resolution of dead letters these
 /// rows supersede. With `commit` false, the transaction is rolled back at
 /// the end whatever happens (a probe: does the database accept these rows?).
+///
+/// When a `COPY` of rows thought new meets one of them in the table (a
+/// unique violation), the transaction is rolled back and run again at once
+/// with those rows upserted: an earlier commit of this batch whose answer
+/// was lost is then recognised as such, and another writer's row as a
+/// conflict.
 pub(crate) async fn write(
     client: &mut deadpool_postgres::Client,
     kinds: &[KindInfo],
@@ -280,28 +335,62 @@ pub(crate) async fn write(
     mode: Mode,
     commit: bool,
 ) -> Result<(), WriteError> {
+    match write_once(client, kinds, encoded, epoch, mode, commit, true).await? {
+        Written::Done => Ok(()),
+        Written::CopiedOverARow(e) => {
+            crate::metrics::copy_fell_back();
+            tracing::debug!(error = %super::ErrorText(&e), "a row copied as new is in the table already; writing the batch with upserts");
+            match write_once(client, kinds, encoded, epoch, mode, commit, false).await? {
+                Written::Done => Ok(()),
+                Written::CopiedOverARow(e) => Err(e.into()),
+            }
+        }
+    }
+}
+
+/// How a write ended without an error to report.
+enum Written {
+    /// Written (committed, or rolled back as asked).
+    Done,
+    /// A `COPY` of rows thought new met one of them in the table; rolled
+    /// back.
+    CopiedOverARow(tokio_postgres::Error),
+}
+
+async fn write_once(
+    client: &mut deadpool_postgres::Client,
+    kinds: &[KindInfo],
+    encoded: &Encoded,
+    epoch: Option<u64>,
+    mode: Mode,
+    commit: bool,
+    copy: bool,
+) -> Result<Written, WriteError> {
     let transaction = client.transaction().await?;
     let mut statements = Vec::with_capacity(encoded.kinds.len());
     for part in &encoded.kinds {
         let sql = sql::table(&kinds[part.kind]);
-        let text = match mode {
-            Mode::Upsert => &sql.upsert,
-            Mode::CompareAndSet => &sql.compare_and_set,
+        let how = Statement::of(mode, part, copy);
+        let text = match how {
+            Statement::Upsert => &sql.upsert,
+            Statement::CompareAndSet => &sql.compare_and_set,
+            Statement::Copy => &sql.copy,
         };
-        statements.push((transaction.prepare_cached(text).await?, part));
+        statements.push((transaction.prepare_cached(text).await?, part, how, sql.copy_binary));
     }
     let writes = async {
         let mut written = Vec::with_capacity(statements.len());
-        for (statement, part) in &statements {
-            let count = match mode {
-                Mode::Upsert => transaction.execute(statement, &part.params(false)).await?,
-                Mode::CompareAndSet => {
+        for (statement, part, how, binary) in &statements {
+            let count = match how {
+                Statement::Upsert => transaction.execute(statement, &part.params(false)).await?,
+                Statement::CompareAndSet => {
                     transaction.query_one(statement, &part.params(true)).await?.get::<_, i64>(0) as u64
                 }
+                Statement::Copy => copy_in(&transaction, statement, part, *binary).await.map_err(StepError::Copy)?,
             };
             written.push(count);
         }
-        Ok::<_, tokio_postgres::Error>(written)
+        Ok::<_, StepError>(written)
     };
     let written = match epoch {
         Some(ours) => {
@@ -319,9 +408,16 @@ pub(crate) async fn write(
                 super::lease::Fence::Expired => return Err(WriteError::LeaseLapsed),
                 super::lease::Fence::Taken(current) => return Err(WriteError::Fenced { ours, current }),
             }
-            written?
+            written
         }
-        None => writes.await?,
+        None => writes.await,
+    };
+    let written = match written {
+        Ok(written) => written,
+        Err(StepError::Copy(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+            return Ok(Written::CopiedOverARow(e));
+        }
+        Err(StepError::Copy(e) | StepError::Other(e)) => return Err(e.into()),
     };
     let mismatches = find_mismatches(&transaction, kinds, encoded, &written).await?;
     if !mismatches.is_empty() {
@@ -342,5 +438,102 @@ pub(crate) async fn write(
     } else {
         transaction.rollback().await?;
     }
-    Ok(())
+    Ok(Written::Done)
+}
+
+/// How much of a `COPY`'s data goes into one message.
+const COPY_CHUNK: usize = 256 * 1024;
+
+/// Streams `part`'s rows into its table with the prepared `COPY`; the
+/// number of rows copied.
+async fn copy_in(
+    transaction: &deadpool_postgres::Transaction<'_>,
+    statement: &tokio_postgres::Statement,
+    part: &KindRows,
+    binary: bool,
+) -> Result<u64, tokio_postgres::Error> {
+    let mut data = if binary { copy_binary(part) } else { copy_text(part) };
+    let sink = transaction.copy_in::<_, Bytes>(statement).await?;
+    futures_util::pin_mut!(sink);
+    while !data.is_empty() {
+        let chunk = data.split_to(data.len().min(COPY_CHUNK)).freeze();
+        sink.feed(chunk).await?;
+    }
+    sink.as_mut().finish().await
+}
+
+/// PostgreSQL's binary `COPY` header: the signature, no flags, no header
+/// extension.
+const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+
+/// A document table's rows in the binary `COPY` format: per row four
+/// fields, each its length and its bytes in the type's binary form (text,
+/// int8, bool, jsonb), -1 for NULL.
+fn copy_binary(part: &KindRows) -> BytesMut {
+    let size: usize = part.ids.iter().map(String::len).sum::<usize>()
+        + part.data.iter().map(|d| d.as_ref().map_or(0, |Jsonb(json)| json.len())).sum::<usize>();
+    let mut out = BytesMut::with_capacity(COPY_HEADER.len() + size + part.ids.len() * 36 + 2);
+    out.put_slice(COPY_HEADER);
+    for (((id, version), deleted), data) in part.ids.iter().zip(&part.versions).zip(&part.deleted).zip(&part.data) {
+        out.put_i16(4);
+        out.put_i32(field_length(id.len()));
+        out.put_slice(id.as_bytes());
+        out.put_i32(8);
+        out.put_i64(*version);
+        out.put_i32(1);
+        out.put_u8(u8::from(*deleted));
+        match data {
+            Some(Jsonb(json)) => {
+                out.put_i32(field_length(json.len() + 1));
+                out.put_u8(1);
+                out.put_slice(json);
+            }
+            None => out.put_i32(-1),
+        }
+    }
+    out.put_i16(-1);
+    out
+}
+
+/// A field's length for the binary format. No value of a row reaches it:
+/// PostgreSQL refuses any field over 1 GiB, and one that long is refused
+/// whatever length is written here.
+fn field_length(len: usize) -> i32 {
+    i32::try_from(len).unwrap_or(i32::MAX)
+}
+
+/// A typed-column table's rows in the text `COPY` format: tab-separated,
+/// one line per row, `\N` for NULL, each value parsed by its column's type.
+fn copy_text(part: &KindRows) -> BytesMut {
+    let mut out = BytesMut::with_capacity(part.ids.len() * (48 + 16 * part.columns.len()));
+    for (row, id) in part.ids.iter().enumerate() {
+        put_text(&mut out, id);
+        out.put_u8(b'\t');
+        // Writing into a growable buffer cannot fail.
+        let _ = std::fmt::Write::write_fmt(&mut out, format_args!("{}", part.versions[row]));
+        out.put_slice(if part.deleted[row] { b"\tt" } else { b"\tf" });
+        for column in &part.columns {
+            out.put_u8(b'\t');
+            match &column[row] {
+                Some(value) => put_text(&mut out, value),
+                None => out.put_slice(b"\\N"),
+            }
+        }
+        out.put_u8(b'\n');
+    }
+    out
+}
+
+/// A value in the text `COPY` format: backslash, tab, newline and carriage
+/// return escaped.
+fn put_text(out: &mut BytesMut, text: &str) {
+    for &byte in text.as_bytes() {
+        match byte {
+            b'\\' => out.put_slice(b"\\\\"),
+            b'\t' => out.put_slice(b"\\t"),
+            b'\n' => out.put_slice(b"\\n"),
+            b'\r' => out.put_slice(b"\\r"),
+            other => out.put_u8(other),
+        }
+    }
 }
