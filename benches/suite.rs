@@ -188,19 +188,71 @@ async fn write_through(bench: &Bench) -> f64 {
 /// outbox is empty, so the figure is the worker's own throughput (taking
 /// batches, encoding, writing, committing), not the cost of the changes.
 async fn outbox_worker(bench: &Bench, batch_max: usize) -> f64 {
+    let builder = outbox::api::store_builder().capacity(FAST_ROWS * 2);
+    let items = bench.items.clone();
+    time_worker(bench, builder, WorkerConfig { batch_max, ..WorkerConfig::default() }, move |store| {
+        for item in items.iter() {
+            store.apply(|set| set.insert(Item::clone(item))).expect("insert");
+        }
+    })
+    .await
+}
+
+/// (c) with the first `updates` rows already in the table (version 1) and
+/// in memory (hydrated), written as updates; the rest inserts.
+async fn outbox_worker_updating(bench: &Bench, updates: usize) -> f64 {
+    let builder = outbox::api::store_builder().capacity(FAST_ROWS * 2);
+    let items = bench.items.clone();
+    time_worker(bench, builder, WorkerConfig::default(), move |store| {
+        for (n, item) in items.iter().enumerate() {
+            if n < updates {
+                store.apply(|set| set.upsert(Item::clone(item))).expect("update");
+            } else {
+                store.apply(|set| set.insert(Item::clone(item))).expect("insert");
+            }
+        }
+    })
+    .await
+}
+
+/// Starts an engine on a store of `builder` (hydrating what the tables
+/// hold), has `record` record the changes once hydration is done and
+/// before the worker starts, and times the worker from then until the
+/// outbox is empty: rows per second.
+async fn time_worker(
+    bench: &Bench,
+    builder: outbox::store::StoreBuilder,
+    worker: WorkerConfig,
+    record: impl FnOnce(&outbox::Store) + Send + 'static,
+) -> f64 {
     let pool = pg::pool(bench.config.clone(), 8);
-    let (store, receiver) = outbox::api::store_builder().capacity(FAST_ROWS * 2).build();
-    for item in bench.items.iter() {
-        store.apply(|set| set.insert(Item::clone(item))).expect("insert");
-    }
-    let worker = WorkerConfig { batch_max, ..WorkerConfig::default() };
-    let started = Instant::now();
-    let engine =
-        Engine::builder(store, receiver, pool.clone()).worker(worker).holder("bench").start().await.expect("start");
+    let (store, receiver) = builder.build();
+    let recorded: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let record = Mutex::new(Some(record));
+    let on_step = {
+        let (store, recorded) = (store.clone(), recorded.clone());
+        move |step: outbox::engine::Progress<'_>| {
+            // The step after hydration, before the worker starts.
+            if step.to_string() == "loading quarantined change sets" {
+                let record = record.lock().unwrap().take().expect("recorded once");
+                record(&store);
+                *recorded.lock().unwrap() = Some(Instant::now());
+            }
+        }
+    };
+    let engine = Engine::builder(store, receiver, pool.clone())
+        .worker(worker)
+        .holder("bench")
+        .on_progress(on_step)
+        .start()
+        .await
+        .expect("start");
+    let started = recorded.lock().unwrap().expect("the changes were recorded before the worker started");
+    let changes = engine.store().outbox().depth;
     while engine.store().outbox().depth > 0 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let rate = FAST_ROWS as f64 / started.elapsed().as_secs_f64();
+    let rate = changes as f64 / started.elapsed().as_secs_f64();
     assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
     pool.close();
     rate
@@ -209,6 +261,12 @@ async fn outbox_worker(bench: &Bench, batch_max: usize) -> f64 {
 /// (d) Hand-written batched upserts: `unnest` of parallel arrays, batches
 /// spread over `connections`, one transaction each, rows sorted by id.
 async fn unnest(bench: &Bench, batch: usize, connections: usize) -> f64 {
+    unnest_updating(bench, batch, connections, 0).await
+}
+
+/// (d) as above, the first `updates` rows written as updates (version 2,
+/// over rows the table holds at version 1).
+async fn unnest_updating(bench: &Bench, batch: usize, connections: usize, updates: usize) -> f64 {
     let sql = pg::upsert_sql("items");
     let started = Instant::now();
     let mut workers = Vec::new();
@@ -217,11 +275,12 @@ async fn unnest(bench: &Bench, batch: usize, connections: usize) -> f64 {
         workers.push(tokio::spawn(async move {
             let mut client = pg::connect(&config).await.expect("connect");
             let statement = client.prepare(&sql).await.expect("prepare");
-            for chunk in items.chunks(batch).skip(connection).step_by(connections) {
-                let mut rows: Vec<&Arc<Item>> = chunk.iter().collect();
-                rows.sort_by(|a, b| a.dfid.cmp(&b.dfid));
+            for (index, chunk) in items.chunks(batch).enumerate().skip(connection).step_by(connections) {
+                // Ids sort as the rows are numbered: already in id order.
+                let rows: Vec<&Arc<Item>> = chunk.iter().collect();
                 let ids: Vec<&str> = rows.iter().map(|i| i.dfid.as_str()).collect();
-                let versions = vec![1i64; rows.len()];
+                let versions: Vec<i64> =
+                    (0..rows.len()).map(|i| if index * batch + i < updates { 2 } else { 1 }).collect();
                 let deleted = vec![false; rows.len()];
                 let data: Vec<Json<&Item>> = rows.iter().map(|i| Json(&***i)).collect();
                 let transaction = client.transaction().await.expect("begin");
@@ -314,6 +373,61 @@ async fn plain_copy(bench: &Bench) -> f64 {
     FAST_ROWS as f64 / started.elapsed().as_secs_f64()
 }
 
+/// The mixed workloads: the share of the rows written as updates.
+const WORKLOADS: [(&str, usize); 3] =
+    [("100 % inserts", 0), ("50 % updates", FAST_ROWS / 2), ("100 % updates", FAST_ROWS)];
+
+/// One workload's rates, runs alternating writer by writer.
+#[derive(Default)]
+struct Workload {
+    name: &'static str,
+    outbox: Runs,
+    unnest: Runs,
+    copy: Runs,
+    outbox_over_unnest: Runs,
+    outbox_over_copy: Runs,
+}
+
+/// The items table empty but for the first `updates` rows, at version 1.
+async fn prefill(bench: &Bench, updates: usize) {
+    bench.reset().await;
+    let mut client = bench.client().await;
+    let rows: Vec<&Arc<Item>> = bench.items.iter().take(updates).collect();
+    let transaction = client.transaction().await.expect("begin");
+    copy_rows(&transaction, "items", &rows).await.expect("prefill");
+    transaction.commit().await.expect("commit");
+    client.batch_execute("VACUUM ANALYZE items").await.expect("vacuum");
+    client.batch_execute("CHECKPOINT").await.expect("checkpoint");
+}
+
+/// P2 by workload: the worker (default settings), the best hand-written
+/// upsert (UNNEST, 1000 rows, 2 connections) and plain COPY of the same
+/// number of rows into an empty table (the ceiling, whatever the mix).
+async fn workloads(bench: &Bench) -> Vec<Workload> {
+    let mut out = Vec::new();
+    for (name, updates) in WORKLOADS {
+        let mut w = Workload { name, ..Workload::default() };
+        for run in 0..RUNS {
+            prefill(bench, updates).await;
+            let c = outbox_worker_updating(bench, updates).await;
+            assert_eq!(bench.count_items().await, FAST_ROWS as i64, "the outbox wrote every row");
+            prefill(bench, updates).await;
+            let d = unnest_updating(bench, 1000, 2, updates).await;
+            bench.reset().await;
+            let e = plain_copy(bench).await;
+            eprintln!("P2 {name}, run {}/{RUNS}: c {c:.0}  d {d:.0}  e {e:.0} rows/s", run + 1);
+            w.outbox.push(c);
+            w.unnest.push(d);
+            w.copy.push(e);
+            w.outbox_over_unnest.push(c / d);
+            w.outbox_over_copy.push(c / e);
+        }
+        out.push(w);
+    }
+    bench.reset().await;
+    out
+}
+
 /// The same fields as a `data jsonb` document and as typed columns, for
 /// the layout comparison (rows of similar size: ~250 bytes).
 macro_rules! layout_kind {
@@ -355,31 +469,23 @@ layout_kind!(DocumentRow, "document_row", "layout_documents");
 layout_kind!(ColumnRow, "column_row", "layout_columns", columns);
 
 /// The outbox worker writing `FAST_ROWS` rows of kind `E` (made by
-/// `make`), timed like (c).
+/// `make`), one change each, timed like (c).
 async fn layout_worker<E: outbox::Entity>(bench: &Bench, make: fn(usize) -> E) -> f64 {
-    let pool = pg::pool(bench.config.clone(), 8);
-    let (store, receiver) = outbox::Store::builder().kind::<E>().capacity(FAST_ROWS * 2).build();
+    let pool = pg::pool(bench.config.clone(), 1);
+    let (store, _) = outbox::Store::builder().kind::<E>().build();
     pg::ensure_tables(&pool, &store).await.expect("layout tables");
+    pool.close();
     bench.client().await.batch_execute(&format!("TRUNCATE {}; CHECKPOINT", E::TABLE)).await.expect("reset");
-    store
-        .apply(|set| -> Result<(), outbox::store::StoreError> {
-            for n in 0..FAST_ROWS {
-                set.insert(make(n))?;
-            }
-            Ok(())
-        })
-        .expect("insert");
-    let started = Instant::now();
-    let engine = Engine::builder(store, receiver, pool.clone()).holder("bench").start().await.expect("start");
-    while engine.store().outbox().depth > 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let rate = FAST_ROWS as f64 / started.elapsed().as_secs_f64();
-    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+    let builder = outbox::Store::builder().kind::<E>().capacity(FAST_ROWS * 2);
+    let rate = time_worker(bench, builder, WorkerConfig::default(), move |store| {
+        for n in 0..FAST_ROWS {
+            store.apply(|set| set.insert(make(n))).expect("insert");
+        }
+    })
+    .await;
     let written: i64 =
         bench.client().await.query_one(&format!("SELECT count(*) FROM {}", E::TABLE), &[]).await.unwrap().get(0);
     assert_eq!(written, FAST_ROWS as i64, "every {} row written", E::KIND);
-    pool.close();
     rate
 }
 
@@ -1198,6 +1304,7 @@ fn report(
     machine: &str,
     p1: &[(String, f64, f64, f64)],
     p2: &Persistence,
+    mixed: &[Workload],
     layouts: &Layouts,
     p3: &Http,
     p4: &Lag,
@@ -1321,7 +1428,7 @@ fn report(
     let _ = writeln!(w, "## P2: persistence throughput, side by side\n");
     let _ = writeln!(
         w,
-        "Method: the same reference items (~330 bytes of JSON each) written into the same `items` table (primary key, a generated `status` column and its index) of one local database, emptied and checkpointed before each method. (a) and (b) write the first {SLOW_ROWS} of them, one transaction per row, {REQUEST_CONCURRENCY} at a time; (c), (d) and (e) write all {FAST_ROWS}. (c) records every item through the store as its own change first, then is timed from the engine's start (lease, hydration of the empty table, worker) until the outbox is empty: the worker's own throughput, with the default settings (batches of up to 1000 rows, 5 ms linger, 2 writers, the lease's fencing check in every transaction), and again with batches of up to {TUNED_BATCH} rows, the size of the largest hand-written batches. (d) is the hand-written writer below with the best median (each run of (c) is compared with the same run of that writer); (e) is a plain binary COPY into an empty table with the same columns and indexes, on two connections.\n"
+        "Method: the same reference items (~330 bytes of JSON each) written into the same `items` table (primary key, a generated `status` column and its index) of one local database, emptied and checkpointed before each method. (a) and (b) write the first {SLOW_ROWS} of them, one transaction per row, {REQUEST_CONCURRENCY} at a time; (c), (d) and (e) write all {FAST_ROWS}. (c) records every item through the store as its own change once the engine has taken the lease and hydrated (the empty table), before its worker starts, and is timed from then until the outbox is empty: the worker's own throughput (rows the table has never held go in with COPY, the rest with the version-guarded upsert), with the default settings (batches of up to 1000 rows, 5 ms linger, 2 writers, the lease's fencing check in every transaction), and again with batches of up to {TUNED_BATCH} rows, the size of the largest hand-written batches. (d) is the hand-written writer below with the best median (each run of (c) is compared with the same run of that writer); (e) is a plain binary COPY into an empty table with the same columns and indexes, on two connections.\n"
     );
     let _ = writeln!(w, "| method | rows/s |\n|---|---|");
     let _ = writeln!(w, "| (a) naive: a spawned task per change, one upsert each | {} |", fmt3(&p2.naive, 0));
@@ -1340,6 +1447,29 @@ fn report(
     let _ = writeln!(w, "| (c)/(d), `OUTBOX_BATCH_MAX={TUNED_BATCH}` | {} | ≥ 0.95 |", fmt3(&p2.tuned_over_hand, 2));
     let _ = writeln!(w, "| (c)/(a) | {} | (reported) |", fmt3(&p2.outbox_over_naive, 1));
     let _ = writeln!(w, "| (c)/(e) | {} | ≥ 0.80 (the ceiling) |\n", fmt3(&p2.outbox_over_copy, 2));
+
+    let _ = writeln!(w, "### By workload: inserts, updates, both\n");
+    let _ = writeln!(
+        w,
+        "Method: {FAST_ROWS} rows per run as above, the first ones written as updates of rows the table already holds (version 1, loaded before the run; the engine hydrates them, its time not counted) and the rest as inserts. (c) the worker with its defaults, timed as above; (d) the UNNEST upsert, 1000 rows per transaction on 2 connections, writing updates at version 2; (e) plain COPY of {FAST_ROWS} rows into an empty table, the ceiling of writing that many rows whatever the mix. {RUNS} runs per workload, the three writers in turn.\n"
+    );
+    let _ = writeln!(
+        w,
+        "| workload | (c) worker rows/s | (d) UNNEST rows/s | (e) COPY rows/s | (c)/(d) | (c)/(e) |\n|---|---|---|---|---|---|"
+    );
+    for m in mixed {
+        let _ = writeln!(
+            w,
+            "| {} | {} | {} | {} | {} | {} |",
+            m.name,
+            fmt3(&m.outbox, 0),
+            fmt3(&m.unnest, 0),
+            fmt3(&m.copy, 0),
+            fmt3(&m.outbox_over_unnest, 2),
+            fmt3(&m.outbox_over_copy, 2)
+        );
+    }
+    let _ = writeln!(w);
 
     let _ = writeln!(w, "### Typed columns against the document layout\n");
     let _ = writeln!(
@@ -1538,6 +1668,7 @@ fn main() {
                     "p6" => drop(outage(&bench, 80_000 / 30).await),
                     "p7" => drop(handover(&bench).await),
                     "layouts" => drop(layouts(&bench).await),
+                    "workloads" => drop(workloads(&bench).await),
                     other => panic!("unknown part {other}"),
                 }
             }
@@ -1546,6 +1677,7 @@ fn main() {
             return;
         }
         let p2 = persistence(&bench).await;
+        let mixed = workloads(&bench).await;
         let layouts = layouts(&bench).await;
         let p3 = http(&bench).await;
         let sustainable = stats(&p3.on.iter().map(|r| r.throughput).collect::<Vec<_>>()).1;
@@ -1558,7 +1690,7 @@ fn main() {
         let p7 = handover(&bench).await;
         let p1 = criterion_medians(&root.join("target/criterion"));
         let machine = format!("{}; the disk takes {}", machine(&version), fsync_latency(&scratch));
-        let markdown = report(&machine, &p1, &p2, &layouts, &p3, &p4, &p5, &p6, &p7, started.elapsed());
+        let markdown = report(&machine, &p1, &p2, &mixed, &layouts, &p3, &p4, &p5, &p6, &p7, started.elapsed());
         let notes = std::fs::read_to_string(root.join("benches/NOTES.md")).unwrap_or_default();
         std::fs::write(root.join("BENCHMARKS.md"), format!("{markdown}{notes}")).expect("write BENCHMARKS.md");
         eprintln!("wrote BENCHMARKS.md in {:.1} minutes", started.elapsed().as_secs_f64() / 60.0);
