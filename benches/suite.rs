@@ -405,7 +405,13 @@ async fn prefill(bench: &Bench, updates: usize) {
 /// number of rows into an empty table (the ceiling, whatever the mix).
 async fn workloads(bench: &Bench) -> Vec<Workload> {
     let mut out = Vec::new();
+    // `OUTBOX_BENCH_MIX=100` runs only the workload of that share of
+    // updates, for profiling.
+    let only: Option<usize> = std::env::var("OUTBOX_BENCH_MIX").ok().and_then(|v| v.parse().ok());
     for (name, updates) in WORKLOADS {
+        if only.is_some_and(|percent| percent * FAST_ROWS / 100 != updates) {
+            continue;
+        }
         let mut w = Workload { name, ..Workload::default() };
         for run in 0..RUNS {
             prefill(bench, updates).await;
