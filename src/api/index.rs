@@ -3,7 +3,9 @@
 //! order for stable cursor pagination, items by identifier, and items by
 //! status.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
+use std::hash::BuildHasher;
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -14,42 +16,28 @@ use crate::store::Index;
 #[derive(Default)]
 pub struct ItemIndex {
     all: BTreeSet<Arc<str>>,
-    /// Keyed by `key \x1f value` in one allocation (control characters
-    /// cannot occur in identifiers). Most identifiers belong to one item: a
-    /// one-element set costs 16 bytes instead of a B-tree node's couple of
-    /// hundred.
-    by_identifier: HashMap<Box<str>, IdSet, foldhash::fast::RandomState>,
+    /// Items by identifier, keyed by a 64-bit hash of (key, value) under
+    /// this process's random seed rather than by the text: an identifier
+    /// held by one item, nearly all of them, costs one 24-byte entry and no
+    /// allocation of its own. A hash held by several items (the same
+    /// identifier on several items, or very rarely two identifiers with one
+    /// hash) moves to `shared`. Lookups check each candidate's identifiers
+    /// ([`page`](Self::page)), so a shared hash never lists an item that
+    /// lacks the identifier.
+    by_identifier: HashMap<u64, Arc<str>, foldhash::fast::RandomState>,
+    shared: HashMap<u64, BTreeSet<Arc<str>>, foldhash::fast::RandomState>,
+    /// The seed of identifier hashes.
+    seed: foldhash::fast::RandomState,
     by_status: HashMap<ItemStatus, BTreeSet<Arc<str>>, foldhash::fast::RandomState>,
 }
 
-/// A set of DFIDs, in order, small when it holds one.
-enum IdSet {
-    One(Arc<str>),
-    Many(BTreeSet<Arc<str>>),
+/// The items under one identifier hash, in DFID order.
+enum Ids<'a> {
+    One(&'a Arc<str>),
+    Many(&'a BTreeSet<Arc<str>>),
 }
 
-impl IdSet {
-    fn insert(&mut self, id: Arc<str>) {
-        match self {
-            Self::One(only) if *only == id => {}
-            Self::One(only) => *self = Self::Many(BTreeSet::from([only.clone(), id])),
-            Self::Many(set) => {
-                set.insert(id);
-            }
-        }
-    }
-
-    /// Removes `id`; true when the set is now empty.
-    fn remove(&mut self, id: &str) -> bool {
-        match self {
-            Self::One(only) => &**only == id,
-            Self::Many(set) => {
-                set.remove(id);
-                set.is_empty()
-            }
-        }
-    }
-
+impl<'a> Ids<'a> {
     fn len(&self) -> usize {
         match self {
             Self::One(_) => 1,
@@ -59,12 +47,12 @@ impl IdSet {
 
     fn contains(&self, id: &str) -> bool {
         match self {
-            Self::One(only) => &**only == id,
+            Self::One(only) => &***only == id,
             Self::Many(set) => set.contains(id),
         }
     }
 
-    fn after<'a>(&'a self, lower: Bound<&'a str>) -> Box<dyn Iterator<Item = &'a Arc<str>> + 'a> {
+    fn after(self, lower: Bound<&'a str>) -> Box<dyn Iterator<Item = &'a Arc<str>> + 'a> {
         match self {
             Self::One(only) => {
                 let past = match lower {
@@ -74,6 +62,51 @@ impl IdSet {
                 Box::new(past.then_some(only).into_iter())
             }
             Self::Many(set) => Box::new(set.range::<str, _>((lower, Bound::Unbounded))),
+        }
+    }
+}
+
+impl ItemIndex {
+    fn identifier_hash(&self, key: &str, value: &str) -> u64 {
+        self.seed.hash_one((key, value))
+    }
+
+    fn ids(&self, hash: u64) -> Option<Ids<'_>> {
+        match self.shared.get(&hash) {
+            Some(set) => Some(Ids::Many(set)),
+            None => self.by_identifier.get(&hash).map(Ids::One),
+        }
+    }
+
+    fn add(&mut self, hash: u64, id: &Arc<str>) {
+        if let Some(set) = self.shared.get_mut(&hash) {
+            set.insert(id.clone());
+            return;
+        }
+        match self.by_identifier.entry(hash) {
+            Entry::Vacant(slot) => {
+                slot.insert(id.clone());
+            }
+            Entry::Occupied(only) if only.get() == id => {}
+            Entry::Occupied(only) => {
+                let other = only.remove();
+                self.shared.insert(hash, BTreeSet::from([other, id.clone()]));
+            }
+        }
+    }
+
+    fn remove(&mut self, hash: u64, id: &str) {
+        if let Some(set) = self.shared.get_mut(&hash) {
+            set.remove(id);
+            if set.len() <= 1 {
+                let last = set.pop_first();
+                self.shared.remove(&hash);
+                if let Some(last) = last {
+                    self.by_identifier.insert(hash, last);
+                }
+            }
+        } else if self.by_identifier.get(&hash).is_some_and(|only| &**only == id) {
+            self.by_identifier.remove(&hash);
         }
     }
 }
@@ -109,29 +142,13 @@ impl Index<Item> for ItemIndex {
         let new_ids = new.map(|i| i.identifiers.as_slice()).unwrap_or_default();
         if old_ids != new_ids {
             for identifier in old_ids.iter().filter(|i| !new_ids.contains(i)) {
-                let key = identifier_key(&identifier.key, &identifier.value);
-                if self.by_identifier.get_mut(&key).is_some_and(|set| set.remove(id)) {
-                    self.by_identifier.remove(&key);
-                }
+                self.remove(self.identifier_hash(&identifier.key, &identifier.value), id);
             }
             for identifier in new_ids.iter().filter(|i| !old_ids.contains(i)) {
-                match self.by_identifier.entry(identifier_key(&identifier.key, &identifier.value)) {
-                    std::collections::hash_map::Entry::Occupied(mut set) => set.get_mut().insert(id.clone()),
-                    std::collections::hash_map::Entry::Vacant(slot) => {
-                        slot.insert(IdSet::One(id.clone()));
-                    }
-                }
+                self.add(self.identifier_hash(&identifier.key, &identifier.value), id);
             }
         }
     }
-}
-
-fn identifier_key(key: &str, value: &str) -> Box<str> {
-    let mut joined = String::with_capacity(key.len() + 1 + value.len());
-    joined.push_str(key);
-    joined.push('\x1f');
-    joined.push_str(value);
-    joined.into_boxed_str()
 }
 
 /// Which items a listing asks for.
@@ -145,15 +162,22 @@ pub struct ItemFilter {
 
 impl ItemIndex {
     /// Up to `limit` DFIDs matching `filter`, in DFID order, after the
-    /// cursor `after`; and whether more follow.
-    pub fn page(&self, filter: &ItemFilter, after: Option<&str>, limit: usize) -> (Vec<Arc<str>>, bool) {
+    /// cursor `after`; and whether more follow. With an identifier in the
+    /// filter, `has_identifier(dfid)` must tell whether that item holds it
+    /// (the index finds candidates by a hash of the identifier).
+    pub fn page(
+        &self,
+        filter: &ItemFilter,
+        after: Option<&str>,
+        limit: usize,
+        has_identifier: impl Fn(&str) -> bool,
+    ) -> (Vec<Arc<str>>, bool) {
         let lower = match after {
             Some(cursor) => Bound::Excluded(cursor),
             None => Bound::Unbounded,
         };
         let by_status = filter.status.map(|s| self.by_status.get(&s));
-        let by_identifier =
-            filter.identifier.as_ref().map(|(key, value)| self.by_identifier.get(&identifier_key(key, value)));
+        let by_identifier = filter.identifier.as_ref().map(|(key, value)| self.ids(self.identifier_hash(key, value)));
         if matches!(by_status, Some(None)) || matches!(by_identifier, Some(None)) {
             return (Vec::new(), false); // a filter that matches nothing
         }
@@ -164,12 +188,15 @@ impl ItemIndex {
                 Box::new(ids.after(lower).filter(|id| status.contains(*id)))
             }
             (Some(ids), Some(status)) => {
-                Box::new(status.range::<str, _>((lower, Bound::Unbounded)).filter(|id| ids.contains(id)))
+                Box::new(status.range::<str, _>((lower, Bound::Unbounded)).filter(move |id| ids.contains(id)))
             }
             (Some(ids), None) => ids.after(lower),
             (None, Some(status)) => Box::new(status.range::<str, _>((lower, Bound::Unbounded))),
             (None, None) => Box::new(self.all.range::<str, _>((lower, Bound::Unbounded))),
         };
+        if filter.identifier.is_some() {
+            matching = Box::new(matching.filter(|id| has_identifier(id)));
+        }
         let page: Vec<Arc<str>> = matching.by_ref().take(limit).cloned().collect();
         let more = matching.next().is_some();
         (page, more)
@@ -183,5 +210,68 @@ impl ItemIndex {
     /// Whether there are no live items.
     pub fn is_empty(&self) -> bool {
         self.all.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::model::Identifier;
+
+    fn item(dfid: &str, identifiers: &[(&str, &str)]) -> Item {
+        let now = chrono::Utc::now();
+        Item {
+            dfid: dfid.into(),
+            local_id: None,
+            status: ItemStatus::Active,
+            identifiers: identifiers.iter().map(|(k, v)| Identifier { key: (*k).into(), value: (*v).into() }).collect(),
+            enriched_data: Default::default(),
+            merged_into: None,
+            circuits: Vec::new(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    fn listed(index: &ItemIndex, key: &str, value: &str, has: impl Fn(&str) -> bool) -> Vec<String> {
+        let filter = ItemFilter { status: None, identifier: Some((key.into(), value.into())) };
+        index.page(&filter, None, 10, has).0.iter().map(|id| id.to_string()).collect()
+    }
+
+    #[test]
+    fn an_identifier_shared_by_items_lists_them_all_and_each_removal_is_kept() {
+        let mut index = ItemIndex::default();
+        let ids: Vec<Arc<str>> = ["a", "b", "c"].into_iter().map(Arc::from).collect();
+        for id in &ids {
+            index.update(id, None, Some(&item(id, &[("gtin", "1"), ("sku", id)])));
+        }
+        assert_eq!(listed(&index, "gtin", "1", |_| true), ["a", "b", "c"]);
+        assert_eq!(listed(&index, "sku", "b", |_| true), ["b"]);
+        assert_eq!(index.shared.len(), 1, "only the shared identifier leaves the compact map");
+        // b gives up the shared identifier, then c is deleted: a alone holds
+        // it, and it moves back to the compact map.
+        index.update(&ids[1], Some(&item("b", &[("gtin", "1"), ("sku", "b")])), Some(&item("b", &[("sku", "b")])));
+        assert_eq!(listed(&index, "gtin", "1", |_| true), ["a", "c"]);
+        index.update(&ids[2], Some(&item("c", &[("gtin", "1"), ("sku", "c")])), None);
+        assert_eq!(listed(&index, "gtin", "1", |_| true), ["a"]);
+        assert!(index.shared.is_empty());
+        index.update(&ids[0], Some(&item("a", &[("gtin", "1"), ("sku", "a")])), None);
+        assert!(listed(&index, "gtin", "1", |_| true).is_empty());
+        assert_eq!(listed(&index, "sku", "b", |_| true), ["b"]);
+        assert_eq!((index.by_identifier.len(), index.shared.len(), index.len()), (1, 0, 1));
+    }
+
+    #[test]
+    fn a_candidate_without_the_identifier_is_never_listed() {
+        // Two identifiers with one hash share candidates; the listing keeps
+        // only the items that hold the identifier asked for.
+        let mut index = ItemIndex::default();
+        for id in ["a", "b", "c"] {
+            index.update(&Arc::from(id), None, Some(&item(id, &[("gtin", "1")])));
+        }
+        assert_eq!(listed(&index, "gtin", "1", |dfid| dfid != "b"), ["a", "c"]);
+        let filter = ItemFilter { status: None, identifier: Some(("gtin".into(), "1".into())) };
+        let (page, more) = index.page(&filter, None, 1, |dfid| dfid != "a");
+        assert_eq!((page.iter().map(|id| id.to_string()).collect::<Vec<_>>(), more), (vec!["b".to_owned()], true));
     }
 }

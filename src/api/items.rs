@@ -271,7 +271,12 @@ pub async fn list(State(state): State<Shared>, ApiQuery(query): ApiQuery<ListQue
     }
     let filter = ItemFilter { status: query.status, identifier };
     let page = state.store.read(|view| {
-        let (ids, more) = view.index::<ItemIndex>().page(&filter, query.after.as_deref(), limit);
+        let has_identifier = |dfid: &str| {
+            let Some((key, value)) = &filter.identifier else { return true };
+            view.get::<Item>(dfid)
+                .is_some_and(|item| item.value.identifiers.iter().any(|i| i.key == *key && i.value == *value))
+        };
+        let (ids, more) = view.index::<ItemIndex>().page(&filter, query.after.as_deref(), limit, has_identifier);
         let items: Vec<ItemView> = ids.iter().filter_map(|id| view.get::<Item>(id)).map(ItemView::from).collect();
         let next = if more { items.last().map(|i| i.item.dfid.clone()) } else { None };
         ItemPage { items, next }
