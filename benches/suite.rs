@@ -51,9 +51,11 @@ const P2_RUNS: usize = 5;
 /// Rows the batched writers (c, d, e) write per run.
 const FAST_ROWS: usize = 200_000;
 
-/// The largest hand-written batch, and the worker's batch size when tuned
-/// to match it.
+/// The largest hand-written batch.
 const TUNED_BATCH: usize = 5000;
+/// The worker's batch size in its second P2 measurement (the default
+/// before it was raised to 5000).
+const SMALL_BATCH: usize = 1000;
 /// Rows the one-row-per-transaction writers (a, b) write per run: the same
 /// rows' first ones (their rate is what is compared).
 const SLOW_ROWS: usize = 10_000;
@@ -545,14 +547,14 @@ struct Persistence {
     naive: Runs,
     write_through: Runs,
     outbox: Runs,
-    /// (c) with batches as large as the best hand-written writer's.
-    outbox_tuned: Runs,
+    /// (c) with batches of `SMALL_BATCH`.
+    outbox_small: Runs,
     candidates: Vec<(String, Runs)>,
     best_candidate: String,
     hand_written: Runs,
     copy: Runs,
     outbox_over_hand: Runs,
-    tuned_over_hand: Runs,
+    small_over_hand: Runs,
     outbox_over_naive: Runs,
     outbox_over_copy: Runs,
 }
@@ -583,10 +585,10 @@ async fn persistence(bench: &Bench) -> Persistence {
         let c = outbox_worker(bench, WorkerConfig::default().batch_max).await;
         assert_eq!(bench.count_items().await, FAST_ROWS as i64, "the outbox wrote every row");
         bench.reset().await;
-        let tuned = outbox_worker(bench, TUNED_BATCH).await;
-        assert_eq!(bench.count_items().await, FAST_ROWS as i64, "the tuned outbox wrote every row");
-        eprintln!("  (c) with batches of {TUNED_BATCH}: {tuned:.0} rows/s");
-        p.outbox_tuned.push(tuned);
+        let small = outbox_worker(bench, SMALL_BATCH).await;
+        assert_eq!(bench.count_items().await, FAST_ROWS as i64, "the outbox wrote every row in small batches");
+        eprintln!("  (c) with batches of {SMALL_BATCH}: {small:.0} rows/s");
+        p.outbox_small.push(small);
         for (index, candidate) in p.candidates.iter_mut().enumerate() {
             bench.reset().await;
             let rate = match index {
@@ -617,7 +619,7 @@ async fn persistence(bench: &Bench) -> Persistence {
     for run in 0..P2_RUNS {
         let c = p.outbox[run];
         p.outbox_over_hand.push(c / p.hand_written[run]);
-        p.tuned_over_hand.push(p.outbox_tuned[run] / p.hand_written[run]);
+        p.small_over_hand.push(p.outbox_small[run] / p.hand_written[run]);
         p.outbox_over_naive.push(c / p.naive[run]);
         p.outbox_over_copy.push(c / p.copy[run]);
     }
@@ -1354,12 +1356,11 @@ fn report(
         hand * 100.0,
         verdict(hand >= 0.95)
     );
-    let (_, tuned, _) = stats(&p2.tuned_over_hand);
+    let (_, tuned, _) = stats(&p2.small_over_hand);
     let _ = writeln!(
         w,
-        "| P2 the same, worker with `OUTBOX_BATCH_MAX={TUNED_BATCH}` | {:.0} % | {} |",
-        tuned * 100.0,
-        verdict(tuned >= 0.95)
+        "| P2 the same, worker with `OUTBOX_BATCH_MAX={SMALL_BATCH}` (reported, no target) | {:.0} % | |",
+        tuned * 100.0
     );
     let _ = writeln!(
         w,
@@ -1434,13 +1435,13 @@ fn report(
     let _ = writeln!(w, "## P2: persistence throughput, side by side\n");
     let _ = writeln!(
         w,
-        "Method: the same reference items (~330 bytes of JSON each) written into the same `items` table (primary key, a generated `status` column and its index) of one local database, emptied and checkpointed before each method. (a) and (b) write the first {SLOW_ROWS} of them, one transaction per row, {REQUEST_CONCURRENCY} at a time; (c), (d) and (e) write all {FAST_ROWS}. (c) records every item through the store as its own change once the engine has taken the lease and hydrated (the empty table), before its worker starts, and is timed from then until the outbox is empty: the worker's own throughput (rows the table has never held go in with COPY, the rest with the version-guarded upsert), with the default settings (batches of up to 1000 rows, 5 ms linger, 2 writers, the lease's fencing check in every transaction), and again with batches of up to {TUNED_BATCH} rows, the size of the largest hand-written batches. (d) is the hand-written writer below with the best median (each run of (c) is compared with the same run of that writer); (e) is a plain binary COPY into an empty table with the same columns and indexes, on two connections.\n"
+        "Method: the same reference items (~330 bytes of JSON each) written into the same `items` table (primary key, a generated `status` column and its index) of one local database, emptied and checkpointed before each method. (a) and (b) write the first {SLOW_ROWS} of them, one transaction per row, {REQUEST_CONCURRENCY} at a time; (c), (d) and (e) write all {FAST_ROWS}. (c) records every item through the store as its own change once the engine has taken the lease and hydrated (the empty table), before its worker starts, and is timed from then until the outbox is empty: the worker's own throughput (rows the table has never held go in with COPY, the rest with the version-guarded upsert), with the default settings (batches of up to 5000 rows, 5 ms linger, 2 writers, the lease's fencing check in every transaction), and again with batches of up to {SMALL_BATCH} rows (the default until this measurement showed what the commit per batch costs). (d) is the hand-written writer below with the best median (each run of (c) is compared with the same run of that writer); (e) is a plain binary COPY into an empty table with the same columns and indexes, on two connections.\n"
     );
     let _ = writeln!(w, "| method | rows/s |\n|---|---|");
     let _ = writeln!(w, "| (a) naive: a spawned task per change, one upsert each | {} |", fmt3(&p2.naive, 0));
     let _ = writeln!(w, "| (b) write-through: each request awaits its upsert | {} |", fmt3(&p2.write_through, 0));
     let _ = writeln!(w, "| (c) outbox worker, defaults | {} |", fmt3(&p2.outbox, 0));
-    let _ = writeln!(w, "| (c) outbox worker, `OUTBOX_BATCH_MAX={TUNED_BATCH}` | {} |", fmt3(&p2.outbox_tuned, 0));
+    let _ = writeln!(w, "| (c) outbox worker, `OUTBOX_BATCH_MAX={SMALL_BATCH}` | {} |", fmt3(&p2.outbox_small, 0));
     let _ =
         writeln!(w, "| (d) best hand-written batched upsert ({}) | {} |", p2.best_candidate, fmt3(&p2.hand_written, 0));
     let _ = writeln!(w, "| (e) plain COPY into an empty table | {} |", fmt3(&p2.copy, 0));
@@ -1450,7 +1451,8 @@ fn report(
     }
     let _ = writeln!(w, "\n| ratio (per run, same run) | min / median / max | target |\n|---|---|---|");
     let _ = writeln!(w, "| (c)/(d), defaults | {} | ≥ 0.95 |", fmt3(&p2.outbox_over_hand, 2));
-    let _ = writeln!(w, "| (c)/(d), `OUTBOX_BATCH_MAX={TUNED_BATCH}` | {} | ≥ 0.95 |", fmt3(&p2.tuned_over_hand, 2));
+    let _ =
+        writeln!(w, "| (c)/(d), `OUTBOX_BATCH_MAX={SMALL_BATCH}` | {} | (reported) |", fmt3(&p2.small_over_hand, 2));
     let _ = writeln!(w, "| (c)/(a) | {} | (reported) |", fmt3(&p2.outbox_over_naive, 1));
     let _ = writeln!(w, "| (c)/(e) | {} | ≥ 0.80 (the ceiling) |\n", fmt3(&p2.outbox_over_copy, 2));
 

@@ -47,7 +47,7 @@ pub struct Config {
     pub queue_capacity: usize,
 
     /// Most rows written in one batch transaction.
-    #[arg(long, env = "OUTBOX_BATCH_MAX", value_name = "OUTBOX_BATCH_MAX", default_value_t = 1000, value_parser = positive_usize, global = true)]
+    #[arg(long, env = "OUTBOX_BATCH_MAX", value_name = "OUTBOX_BATCH_MAX", default_value_t = 5000, value_parser = positive_usize, global = true)]
     pub batch_max: usize,
 
     /// Milliseconds a batch waits for more records after its first one

@@ -69,7 +69,7 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
-            batch_max: 1000,
+            batch_max: 5000,
             linger: Duration::from_millis(5),
             retry_max_delay: Duration::from_secs(2),
             writers: 2,
