@@ -1045,7 +1045,9 @@ async fn hydration(bench: &Bench) -> Hydration {
         h.peak_rss_mib.push(rss);
         h.rows_per_second.push(HYDRATE_ITEMS as f64 / seconds);
     }
-    for count in HYDRATE_SCALE {
+    // `OUTBOX_BENCH_P5_CURVE=0` leaves out 2M and 4M, for profiling.
+    let curve = std::env::var("OUTBOX_BENCH_P5_CURVE").map_or(true, |v| v != "0");
+    for count in HYDRATE_SCALE.into_iter().filter(|_| curve) {
         eprintln!("P5: writing {count} items");
         fill_items(bench, count).await;
         let (seconds, _, rss) = hydrate_once(bench, count).await;

@@ -2,6 +2,9 @@
 //! local-id mappings. They are ordinary [`Entity`] implementations: the
 //! engine knows nothing else about them.
 
+use std::collections::HashSet;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
@@ -68,12 +71,131 @@ impl<'de> Deserialize<'de> for JsonObject {
 
 use crate::store::Entity;
 
+/// An identifier's key (`gtin`, `sku`, ...). A handful of keys are shared
+/// by millions of identifiers, so each distinct key is held once in the
+/// process (interned) and every identifier points to it: 16 bytes instead
+/// of a string and its allocation. The interner keeps at most
+/// [`INTERNED_KEYS`] keys; keys beyond that are held by their identifiers
+/// alone, so requests with ever new keys cannot grow it.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdentifierKey(Arc<str>);
+
+/// Most distinct identifier keys the interner keeps.
+pub const INTERNED_KEYS: usize = 4096;
+
+impl IdentifierKey {
+    /// The key `text`, interned while the interner has room.
+    pub fn new(text: &str) -> Self {
+        static KEYS: OnceLock<Interner> = OnceLock::new();
+        Self(KEYS.get_or_init(|| Interner::new(INTERNED_KEYS)).get(text))
+    }
+
+    /// The key as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Distinct strings held once, up to a bound.
+struct Interner {
+    keys: RwLock<HashSet<Arc<str>>>,
+    bound: usize,
+}
+
+impl Interner {
+    fn new(bound: usize) -> Self {
+        Self { keys: RwLock::default(), bound }
+    }
+
+    /// `text` as the interner holds it, or (when full) on its own.
+    fn get(&self, text: &str) -> Arc<str> {
+        if let Some(key) = self.keys.read().unwrap_or_else(PoisonError::into_inner).get(text) {
+            return key.clone();
+        }
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(key) = keys.get(text) {
+            return key.clone();
+        }
+        let key: Arc<str> = Arc::from(text);
+        if keys.len() < self.bound {
+            keys.insert(key.clone());
+        }
+        key
+    }
+}
+
+impl std::ops::Deref for IdentifierKey {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for IdentifierKey {
+    fn from(text: &str) -> Self {
+        Self::new(text)
+    }
+}
+
+impl From<String> for IdentifierKey {
+    fn from(text: String) -> Self {
+        Self::new(&text)
+    }
+}
+
+impl PartialEq<str> for IdentifierKey {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<String> for IdentifierKey {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl std::fmt::Debug for IdentifierKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::fmt::Display for IdentifierKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for IdentifierKey {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for IdentifierKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = IdentifierKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<IdentifierKey, E> {
+                Ok(IdentifierKey::new(text))
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
 /// One identifier of an item: a key (e.g. `gtin`) and its value.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Identifier {
     /// What kind of identifier.
-    pub key: String,
+    #[schema(value_type = String)]
+    pub key: IdentifierKey,
     /// Its value.
     pub value: String,
 }
@@ -203,4 +325,30 @@ impl Entity for LocalMapping {
 /// A new DFID.
 pub fn new_dfid() -> String {
     format!("DFID-{}", uuid::Uuid::new_v4().simple())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifier_keys_are_held_once_and_read_back_as_written() {
+        let identifiers: Vec<Identifier> =
+            serde_json::from_str(r#"[{"key":"gtin","value":"1"},{"key":"gtin","value":"2"}]"#).unwrap();
+        assert!(Arc::ptr_eq(&identifiers[0].key.0, &identifiers[1].key.0), "one key, held once");
+        assert!(Arc::ptr_eq(&identifiers[0].key.0, &IdentifierKey::from("gtin").0));
+        assert_eq!(identifiers[0].key, *"gtin");
+        assert_eq!(serde_json::to_string(&identifiers[1]).unwrap(), r#"{"key":"gtin","value":"2"}"#);
+        assert!(serde_json::from_str::<Identifier>(r#"{"key":7,"value":"1"}"#).is_err());
+    }
+
+    #[test]
+    fn the_interner_stops_growing_at_its_bound() {
+        let interner = Interner::new(3);
+        let kept: Vec<Arc<str>> = ["a", "b", "c"].into_iter().map(|k| interner.get(k)).collect();
+        assert!(Arc::ptr_eq(&kept[2], &interner.get("c")));
+        let (d1, d2) = (interner.get("d"), interner.get("d"));
+        assert!(!Arc::ptr_eq(&d1, &d2), "past the bound keys are not kept");
+        assert_eq!((d1, interner.keys.read().unwrap().len()), (Arc::from("d"), 3));
+    }
 }
