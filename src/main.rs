@@ -16,7 +16,8 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// With the `jemalloc` feature, the binary allocates with jemalloc.
+/// With the `jemalloc` feature (a default), the binary allocates with
+/// jemalloc.
 #[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
