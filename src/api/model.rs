@@ -234,6 +234,7 @@ pub struct Item {
     /// Life-cycle status.
     pub status: ItemStatus,
     /// Identifiers, without duplicates.
+    #[serde(deserialize_with = "exact_vec")]
     pub identifiers: Vec<Identifier>,
     /// Free-form data, merged key by key on update.
     #[serde(default)]
@@ -243,12 +244,21 @@ pub struct Item {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merged_into: Option<String>,
     /// Circuits the item belongs to (at most 100).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "exact_vec")]
     pub circuits: Vec<String>,
     /// When it was created.
     pub created_at: DateTime<Utc>,
     /// When it last changed.
     pub updated_at: DateTime<Utc>,
+}
+
+/// A vector read from JSON without spare room: a vector grows as its
+/// elements arrive (to four at the first), and every hydrated item would
+/// keep the slack for its life.
+fn exact_vec<'de, D: Deserializer<'de>, T: Deserialize<'de>>(deserializer: D) -> Result<Vec<T>, D::Error> {
+    let mut list = Vec::<T>::deserialize(deserializer)?;
+    list.shrink_to_fit();
+    Ok(list)
 }
 
 impl Entity for Item {
@@ -269,7 +279,7 @@ pub struct Circuit {
     /// DFIDs of its items. Shared strings: a change copies the list by
     /// reference counts, not by allocating every DFID again (a circuit may
     /// hold thousands).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "exact_vec")]
     #[schema(value_type = Vec<String>)]
     pub items: Vec<std::sync::Arc<str>>,
     /// When it was created.
@@ -340,6 +350,16 @@ mod tests {
         assert_eq!(identifiers[0].key, *"gtin");
         assert_eq!(serde_json::to_string(&identifiers[1]).unwrap(), r#"{"key":"gtin","value":"2"}"#);
         assert!(serde_json::from_str::<Identifier>(r#"{"key":7,"value":"1"}"#).is_err());
+    }
+
+    #[test]
+    fn a_decoded_item_keeps_no_spare_room_in_its_lists() {
+        let item: Item = serde_json::from_str(
+            r#"{"dfid":"d","status":"active","identifiers":[{"key":"gtin","value":"1"}],
+                "circuits":["c1","c2","c3","c4","c5"],"created_at":"2026-01-01T00:00:00Z","updated_at":"2026-01-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        assert_eq!((item.identifiers.capacity(), item.circuits.capacity()), (1, 5));
     }
 
     #[test]
