@@ -76,6 +76,9 @@ pub struct Column {
 pub(crate) trait Stored: Any + Send + Sync {
     /// Appends the entity's JSON to `out`.
     fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error>;
+    /// The entity as a JSON value (for typed columns: no text to parse
+    /// back).
+    fn to_value(&self) -> Result<serde_json::Value, serde_json::Error>;
     /// For downcasting to the concrete type.
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
     /// For downcasting a borrowed value.
@@ -85,6 +88,10 @@ pub(crate) trait Stored: Any + Send + Sync {
 impl<E: Entity> Stored for E {
     fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
         serde_json::to_writer(out, self)
+    }
+
+    fn to_value(&self) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::to_value(self)
     }
 
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {

@@ -119,17 +119,29 @@ pub(crate) struct EncodeError {
 /// The value of a typed column as text for its `::type` cast: strings as
 /// they are, numbers and booleans as written, null as NULL, and JSON text
 /// for `jsonb` columns (and for objects and arrays).
-fn column_text(value: Option<&serde_json::Value>, sql_type: &str) -> Option<String> {
+fn column_text(value: Option<serde_json::Value>, sql_type: &str) -> Option<String> {
     use serde_json::Value;
     match value {
         None | Some(Value::Null) => None,
         Some(value) if sql_type.eq_ignore_ascii_case("jsonb") || sql_type.eq_ignore_ascii_case("json") => {
             Some(value.to_string())
         }
-        Some(Value::String(text)) => Some(text.clone()),
+        Some(Value::String(text)) => Some(text),
         Some(Value::Bool(flag)) => Some(flag.to_string()),
         Some(Value::Number(number)) => Some(number.to_string()),
         Some(other) => Some(other.to_string()),
+    }
+}
+
+/// What a JSON value is, for messages.
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
     }
 }
 
@@ -171,30 +183,34 @@ pub(crate) fn encode(
             });
         }
         let part = out.last_mut().expect("pushed above");
-        let json = match &row.value {
-            Some(value) => {
-                let mut json = Vec::with_capacity(256);
-                value.write_json(&mut json).map_err(|error| EncodeError { row: index, error: error.to_string() })?;
-                Some(json)
-            }
-            None => None,
-        };
+        let encode_error = |error: String| EncodeError { row: index, error };
         match kinds[row.kind].layout {
-            Layout::Document => part.data.push(json.map(Jsonb)),
-            Layout::Columns { columns, .. } => {
-                let fields = match json {
-                    None => None,
-                    Some(json) => {
-                        Some(serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&json).map_err(
-                            |e| EncodeError {
-                                row: index,
-                                error: format!("a typed-column entity is not a JSON object: {e}"),
-                            },
-                        )?)
+            Layout::Document => {
+                let json = match &row.value {
+                    Some(value) => {
+                        let mut json = Vec::with_capacity(256);
+                        value.write_json(&mut json).map_err(|e| encode_error(e.to_string()))?;
+                        Some(Jsonb(json))
                     }
+                    None => None,
+                };
+                part.data.push(json);
+            }
+            Layout::Columns { columns, .. } => {
+                let mut fields = match &row.value {
+                    None => None,
+                    Some(value) => match value.to_value().map_err(|e| encode_error(e.to_string()))? {
+                        serde_json::Value::Object(fields) => Some(fields),
+                        other => {
+                            return Err(encode_error(format!(
+                                "a typed-column entity is not a JSON object: {}",
+                                json_kind(&other)
+                            )));
+                        }
+                    },
                 };
                 for (values, column) in part.columns.iter_mut().zip(columns) {
-                    values.push(fields.as_ref().and_then(|f| column_text(f.get(column.name), column.sql_type)));
+                    values.push(fields.as_mut().and_then(|f| column_text(f.remove(column.name), column.sql_type)));
                 }
             }
         }
