@@ -185,27 +185,16 @@ async fn write_through(bench: &Bench) -> f64 {
     rate
 }
 
-/// (c) The outbox worker: every row is a change recorded through the store
-/// before the worker starts; timed from the worker's start until the
-/// outbox is empty, so the figure is the worker's own throughput (taking
-/// batches, encoding, writing, committing), not the cost of the changes.
-async fn outbox_worker(bench: &Bench, batch_max: usize) -> f64 {
+/// (c) The outbox worker, batches of up to `batch_max` rows: every row is
+/// a change recorded through the store, the first `updates` of them
+/// updates of rows the table holds (version 1, hydrated), the rest inserts;
+/// timed by [`time_worker`], so the figure is the worker's own throughput
+/// (taking batches, encoding, writing, committing), not the cost of the
+/// changes.
+async fn outbox_worker(bench: &Bench, batch_max: usize, updates: usize) -> f64 {
     let builder = outbox::api::store_builder().capacity(FAST_ROWS * 2);
     let items = bench.items.clone();
     time_worker(bench, builder, WorkerConfig { batch_max, ..WorkerConfig::default() }, move |store| {
-        for item in items.iter() {
-            store.apply(|set| set.insert(Item::clone(item))).expect("insert");
-        }
-    })
-    .await
-}
-
-/// (c) with the first `updates` rows already in the table (version 1) and
-/// in memory (hydrated), written as updates; the rest inserts.
-async fn outbox_worker_updating(bench: &Bench, updates: usize) -> f64 {
-    let builder = outbox::api::store_builder().capacity(FAST_ROWS * 2);
-    let items = bench.items.clone();
-    time_worker(bench, builder, WorkerConfig::default(), move |store| {
         for (n, item) in items.iter().enumerate() {
             if n < updates {
                 store.apply(|set| set.upsert(Item::clone(item))).expect("update");
@@ -417,7 +406,7 @@ async fn workloads(bench: &Bench) -> Vec<Workload> {
         let mut w = Workload { name, ..Workload::default() };
         for run in 0..RUNS {
             prefill(bench, updates).await;
-            let c = outbox_worker_updating(bench, updates).await;
+            let c = outbox_worker(bench, WorkerConfig::default().batch_max, updates).await;
             assert_eq!(bench.count_items().await, FAST_ROWS as i64, "the outbox wrote every row");
             prefill(bench, updates).await;
             let d = unnest_updating(bench, 1000, 2, updates).await;
@@ -572,7 +561,7 @@ async fn persistence(bench: &Bench) -> Persistence {
     // A warm-up of the two batched upserts, not counted: the first writes
     // into a fresh database are slower (relation extension, cold caches).
     bench.reset().await;
-    outbox_worker(bench, WorkerConfig::default().batch_max).await;
+    outbox_worker(bench, WorkerConfig::default().batch_max, 0).await;
     bench.reset().await;
     unnest(bench, 1000, 2).await;
     for run in 0..P2_RUNS {
@@ -582,10 +571,10 @@ async fn persistence(bench: &Bench) -> Persistence {
         bench.reset().await;
         let b = write_through(bench).await;
         bench.reset().await;
-        let c = outbox_worker(bench, WorkerConfig::default().batch_max).await;
+        let c = outbox_worker(bench, WorkerConfig::default().batch_max, 0).await;
         assert_eq!(bench.count_items().await, FAST_ROWS as i64, "the outbox wrote every row");
         bench.reset().await;
-        let small = outbox_worker(bench, SMALL_BATCH).await;
+        let small = outbox_worker(bench, SMALL_BATCH, 0).await;
         assert_eq!(bench.count_items().await, FAST_ROWS as i64, "the outbox wrote every row in small batches");
         eprintln!("  (c) with batches of {SMALL_BATCH}: {small:.0} rows/s");
         p.outbox_small.push(small);

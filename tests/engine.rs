@@ -150,6 +150,18 @@ async fn start(db: &TestDb, builder: StoreBuilder, worker: WorkerConfig) -> Engi
     Engine::builder(store, receiver, pool).worker(worker).holder("engine-test").start().await.expect("start the engine")
 }
 
+/// A database with the `docs` table (then `ddl`, when given) and an engine
+/// writing docs in batches of up to 1000 rows on one connection.
+async fn docs_engine(name: &str, ddl: Option<&str>) -> (TestDb, Engine) {
+    let db = fresh_db(name).await;
+    create_tables(&db, &["docs"]).await;
+    if let Some(ddl) = ddl {
+        db.connect().await.batch_execute(ddl).await.unwrap();
+    }
+    let engine = start(&db, Store::builder().kind::<Doc>(), config(1000, 1)).await;
+    (db, engine)
+}
+
 /// A small deterministic PRNG (xorshift64*), so failures replay by seed.
 struct Rng(u64);
 
@@ -713,9 +725,7 @@ async fn a_refused_change_set_stays_whole_until_an_operator_resolves_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_version_written_elsewhere_is_a_conflict_never_a_silent_success() {
-    let db = fresh_db("conflict").await;
-    create_tables(&db, &["docs"]).await;
-    let engine = start(&db, Store::builder().kind::<Doc>(), config(1000, 1)).await;
+    let (db, engine) = docs_engine("conflict", None).await;
     let store = engine.store().clone();
     let ((), ticket) =
         store.apply_durable(|set| set.insert(Doc { id: "d".into(), body: "ours".into(), n: 1 }).map(|_| ())).unwrap();
@@ -766,9 +776,7 @@ async fn insert_behind(db: &TestDb, doc: &Doc, version: i64) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn new_rows_are_copied_and_a_retry_after_an_ambiguous_commit_falls_back_to_the_upsert() {
-    let db = fresh_db("copy-retry").await;
-    create_tables(&db, &["docs"]).await;
-    let engine = start(&db, Store::builder().kind::<Doc>(), config(1000, 1)).await;
+    let (db, engine) = docs_engine("copy-retry", None).await;
     let store = engine.store().clone();
     let doc = |id: String| Doc { body: format!("body of {id}"), id, n: 1 };
     let create = |ids: Vec<String>| {
@@ -819,10 +827,8 @@ async fn new_rows_are_copied_and_a_retry_after_an_ambiguous_commit_falls_back_to
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refused_row_in_a_copied_batch_is_quarantined_alone() {
-    let db = fresh_db("copy-refused").await;
-    create_tables(&db, &["docs"]).await;
-    db.connect().await.batch_execute("ALTER TABLE docs ADD CHECK (data->>'body' <> 'refused')").await.unwrap();
-    let engine = start(&db, Store::builder().kind::<Doc>(), config(1000, 1)).await;
+    let (db, engine) =
+        docs_engine("copy-refused", Some("ALTER TABLE docs ADD CHECK (data->>'body' <> 'refused')")).await;
     let store = engine.store().clone();
     let tickets: Vec<_> = (0..300)
         .map(|i| {
@@ -925,10 +931,7 @@ async fn hydration_reads_every_kind_from_one_snapshot() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_row_too_large_for_its_index_is_quarantined_not_retried_forever() {
-    let db = fresh_db("index-limit").await;
-    create_tables(&db, &["docs"]).await;
-    db.connect().await.batch_execute("CREATE INDEX docs_body ON docs ((data->>'body'))").await.unwrap();
-    let engine = start(&db, Store::builder().kind::<Doc>(), config(1000, 1)).await;
+    let (_db, engine) = docs_engine("index-limit", Some("CREATE INDEX docs_body ON docs ((data->>'body'))")).await;
     let store = engine.store().clone();
     // Incompressible text larger than a B-tree index row may be (54000).
     let mut rng = Rng(7);
