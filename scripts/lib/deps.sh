@@ -17,6 +17,16 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+# A C compiler and make, for the jemalloc allocator the binary is built
+# with by default (tikv-jemalloc-sys builds jemalloc from source).
+ensure_c_build() {
+    if command -v cc >/dev/null 2>&1 && command -v make >/dev/null 2>&1; then
+        return 0
+    fi
+    echo "a C compiler or make not found; installing gcc and make" >&2
+    apt_install gcc make libc6-dev && command -v cc >/dev/null 2>&1 && command -v make >/dev/null 2>&1
+}
+
 # PostgreSQL server binaries: `postgres` and `initdb` on PATH or in
 # /usr/lib/postgresql/*/bin (where Debian puts them).
 have_postgres() {
