@@ -739,10 +739,15 @@ impl Server {
 
     /// Peak resident memory so far (VmHWM), in MiB.
     fn peak_rss_mib(&self) -> f64 {
+        self.memory_mib("VmHWM:")
+    }
+
+    /// A memory figure of `/proc/PID/status` (`VmHWM:`, `VmRSS:`), in MiB.
+    fn memory_mib(&self, field: &str) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
             .map_or(0.0, |kb| kb / 1024.0)
     }
@@ -1017,6 +1022,7 @@ async fn hydrate_once(bench: &Bench, count: usize) -> (f64, f64, f64) {
     let entities = server.logged("hydration finished", "entities").unwrap_or(0.0);
     assert_eq!(entities as usize, count, "every item hydrated");
     let rss = server.peak_rss_mib();
+    eprintln!("  resident when ready {:.0} MiB (peak {rss:.0} MiB)", server.memory_mib("VmRSS:"));
     server.stop();
     (hydration_ms / 1000.0, ready, rss)
 }

@@ -176,12 +176,17 @@ pub trait Index<E: Entity>: Send + Sync + 'static {
     fn reserve(&mut self, additional: usize) {
         let _ = additional;
     }
+
+    /// Hydration of the kind has finished: a chance to rebuild what loading
+    /// one entity at a time left loose (spare room, half-full nodes).
+    fn hydrated(&mut self) {}
 }
 
 /// An index in its type-erased form.
 pub(crate) trait ErasedIndex: Send + Sync {
     fn update(&mut self, id: &Arc<str>, old: Option<&dyn Stored>, new: Option<&dyn Stored>);
     fn reserve(&mut self, additional: usize);
+    fn hydrated(&mut self);
     fn as_any(&self) -> &dyn Any;
 }
 
@@ -201,6 +206,10 @@ impl<E: Entity, I: Index<E>> ErasedIndex for TypedIndex<E, I> {
 
     fn reserve(&mut self, additional: usize) {
         self.index.reserve(additional);
+    }
+
+    fn hydrated(&mut self) {
+        self.index.hydrated();
     }
 
     fn as_any(&self) -> &dyn Any {

@@ -126,6 +126,7 @@
 pub struct ReadmeDoctests;
 
 pub mod backoff;
+pub(crate) mod dense;
 pub mod engine;
 pub mod entity;
 pub mod metrics;

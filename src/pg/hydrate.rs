@@ -130,6 +130,7 @@ async fn hydrate_kind(
             for chunk in decoded_rx {
                 store.hydrate(kind_id, chunk);
             }
+            store.hydrated(kind_id);
         })
     };
     let statement = client.prepare_cached(&super::sql::table(kind).select).await?;

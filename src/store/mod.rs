@@ -28,7 +28,6 @@ mod persist;
 pub(crate) mod quarantine;
 
 use std::any::TypeId;
-use std::collections::HashMap;
 use std::fmt;
 use std::ops::Deref;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -167,7 +166,7 @@ impl Slot {
 }
 
 /// One kind's entities.
-pub(crate) type Table = HashMap<Arc<str>, Slot, foldhash::fast::RandomState>;
+pub(crate) type Table = crate::dense::DenseMap<Arc<str>, Slot>;
 
 /// Everything behind the store's lock.
 pub(crate) struct State {
@@ -414,8 +413,7 @@ impl Store {
 /// durable caller's claim.
 fn apply_staged(state: &mut State, kind: &KindInfo, s: &Staged, now: Instant, ticket: Option<&Arc<TicketShared>>) {
     let base = state.quarantine.member(&(s.kind, s.id.clone())).map(|m| m.base);
-    let slot =
-        state.tables[s.kind].entry(s.id.clone()).or_insert_with(|| Slot { value: None, version: 0, track: None });
+    let slot = state.tables[s.kind].get_or_insert_with(s.id.clone(), || Slot { value: None, version: 0, track: None });
     for index in &mut state.indexes[s.kind] {
         index.update(&s.id, slot.value.as_deref(), s.value.as_deref());
     }

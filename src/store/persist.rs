@@ -66,7 +66,7 @@ impl Store {
         let state = &mut *guard;
         for (id, version, value) in rows {
             let table = &mut state.tables[kind];
-            let slot = table.entry(id.clone()).or_insert_with(|| Slot { value: None, version: 0, track: None });
+            let slot = table.get_or_insert_with(id.clone(), || Slot { value: None, version: 0, track: None });
             if slot.track.is_some() {
                 // Hydration precedes every change; an entity changed already
                 // keeps its newer, unwritten state.
@@ -83,6 +83,14 @@ impl Store {
         }
     }
 
+    /// Hydration of a kind has finished: its indexes may compact what
+    /// loading one entity at a time left loose.
+    pub(crate) fn hydrated(&self, kind: KindId) {
+        for index in &mut self.write_state().indexes[kind] {
+            index.hydrated();
+        }
+    }
+
     /// Loads the quarantined sets of the dead-letter table (after
     /// hydration): their members are written together with any later change
     /// of one of them, and where memory should hold the quarantined state
@@ -94,7 +102,7 @@ impl Store {
             let mut members = Vec::with_capacity(set.members.len());
             for member in set.members {
                 if let Some((version, value)) = member.overlay {
-                    let slot = state.tables[member.kind].entry(member.id.clone()).or_insert_with(|| Slot {
+                    let slot = state.tables[member.kind].get_or_insert_with(member.id.clone(), || Slot {
                         value: None,
                         version: 0,
                         track: None,
@@ -313,7 +321,7 @@ impl Store {
             i
         }
         for (kind, table) in guard.tables.iter().enumerate() {
-            for (id, slot) in table {
+            for (id, slot) in table.iter() {
                 let Some(track) = slot.track.as_ref().filter(|t| t.occupies()) else { continue };
                 let index = records.len();
                 parent.push(index);
@@ -353,7 +361,7 @@ impl Store {
         let guard = self.read_state();
         let mut records = Vec::new();
         for (kind, table) in guard.tables.iter().enumerate() {
-            for (id, slot) in table {
+            for (id, slot) in table.iter() {
                 if let Some(pending) = slot.track.as_ref().and_then(|t| t.pending) {
                     records.push(DirtyRecord { kind, id: id.clone(), seq: pending.seq });
                 }
