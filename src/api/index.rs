@@ -123,11 +123,11 @@ impl Index<Item> for ItemIndex {
     fn hydrated(&mut self) {
         // Inserted one at a time, the ordered sets' nodes are left half
         // (ids arriving in order) to two thirds (in random order) full;
-        // built from the sorted ids at once they are full: about 18 instead
-        // of up to 32 bytes per id and set.
-        self.all = std::mem::take(&mut self.all).into_iter().collect();
+        // rebuilt from the sorted ids they are full: about 18 instead of up
+        // to 32 bytes per id and set.
+        compact(&mut self.all);
         for set in self.by_status.values_mut() {
-            *set = std::mem::take(set).into_iter().collect();
+            compact(set);
         }
     }
 
@@ -163,6 +163,18 @@ impl Index<Item> for ItemIndex {
                 self.add(self.identifier_hash(&identifier.key, &identifier.value), id);
             }
         }
+    }
+}
+
+/// Rebuilds `set` with full nodes and without a second copy of it at any
+/// moment: `append` builds a new tree from the merged sorted input while
+/// it frees the old nodes (and into an empty set it would only swap, so
+/// the first id goes ahead on its own).
+fn compact(set: &mut BTreeSet<Arc<str>>) {
+    if let Some(first) = set.pop_first() {
+        let mut fresh = BTreeSet::from([first]);
+        fresh.append(set);
+        *set = fresh;
     }
 }
 
