@@ -25,10 +25,10 @@ const ENTITIES: usize = 10_000;
 fn item(n: usize) -> Item {
     let now = Utc::now();
     Item {
-        dfid: format!("DFID-{n:08}"),
+        dfid: format!("DFID-{n:08}").into(),
         local_id: None,
         status: ItemStatus::Active,
-        identifiers: vec![Identifier { key: "gtin".into(), value: format!("{n:013}") }],
+        identifiers: vec![Identifier { key: "gtin".into(), value: format!("{n:013}").into() }],
         enriched_data: outbox::api::model::JsonObject::from_map(
             serde_json::json!({"name": "bolt", "size": "M8"}).as_object().unwrap(),
         ),

@@ -91,12 +91,12 @@ fn bench_item(n: usize) -> Item {
     data.insert("material".into(), "stainless steel A2".into());
     data.insert("weight_g".into(), (n % 500).into());
     Item {
-        dfid: format!("DFID-bench-{n:08}"),
+        dfid: format!("DFID-bench-{n:08}").into(),
         local_id: None,
         status: ItemStatus::Active,
         identifiers: vec![
-            Identifier { key: "gtin".into(), value: format!("{:013}", 4_000_000_000_000u64 + n as u64) },
-            Identifier { key: "sku".into(), value: format!("HB-{n}") },
+            Identifier { key: "gtin".into(), value: format!("{:013}", 4_000_000_000_000u64 + n as u64).into() },
+            Identifier { key: "sku".into(), value: format!("HB-{n}").into() },
         ],
         enriched_data: outbox::api::model::JsonObject::from_map(&data),
         merged_into: None,
@@ -150,7 +150,7 @@ async fn naive(bench: &Bench) -> f64 {
         tasks.push(tokio::spawn(async move {
             let client = pool.get().await.expect("a connection");
             let statement = client.prepare_cached(UPSERT_ONE).await.expect("prepare");
-            client.execute(&statement, &[&item.dfid, &1i64, &Json(&*item)]).await.expect("upsert");
+            client.execute(&statement, &[&&*item.dfid, &1i64, &Json(&*item)]).await.expect("upsert");
         }));
     }
     for task in tasks {
@@ -173,7 +173,7 @@ async fn write_through(bench: &Bench) -> f64 {
             let client = pool.get().await.expect("a connection");
             let statement = client.prepare_cached(UPSERT_ONE).await.expect("prepare");
             for item in items.iter().take(SLOW_ROWS).skip(handler).step_by(REQUEST_CONCURRENCY) {
-                client.execute(&statement, &[&item.dfid, &1i64, &Json(&**item)]).await.expect("upsert");
+                client.execute(&statement, &[&&*item.dfid, &1i64, &Json(&**item)]).await.expect("upsert");
             }
         }));
     }
@@ -269,7 +269,7 @@ async fn unnest_updating(bench: &Bench, batch: usize, connections: usize, update
             for (index, chunk) in items.chunks(batch).enumerate().skip(connection).step_by(connections) {
                 // Ids sort as the rows are numbered: already in id order.
                 let rows: Vec<&Arc<Item>> = chunk.iter().collect();
-                let ids: Vec<&str> = rows.iter().map(|i| i.dfid.as_str()).collect();
+                let ids: Vec<&str> = rows.iter().map(|i| &*i.dfid).collect();
                 let versions: Vec<i64> =
                     (0..rows.len()).map(|i| if index * batch + i < updates { 2 } else { 1 }).collect();
                 let deleted = vec![false; rows.len()];
@@ -297,7 +297,7 @@ async fn copy_rows(
     let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
     pin_mut!(writer);
     for item in rows {
-        let values: [&(dyn ToSql + Sync); 4] = [&item.dfid, &1i64, &false, &Json(&***item)];
+        let values: [&(dyn ToSql + Sync); 4] = [&&*item.dfid, &1i64, &false, &Json(&***item)];
         writer.as_mut().write(&values).await?;
     }
     writer.finish().await?;

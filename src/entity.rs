@@ -43,6 +43,14 @@ pub trait Entity: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
     const LAYOUT: Layout = Layout::Document;
     /// The entity's id, unique within its kind. It must not change.
     fn id(&self) -> &str;
+
+    /// The id as a shared string, equal to [`id`](Self::id). The store
+    /// keys the entity's slot with it: an entity that holds its id in an
+    /// `Arc<str>` returns a clone of it, and the key costs no allocation of
+    /// its own (tens of MB for a million entities).
+    fn shared_id(&self) -> Arc<str> {
+        Arc::from(self.id())
+    }
 }
 
 /// How a kind's table stores its entities.
@@ -83,6 +91,7 @@ pub(crate) trait Stored: Any + Send + Sync {
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
     /// For downcasting a borrowed value.
     fn as_any(&self) -> &dyn Any;
+    fn shared_id(&self) -> Arc<str>;
 }
 
 impl<E: Entity> Stored for E {
@@ -100,6 +109,12 @@ impl<E: Entity> Stored for E {
 
     fn as_any(&self) -> &dyn Any {
         self
+    }
+
+    fn shared_id(&self) -> Arc<str> {
+        let id = Entity::shared_id(self);
+        debug_assert_eq!(&*id, self.id(), "Entity::shared_id equals Entity::id");
+        id
     }
 }
 

@@ -1,7 +1,7 @@
 //! In-memory indexes of items, kept in step with the store (they are
-//! updated in the same critical section as every change): all items in DFID
-//! order for stable cursor pagination, items by identifier, and items by
-//! status.
+//! updated in the same critical section as every change): items by status
+//! in DFID order (merged, all items in DFID order, for stable cursor
+//! pagination), and items by identifier.
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::BuildHasher;
@@ -15,7 +15,6 @@ use crate::store::Index;
 /// Items by DFID, identifier and status.
 #[derive(Default)]
 pub struct ItemIndex {
-    all: BTreeSet<Arc<str>>,
     /// Items by identifier, keyed by a 64-bit hash of (key, value) under
     /// this process's random seed rather than by the text: an identifier
     /// held by one item, nearly all of them, costs one 24-byte entry and no
@@ -29,6 +28,7 @@ pub struct ItemIndex {
     shared: HashMap<u64, BTreeSet<Arc<str>>, foldhash::fast::RandomState>,
     /// The seed of identifier hashes.
     seed: foldhash::fast::RandomState,
+    /// Items by status, each set in DFID order; an item is in exactly one.
     by_status: HashMap<ItemStatus, BTreeSet<Arc<str>>, foldhash::fast::RandomState>,
 }
 
@@ -125,22 +125,12 @@ impl Index<Item> for ItemIndex {
         // (ids arriving in order) to two thirds (in random order) full;
         // rebuilt from the sorted ids they are full: about 18 instead of up
         // to 32 bytes per id and set.
-        compact(&mut self.all);
         for set in self.by_status.values_mut() {
             compact(set);
         }
     }
 
     fn update(&mut self, id: &Arc<str>, old: Option<&Item>, new: Option<&Item>) {
-        match (old, new) {
-            (None, Some(_)) => {
-                self.all.insert(id.clone());
-            }
-            (Some(_), None) => {
-                self.all.remove(id);
-            }
-            _ => {}
-        }
         let old_status = old.map(|i| i.status);
         let new_status = new.map(|i| i.status);
         if old_status != new_status {
@@ -219,7 +209,7 @@ impl ItemIndex {
             }
             (Some(ids), None) => ids.after(lower),
             (None, Some(status)) => Box::new(status.range::<str, _>((lower, Bound::Unbounded))),
-            (None, None) => Box::new(self.all.range::<str, _>((lower, Bound::Unbounded))),
+            (None, None) => Box::new(self.all_after(lower)),
         };
         if filter.identifier.is_some() {
             matching = Box::new(matching.filter(|id| has_identifier(id)));
@@ -229,14 +219,31 @@ impl ItemIndex {
         (page, more)
     }
 
+    /// Every live item after `lower`, in DFID order: the status sets
+    /// merged as they are walked (each item is in exactly one), which costs
+    /// a comparison or two per item listed instead of a third ordered set
+    /// of every item (18 MB per million).
+    fn all_after<'a>(&'a self, lower: Bound<&'a str>) -> impl Iterator<Item = &'a Arc<str>> + 'a {
+        let mut heads: Vec<_> =
+            self.by_status.values().map(|set| set.range::<str, _>((lower, Bound::Unbounded)).peekable()).collect();
+        std::iter::from_fn(move || {
+            let (first, _) = heads
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(at, head)| head.peek().map(|id| (at, *id)))
+                .min_by(|(_, a), (_, b)| a.cmp(b))?;
+            heads[first].next()
+        })
+    }
+
     /// Number of live items.
     pub fn len(&self) -> usize {
-        self.all.len()
+        self.by_status.values().map(BTreeSet::len).sum()
     }
 
     /// Whether there are no live items.
     pub fn is_empty(&self) -> bool {
-        self.all.is_empty()
+        self.by_status.values().all(BTreeSet::is_empty)
     }
 }
 
@@ -312,7 +319,7 @@ mod tests {
             if n % 3 == 0 {
                 it.status = ItemStatus::Merged;
             }
-            index.update(&Arc::from(it.dfid.as_str()), None, Some(&it));
+            index.update(&it.dfid.clone(), None, Some(&it));
         }
         let pages = |index: &ItemIndex| {
             [None, Some(ItemStatus::Active), Some(ItemStatus::Merged)].map(|status| {
@@ -322,7 +329,8 @@ mod tests {
             })
         };
         let before = pages(&index);
-        assert_eq!(before[0].0.first().map(String::as_str), Some("d101"));
+        let every: Vec<String> = (101..151).map(|n| format!("d{n:03}")).collect();
+        assert_eq!(before[0], (every, true), "all statuses merged in DFID order");
         assert_eq!(before[2].0.first().map(String::as_str), Some("d102"));
         index.hydrated();
         assert_eq!(pages(&index), before);

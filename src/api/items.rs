@@ -61,8 +61,8 @@ impl CreateItem {
     pub fn into_item(self, local_id: Option<String>) -> Item {
         let now = Utc::now();
         Item {
-            dfid: new_dfid(),
-            local_id,
+            dfid: new_dfid().into(),
+            local_id: local_id.map(Into::into),
             status: ItemStatus::Active,
             identifiers: validate::dedup_identifiers(self.identifiers),
             enriched_data: self.enriched_data.as_ref().map(JsonObject::from_map).unwrap_or_default(),
@@ -120,7 +120,7 @@ pub(crate) fn merge_into(
     let now = Utc::now();
     set.update::<Item>(source, |item| {
         item.status = ItemStatus::Merged;
-        item.merged_into = Some(target.to_owned());
+        item.merged_into = Some(target.into());
         item.updated_at = now;
     })?;
     let merged = set.update::<Item>(target, |item| {
@@ -274,11 +274,11 @@ pub async fn list(State(state): State<Shared>, ApiQuery(query): ApiQuery<ListQue
         let has_identifier = |dfid: &str| {
             let Some((key, value)) = &filter.identifier else { return true };
             view.get::<Item>(dfid)
-                .is_some_and(|item| item.value.identifiers.iter().any(|i| i.key == *key && i.value == *value))
+                .is_some_and(|item| item.value.identifiers.iter().any(|i| i.key == *key && *i.value == **value))
         };
         let (ids, more) = view.index::<ItemIndex>().page(&filter, query.after.as_deref(), limit, has_identifier);
         let items: Vec<ItemView> = ids.iter().filter_map(|id| view.get::<Item>(id)).map(ItemView::from).collect();
-        let next = if more { items.last().map(|i| i.item.dfid.clone()) } else { None };
+        let next = if more { items.last().map(|i| i.item.dfid.to_string()) } else { None };
         ItemPage { items, next }
     });
     Ok(axum::Json(page).into_response())
@@ -452,7 +452,7 @@ pub async fn split(
                 }
                 let now = Utc::now();
                 let created = Item {
-                    dfid: new_dfid(),
+                    dfid: new_dfid().into(),
                     local_id: None,
                     status: ItemStatus::Active,
                     identifiers: moved.clone(),

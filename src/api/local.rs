@@ -57,7 +57,7 @@ pub async fn create(
                 let now = Utc::now();
                 let mapping = LocalMapping {
                     local_id: mapping_id,
-                    dfid: item.dfid.clone(),
+                    dfid: item.dfid.to_string(),
                     merge: None,
                     created_at: now,
                     updated_at: now,
@@ -214,7 +214,7 @@ pub async fn unmerge(
                 let restored = Item { updated_at: now, ..merge.source_before.clone() };
                 let restored = set.upsert(restored)?;
                 set.update::<LocalMapping>(&body.local_id, |m| {
-                    m.dfid = merge.source_before.dfid.clone();
+                    m.dfid = merge.source_before.dfid.to_string();
                     m.merge = None;
                     m.updated_at = now;
                 })?;

@@ -196,8 +196,10 @@ pub struct Identifier {
     /// What kind of identifier.
     #[schema(value_type = String)]
     pub key: IdentifierKey,
-    /// Its value.
-    pub value: String,
+    /// Its value. (A boxed string: 8 bytes less than a `String`, for
+    /// millions of identifiers that never grow.)
+    #[schema(value_type = String)]
+    pub value: Box<str>,
 }
 
 /// Where an item is in its life.
@@ -224,13 +226,20 @@ impl ItemStatus {
 }
 
 /// An item, identified by its DFID.
+///
+/// Its strings are shared or boxed rather than `String`s, which keeps the
+/// struct within 144 bytes (with its reference counts, one 160-byte block
+/// of the allocator, not 192) for the millions a store holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Item {
-    /// The item's id.
-    pub dfid: String,
+    /// The item's id. Shared with the store's key of the item, so it is
+    /// held once (see [`Entity::shared_id`]).
+    #[schema(value_type = String)]
+    pub dfid: Arc<str>,
     /// The local id it was created under, for local items.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub local_id: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub local_id: Option<Box<str>>,
     /// Life-cycle status.
     pub status: ItemStatus,
     /// Identifiers, without duplicates.
@@ -242,7 +251,8 @@ pub struct Item {
     pub enriched_data: JsonObject,
     /// The item this one was merged into.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub merged_into: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub merged_into: Option<Box<str>>,
     /// Circuits the item belongs to (at most 100).
     #[serde(default, deserialize_with = "exact_vec")]
     pub circuits: Vec<String>,
@@ -266,6 +276,9 @@ impl Entity for Item {
     const TABLE: &'static str = "items";
     fn id(&self) -> &str {
         &self.dfid
+    }
+    fn shared_id(&self) -> Arc<str> {
+        self.dfid.clone()
     }
 }
 

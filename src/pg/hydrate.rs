@@ -15,7 +15,7 @@ use crate::entity::{KindId, KindInfo};
 use crate::store::{HydratedRow, Store};
 
 /// Rows handed to a decoder, and to the store per lock acquisition.
-const CHUNK: usize = 4_096;
+const CHUNK: usize = 1_024;
 
 /// Threads decoding rows.
 const DECODERS: usize = 2;
@@ -211,7 +211,9 @@ fn decode_row(
         (false, None) => return Err(decode_error("a live row has no data".into())),
         (true, _) => None,
     };
-    Ok((Arc::from(id), u64::try_from(version).unwrap_or(0), value))
+    // The key shares the entity's id where the entity holds it shared.
+    let key = value.as_ref().map_or_else(|| Arc::from(id), |v| v.shared_id());
+    Ok((key, u64::try_from(version).unwrap_or(0), value))
 }
 
 /// A row of an entity table as it is now.

@@ -73,10 +73,11 @@ impl<'a> ChangeSet<'a> {
             staged.version = staged.version.max(at_least);
             return staged.version;
         }
-        // Share the table's key when the entity exists: no allocation.
+        // Share the table's key when the entity exists, else the entity's
+        // own id: no allocation.
         let (id, version, occupied) = match self.state.tables[kind].get_key_value(id) {
             Some((key, slot)) => (key.clone(), slot.version + 1, slot.occupies()),
-            None => (Arc::from(id), 1, false),
+            None => (value.as_ref().map_or_else(|| Arc::from(id), |v| v.shared_id()), 1, false),
         };
         let version = version.max(at_least);
         self.staged.push(Staged { kind, id: id.clone(), value, version, occupied });
