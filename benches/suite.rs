@@ -948,13 +948,14 @@ async fn http(bench: &Bench) -> Http {
             let cpu = CpuSample::take(postmaster, server.pid()).shares_since(&before);
             server.stop();
             eprintln!(
-                "  {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors; CPU: PostgreSQL {:.0} %, server {:.0} %, load generator {:.0} %, idle {:.0} %",
+                "  {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors; CPU: PostgreSQL {:.0} %, server {:.0} % ({:.1} µs per request), load generator {:.0} %, idle {:.0} %",
                 report.throughput,
                 report.latency.p50,
                 report.latency.p99,
                 report.errors,
                 cpu.postgres * 100.0,
                 cpu.server * 100.0,
+                cpu.server * cores() as f64 / report.throughput * 1e6,
                 cpu.load_generator * 100.0,
                 cpu.idle * 100.0
             );
