@@ -1422,7 +1422,7 @@ fn report(
     let _ = writeln!(w, "## P1: recording a change\n");
     let _ = writeln!(
         w,
-        "Method: criterion (`benches/store.rs`), 1 s warm-up, 3 s measurement, 100 samples; the median with its 95 % confidence interval. The store holds 10,000 entities; a worker that discards its batches drains the outbox meanwhile (so most changes take the full path: a new pending mark and a record on the channel). `record_small` changes a two-field entity, which isolates the store's own cost; `record` changes a reference item (identifiers, enriched data, timestamps), so it includes cloning the item and keeping its three indexes. `_contended` runs with a second thread changing other entities all the time; `_coalesced` changes an entity already pending.\n"
+        "Method: criterion (`benches/store.rs`), 1 s warm-up, 3 s measurement, 100 samples; the median with its 95 % confidence interval. The store holds 10,000 entities; a worker that discards its batches drains the outbox meanwhile (so most changes take the full path: a new pending mark and a record on the channel). `record_small` changes a two-field entity, which isolates the store's own cost; `record` changes a reference item (identifiers, enriched data, timestamps), so it includes cloning the item and keeping its indexes (by status, by identifier). `_contended` runs with a second thread changing other entities all the time; `_coalesced` changes an entity already pending.\n"
     );
     let _ = writeln!(w, "| benchmark | median (ns) | 95 % CI (ns) |\n|---|---|---|");
     for (name, low, point, high) in p1 {

@@ -7,7 +7,8 @@
 //! table, a million 48-byte entries sit in 2^21 buckets: 103 MB. Here the
 //! empty buckets cost 4 bytes each and the entries 48, in a vector whose
 //! spare capacity is never touched and so never resident: 58 MB. A lookup
-//! pays one more memory access (the position, then the entry).
+//! pays one more memory access (the position, then the entry). See
+//! *Memory per entity* in `docs/ARCHITECTURE.md`.
 //!
 //! Removal moves the last entry into the gap (`swap_remove`), so the order
 //! of iteration is no order at all, as with any hash map.

@@ -984,6 +984,29 @@ async fn dead_letters_are_recorded_only_under_the_lease() {
     lease.release().await;
 }
 
+/// A kind whose id is an `Arc<str>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, outbox::Entity)]
+#[entity(kind = "label", table = "labels")]
+struct Label {
+    #[entity(id)]
+    id: std::sync::Arc<str>,
+    label: String,
+}
+
+#[test]
+fn an_id_held_in_an_arc_is_shared_with_the_stores_key() {
+    let label = Label { id: "t1".into(), label: "x".into() };
+    assert!(std::sync::Arc::ptr_eq(&outbox::entity::Entity::shared_id(&label), &label.id), "the derive shares the id");
+    let (store, _receiver) = Store::builder().kind::<Label>().capacity(10).build();
+    store.apply(|set| set.insert(label)).unwrap();
+    let stored = store.read(|view| view.get::<Label>("t1")).unwrap();
+    // The entity's id is held by the entity and by the store's key (and by
+    // the pending record of the unwritten change): one allocation.
+    assert!(std::sync::Arc::strong_count(&stored.value.id) >= 2, "the store's key is the entity's id");
+    let reading = reading("r1", 1);
+    assert!(!std::ptr::eq(outbox::entity::Entity::shared_id(&reading).as_ptr(), reading.id.as_ptr()));
+}
+
 /// A kind stored in typed columns of its own table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, outbox::Entity)]
 #[entity(kind = "reading", table = "readings", columns)]

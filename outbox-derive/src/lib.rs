@@ -18,6 +18,9 @@
 //! double precision, `bool` boolean, `DateTime<_>` timestamptz, `NaiveDate`
 //! date, `Option<T>` as `T`, `serde_json::Value`, `Vec<_>` and maps jsonb),
 //! or from `#[entity(sql = "numeric")]` on the field.
+//!
+//! An id field of type `Arc<str>` is shared with the store's key of the
+//! entity (`Entity::shared_id`): a store of millions holds each id once.
 
 use proc_macro::TokenStream;
 use proc_macro2::Span;
@@ -105,7 +108,7 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
             if id.is_some() {
                 return Err(syn::Error::new_spanned(ident, "only one field is #[entity(id)]"));
             }
-            id = Some(ident.clone());
+            id = Some((ident.clone(), is_arc_str(&field.ty)));
             continue;
         }
         if kind.columns {
@@ -122,7 +125,18 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
             columns.push(quote! { ::outbox::entity::Column { name: #column, sql_type: #sql } });
         }
     }
-    let id = id.ok_or_else(|| syn::Error::new_spanned(name, "mark the id field with #[entity(id)]"))?;
+    let (id, shared) = id.ok_or_else(|| syn::Error::new_spanned(name, "mark the id field with #[entity(id)]"))?;
+    // An id held in an `Arc<str>` is shared with the store's key of the
+    // entity: no second allocation of it.
+    let shared_id = if shared {
+        quote! {
+            fn shared_id(&self) -> ::std::sync::Arc<str> {
+                ::std::clone::Clone::clone(&self.#id)
+            }
+        }
+    } else {
+        quote! {}
+    };
     let (kind_name, table) = (&kind.kind, &kind.table);
     let layout = if kind.columns {
         let id_field = id.to_string();
@@ -142,8 +156,18 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
             fn id(&self) -> &str {
                 &self.#id
             }
+            #shared_id
         }
     })
+}
+
+/// Whether a field's type is `Arc<str>` (by its last path segment).
+fn is_arc_str(ty: &Type) -> bool {
+    let Type::Path(path) = ty else { return false };
+    let Some(last) = path.path.segments.last() else { return false };
+    let PathArguments::AngleBracketed(args) = &last.arguments else { return false };
+    last.ident == "Arc"
+        && matches!(args.args.first(), Some(GenericArgument::Type(Type::Path(inner))) if inner.path.is_ident("str"))
 }
 
 /// The SQL type of a field from its Rust type, for the common cases.
