@@ -107,6 +107,7 @@ impl<K: Hash + Eq, V, S: BuildHasher> DenseMap<K, V, S> {
     }
 
     /// Sets `key` to `value`; the value it replaces.
+    #[cfg_attr(not(feature = "server"), allow(dead_code, reason = "the item index uses it"))]
     pub fn insert(&mut self, key: K, value: V) -> Option<V> {
         let hash = self.hasher.hash_one(&key);
         match self.position_hashed(hash, &key) {
@@ -131,6 +132,7 @@ impl<K: Hash + Eq, V, S: BuildHasher> DenseMap<K, V, S> {
 
     /// Removes `key`; its value. The last entry takes the removed one's
     /// place.
+    #[cfg_attr(not(feature = "server"), allow(dead_code, reason = "the item index uses it"))]
     pub fn swap_remove<Q>(&mut self, key: &Q) -> Option<V>
     where
         K: Borrow<Q>,
