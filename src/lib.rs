@@ -157,5 +157,5 @@ pub use outbox_derive::Entity;
 #[cfg(feature = "server")]
 pub use server::{ServerError, run};
 pub use store::Store;
-/// Cancels start-up and background tasks ([`engine::EngineBuilder::cancel_on`]).
+/// Cancels start-up ([`engine::EngineBuilder::cancel_on`]).
 pub use tokio_util::sync::CancellationToken;

@@ -404,6 +404,36 @@ async fn full_queue_refuses_changes_and_leaves_state_untouched() {
     assert_eq!(db_rows(&db, "docs").await, memory_rows::<Doc>(&store));
 }
 
+/// A shutdown begun by the token that could cancel start-up (a server's
+/// SIGTERM) still drains under the lease: the lease is renewed until the
+/// drain is done, however long after the token the drain comes.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_lease_is_kept_until_the_drain_after_the_start_token_fires() {
+    let db = fresh_db("drain_after_cancel").await;
+    create_tables(&db, &["docs"]).await;
+    let pool = outbox::pg::pool(db.config.clone(), 8);
+    outbox::pg::migrate(&pool).await.expect("migrations");
+    let (store, receiver) = Store::builder().kind::<Doc>().build();
+    let cancel = outbox::CancellationToken::new();
+    let ttl = Duration::from_secs(1);
+    let engine = Engine::builder(store, receiver, pool)
+        .worker(config(1000, 1))
+        .holder("drain-test")
+        .lease_ttl(ttl)
+        .cancel_on(cancel.clone())
+        .start()
+        .await
+        .expect("start the engine");
+    cancel.cancel();
+    // Twice the time to live: unrenewed, the lease would have lapsed.
+    tokio::time::sleep(ttl * 2).await;
+    let store = engine.store().clone();
+    store.apply(|set| set.insert(Doc { id: "late".into(), body: "after the token".into(), n: 1 })).unwrap();
+    let report = engine.shutdown(Duration::from_secs(10)).await;
+    assert!(report.complete(), "the drain wrote everything under a renewed lease: {report:?}");
+    assert_eq!(db_rows(&db, "docs").await, memory_rows::<Doc>(&store));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn versions_continue_across_restarts_and_old_writes_change_nothing() {
     let db = fresh_db("monotonic").await;

@@ -127,8 +127,11 @@ impl EngineBuilder {
         self
     }
 
-    /// Stop start-up when `token` fires ([`StartError::Cancelled`]); the
-    /// engine's background tasks stop with it too.
+    /// Stop start-up when `token` fires ([`StartError::Cancelled`]). Once
+    /// started, the engine's background tasks (renewing the lease, watching
+    /// the database) run until [`Engine::shutdown`] or until the engine is
+    /// dropped, so that a shutdown begun by the same token still drains
+    /// under the lease.
     pub fn cancel_on(mut self, token: CancellationToken) -> Self {
         self.cancel = token;
         self

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{error, info, warn};
 
 use crate::backoff;
@@ -173,7 +173,8 @@ pub struct Engine {
     worker: Worker,
     lease: Option<Arc<Lease>>,
     spill_dir: Option<PathBuf>,
-    background: CancellationToken,
+    /// Stops the background tasks when the engine shuts down or is dropped.
+    background: DropGuard,
     hydration: HydrationReport,
 }
 
@@ -200,7 +201,12 @@ impl Engine {
         cancel: &CancellationToken,
         progress: &(dyn Fn(Progress<'_>) + Sync),
     ) -> Result<Option<Self>, StartError> {
-        let background = cancel.child_token();
+        // Background tasks (renewing the lease, watching the database,
+        // pruning the commit feed) do not stop with `cancel`: a shutdown
+        // still drains under the lease. They stop with the engine, at its
+        // shutdown or drop, or here when start-up ends early.
+        let background = CancellationToken::new();
+        let stop_background = background.clone().drop_guard();
         // Every kind's table and columns, before anything else: a missing
         // one is a deployment mistake, said at once, not retried.
         progress(Progress::Step("checking tables"));
@@ -244,7 +250,16 @@ impl Engine {
         let worker =
             Worker::start(store.clone(), receiver, pool.clone(), config.worker, lease.clone(), config.health.clone());
         let health = config.health;
-        Ok(Some(Self { store, pool, worker, lease, health, spill_dir: config.spill_dir, background, hydration }))
+        Ok(Some(Self {
+            store,
+            pool,
+            worker,
+            lease,
+            health,
+            spill_dir: config.spill_dir,
+            background: stop_background,
+            hydration,
+        }))
     }
 
     /// What hydration loaded at start-up.
@@ -288,7 +303,7 @@ impl Engine {
             let epoch = self.lease.as_ref().map(|lease| lease.epoch());
             spilled = spilling::spill(&self.store, self.spill_dir.as_deref(), reason, epoch).await;
         }
-        self.background.cancel();
+        drop(self.background);
         if let Some(lease) = &self.lease {
             lease.release().await;
         }
