@@ -36,14 +36,14 @@ pub(crate) struct Entry {
 /// name, the ids it wrote.
 pub(crate) async fn append(
     transaction: &deadpool_postgres::Transaction<'_>,
-    written: &[(&str, &[String])],
+    written: &[(&str, &[&str])],
     epoch: u64,
 ) -> Result<(), tokio_postgres::Error> {
     let names: Vec<&str> = written.iter().map(|(name, _)| *name).collect();
     let mut ends = Vec::with_capacity(written.len());
     let mut ids: Vec<&str> = Vec::with_capacity(written.iter().map(|(_, ids)| ids.len()).sum());
     for (_, part) in written {
-        ids.extend(part.iter().map(String::as_str));
+        ids.extend_from_slice(part);
         ends.push(ids.len() as i32);
     }
     let statement = transaction.prepare_cached(APPEND_SQL).await?;

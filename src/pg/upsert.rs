@@ -18,6 +18,7 @@
 //! lost), and is fine.
 
 use std::error::Error as StdError;
+use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::SinkExt;
@@ -25,23 +26,90 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 
 use super::sql;
-use crate::entity::{KindId, KindInfo, Layout};
+use crate::entity::{KindId, KindInfo, Layout, Stored};
 use crate::outbox::{Batch, Resolution};
 
-/// Serialized JSON sent as `jsonb` in binary form (a version byte, then the
-/// text), skipping a round trip through `serde_json::Value`.
-#[derive(Debug)]
-pub(crate) struct Jsonb(pub(crate) Vec<u8>);
+/// The JSON of a document table's rows, one after the other in one
+/// buffer (one allocation per batch, not one per row), sent as a `jsonb[]`
+/// in binary form or copied into a binary `COPY`, without a round trip
+/// through `serde_json::Value`.
+#[derive(Debug, Default)]
+pub(crate) struct JsonbColumn {
+    text: Vec<u8>,
+    /// Each row's JSON in `text`; `None` for a tombstone.
+    spans: Vec<Option<Range<usize>>>,
+    /// At most how many rows are still to come, to size `text` once.
+    expected: usize,
+}
 
-impl ToSql for Jsonb {
-    fn to_sql(&self, _ty: &Type, out: &mut bytes::BytesMut) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
-        out.put_u8(1);
-        out.put_slice(&self.0);
+impl JsonbColumn {
+    /// A column for at most `rows` rows.
+    fn with_rows(rows: usize) -> Self {
+        Self { text: Vec::new(), spans: Vec::with_capacity(rows), expected: rows }
+    }
+
+    /// Appends a row's entity (`None`: a tombstone).
+    fn push(&mut self, value: Option<&dyn Stored>) -> Result<(), serde_json::Error> {
+        let span = match value {
+            Some(value) => {
+                let start = self.text.len();
+                if let Err(e) = value.write_json(&mut self.text) {
+                    self.text.truncate(start);
+                    return Err(e);
+                }
+                if start == 0 {
+                    // Sized from the first row, with room for longer ones:
+                    // growing a buffer of the whole batch by doubling
+                    // would copy it again and again.
+                    let len = self.text.len();
+                    self.text.reserve(self.expected.saturating_sub(self.spans.len() + 1) * (len + len / 2));
+                }
+                Some(start..self.text.len())
+            }
+            None => None,
+        };
+        self.spans.push(span);
+        Ok(())
+    }
+
+    /// Each row's JSON, in order.
+    fn iter(&self) -> impl Iterator<Item = Option<&[u8]>> {
+        self.spans.iter().map(|span| span.clone().map(|span| &self.text[span]))
+    }
+}
+
+/// `jsonb`'s binary form: a version byte, then the text.
+const JSONB_VERSION: u8 = 1;
+
+impl ToSql for JsonbColumn {
+    /// A one-dimensional `jsonb[]` in the binary array format: dimensions,
+    /// whether there are NULLs, the element type, the length and lower
+    /// bound, then each element's length (-1 for NULL) and bytes.
+    fn to_sql(&self, _ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
+        let rows = i32::try_from(self.spans.len())?;
+        out.reserve(20 + self.text.len() + 5 * self.spans.len());
+        out.put_i32(i32::from(rows > 0));
+        out.put_i32(i32::from(self.spans.iter().any(Option::is_none)));
+        out.put_u32(Type::JSONB.oid());
+        if rows > 0 {
+            out.put_i32(rows);
+            out.put_i32(1);
+        }
+        for json in self.iter() {
+            match json {
+                Some(json) => {
+                    out.put_i32(i32::try_from(json.len() + 1)?);
+                    out.put_u8(JSONB_VERSION);
+                    out.put_slice(json);
+                }
+                None => out.put_i32(-1),
+            }
+        }
         Ok(IsNull::No)
     }
 
     fn accepts(ty: &Type) -> bool {
-        *ty == Type::JSONB
+        *ty == Type::JSONB_ARRAY
     }
 
     to_sql_checked!();
@@ -53,7 +121,7 @@ pub(crate) struct JsonbRef<'a>(pub(crate) &'a [u8]);
 impl<'a> FromSql<'a> for JsonbRef<'a> {
     fn from_sql(_ty: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn StdError + Sync + Send>> {
         match raw.split_first() {
-            Some((1, json)) => Ok(Self(json)),
+            Some((&JSONB_VERSION, json)) => Ok(Self(json)),
             _ => Err("unsupported jsonb binary format".into()),
         }
     }
@@ -64,14 +132,15 @@ impl<'a> FromSql<'a> for JsonbRef<'a> {
 }
 
 /// One kind's rows of a batch, as statement parameters, sorted by id so
-/// that concurrent batches lock rows in the same order.
-pub(crate) struct KindRows {
+/// that concurrent batches lock rows in the same order. Ids are borrowed
+/// from the batch.
+pub(crate) struct KindRows<'a> {
     pub(crate) kind: KindId,
-    pub(crate) ids: Vec<String>,
+    pub(crate) ids: Vec<&'a str>,
     pub(crate) versions: Vec<i64>,
     pub(crate) deleted: Vec<bool>,
     /// The entities of a document table.
-    pub(crate) data: Vec<Option<Jsonb>>,
+    pub(crate) data: JsonbColumn,
     /// The entities of a table of typed columns: per column, per row, the
     /// value as text (cast by the statement).
     pub(crate) columns: Vec<Vec<Option<String>>>,
@@ -84,7 +153,7 @@ pub(crate) struct KindRows {
     pub(crate) fresh: bool,
 }
 
-impl KindRows {
+impl KindRows<'_> {
     /// The statement parameters: ids, versions, tombstones, the entity's
     /// arrays, and (compare-and-set) the bases.
     fn params(&self, with_bases: bool) -> Vec<&(dyn ToSql + Sync)> {
@@ -102,11 +171,11 @@ impl KindRows {
 }
 
 /// A batch ready to send: encoded once, reused by every retry.
-pub(crate) struct Encoded {
-    pub(crate) kinds: Vec<KindRows>,
+pub(crate) struct Encoded<'a> {
+    pub(crate) kinds: Vec<KindRows<'a>>,
     /// Entities whose unresolved dead letters this write resolves: per
     /// kind and resolution, their ids.
-    pub(crate) resolve: Vec<(KindId, Resolution, Vec<String>)>,
+    pub(crate) resolve: Vec<(KindId, Resolution, Vec<&'a str>)>,
 }
 
 /// A row whose entity could not be serialized.
@@ -150,19 +219,21 @@ fn version(v: u64) -> i64 {
 }
 
 /// Encodes the rows of `batch` at `rows` per kind.
-pub(crate) fn encode(
+pub(crate) fn encode<'a>(
     kinds: &[KindInfo],
-    batch: &Batch,
+    batch: &'a Batch,
     rows: impl Iterator<Item = usize>,
-) -> Result<Encoded, EncodeError> {
+) -> Result<Encoded<'a>, EncodeError> {
     let mut order: Vec<usize> = rows.collect();
     order.sort_by(|&a, &b| {
         let (a, b) = (&batch.rows[a], &batch.rows[b]);
         a.kind.cmp(&b.kind).then_with(|| (a.base != 0).cmp(&(b.base != 0))).then_with(|| a.id.cmp(&b.id))
     });
-    let mut out: Vec<KindRows> = Vec::new();
-    let mut resolve: Vec<(KindId, Resolution, Vec<String>)> = Vec::new();
-    for index in order {
+    let mut out: Vec<KindRows<'a>> = Vec::new();
+    let mut resolve: Vec<(KindId, Resolution, Vec<&'a str>)> = Vec::new();
+    let total = order.len();
+    for (position, index) in order.into_iter().enumerate() {
+        let remaining = total - position;
         let row = &batch.rows[index];
         let fresh = row.base == 0;
         if out.last().is_none_or(|k| k.kind != row.kind || k.fresh != fresh) {
@@ -175,7 +246,10 @@ pub(crate) fn encode(
                 ids: Vec::new(),
                 versions: Vec::new(),
                 deleted: Vec::new(),
-                data: Vec::new(),
+                data: match kinds[row.kind].layout {
+                    Layout::Document => JsonbColumn::with_rows(remaining),
+                    Layout::Columns { .. } => JsonbColumn::default(),
+                },
                 columns: vec![Vec::new(); typed],
                 bases: Vec::new(),
                 rows: Vec::new(),
@@ -186,15 +260,7 @@ pub(crate) fn encode(
         let encode_error = |error: String| EncodeError { row: index, error };
         match kinds[row.kind].layout {
             Layout::Document => {
-                let json = match &row.value {
-                    Some(value) => {
-                        let mut json = Vec::with_capacity(256);
-                        value.write_json(&mut json).map_err(|e| encode_error(e.to_string()))?;
-                        Some(Jsonb(json))
-                    }
-                    None => None,
-                };
-                part.data.push(json);
+                part.data.push(row.value.as_deref()).map_err(|e| encode_error(e.to_string()))?;
             }
             Layout::Columns { columns, .. } => {
                 let mut fields = match &row.value {
@@ -214,15 +280,15 @@ pub(crate) fn encode(
                 }
             }
         }
-        part.ids.push(row.id.to_string());
+        part.ids.push(&row.id);
         part.versions.push(version(row.version));
         part.deleted.push(row.value.is_none());
         part.bases.push(version(row.base));
         part.rows.push(index);
         if let Some(resolution) = row.resolves {
             match resolve.iter_mut().find(|(kind, r, _)| *kind == row.kind && *r == resolution) {
-                Some((_, _, ids)) => ids.push(row.id.to_string()),
-                None => resolve.push((row.kind, resolution, vec![row.id.to_string()])),
+                Some((_, _, ids)) => ids.push(&row.id),
+                None => resolve.push((row.kind, resolution, vec![&row.id])),
             }
         }
     }
@@ -280,7 +346,7 @@ pub(crate) enum Mode {
 async fn find_mismatches(
     transaction: &deadpool_postgres::Transaction<'_>,
     kinds: &[KindInfo],
-    encoded: &Encoded,
+    encoded: &Encoded<'_>,
     written: &[u64],
 ) -> Result<Vec<Mismatch>, tokio_postgres::Error> {
     let mut mismatches = Vec::new();
@@ -311,7 +377,7 @@ enum Statement {
 }
 
 impl Statement {
-    fn of(mode: Mode, part: &KindRows, copy: bool) -> Self {
+    fn of(mode: Mode, part: &KindRows<'_>, copy: bool) -> Self {
         match mode {
             Mode::Upsert if copy && part.fresh => Self::Copy,
             Mode::Upsert | Mode::Guarded => Self::Upsert,
@@ -346,7 +412,7 @@ impl From<tokio_postgres::Error> for StepError {
 pub(crate) async fn write(
     client: &mut deadpool_postgres::Client,
     kinds: &[KindInfo],
-    encoded: &Encoded,
+    encoded: &Encoded<'_>,
     epoch: Option<u64>,
     mode: Mode,
     commit: bool,
@@ -376,7 +442,7 @@ enum Written {
 async fn write_once(
     client: &mut deadpool_postgres::Client,
     kinds: &[KindInfo],
-    encoded: &Encoded,
+    encoded: &Encoded<'_>,
     epoch: Option<u64>,
     mode: Mode,
     commit: bool,
@@ -441,7 +507,7 @@ async fn write_once(
     }
     // Under the lease, standbys follow what is committed.
     if let (Some(ours), true) = (epoch, commit) {
-        let written: Vec<(&str, &[String])> =
+        let written: Vec<(&str, &[&str])> =
             encoded.kinds.iter().map(|part| (kinds[part.kind].name, part.ids.as_slice())).collect();
         super::feed::append(&transaction, &written, ours).await?;
     }
@@ -465,7 +531,7 @@ const COPY_CHUNK: usize = 256 * 1024;
 async fn copy_in(
     transaction: &deadpool_postgres::Transaction<'_>,
     statement: &tokio_postgres::Statement,
-    part: &KindRows,
+    part: &KindRows<'_>,
     binary: bool,
 ) -> Result<u64, tokio_postgres::Error> {
     let mut data = if binary { copy_binary(part) } else { copy_text(part) };
@@ -485,12 +551,12 @@ const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 /// A document table's rows in the binary `COPY` format: per row four
 /// fields, each its length and its bytes in the type's binary form (text,
 /// int8, bool, jsonb), -1 for NULL.
-fn copy_binary(part: &KindRows) -> BytesMut {
-    let size: usize = part.ids.iter().map(String::len).sum::<usize>()
-        + part.data.iter().map(|d| d.as_ref().map_or(0, |Jsonb(json)| json.len())).sum::<usize>();
+fn copy_binary(part: &KindRows<'_>) -> BytesMut {
+    let size = part.ids.iter().map(|id| id.len()).sum::<usize>() + part.data.text.len();
     let mut out = BytesMut::with_capacity(COPY_HEADER.len() + size + part.ids.len() * 36 + 2);
     out.put_slice(COPY_HEADER);
-    for (((id, version), deleted), data) in part.ids.iter().zip(&part.versions).zip(&part.deleted).zip(&part.data) {
+    for (((id, version), deleted), data) in part.ids.iter().zip(&part.versions).zip(&part.deleted).zip(part.data.iter())
+    {
         out.put_i16(4);
         out.put_i32(field_length(id.len()));
         out.put_slice(id.as_bytes());
@@ -499,9 +565,9 @@ fn copy_binary(part: &KindRows) -> BytesMut {
         out.put_i32(1);
         out.put_u8(u8::from(*deleted));
         match data {
-            Some(Jsonb(json)) => {
+            Some(json) => {
                 out.put_i32(field_length(json.len() + 1));
-                out.put_u8(1);
+                out.put_u8(JSONB_VERSION);
                 out.put_slice(json);
             }
             None => out.put_i32(-1),
@@ -520,7 +586,7 @@ fn field_length(len: usize) -> i32 {
 
 /// A typed-column table's rows in the text `COPY` format: tab-separated,
 /// one line per row, `\N` for NULL, each value parsed by its column's type.
-fn copy_text(part: &KindRows) -> BytesMut {
+fn copy_text(part: &KindRows<'_>) -> BytesMut {
     let mut out = BytesMut::with_capacity(part.ids.len() * (48 + 16 * part.columns.len()));
     for (row, id) in part.ids.iter().enumerate() {
         put_text(&mut out, id);
@@ -551,5 +617,69 @@ fn put_text(out: &mut BytesMut, text: &str) {
             b'\r' => out.put_slice(b"\\r"),
             other => out.put_u8(other),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_postgres::types::{FromSql, ToSql, Type};
+
+    use super::*;
+
+    #[derive(Clone, serde::Serialize, serde::Deserialize)]
+    struct Doc {
+        id: String,
+        n: u64,
+    }
+
+    impl crate::entity::Entity for Doc {
+        const KIND: &'static str = "doc";
+        const TABLE: &'static str = "docs";
+        fn id(&self) -> &str {
+            &self.id
+        }
+    }
+
+    fn column(rows: &[Option<Doc>]) -> JsonbColumn {
+        let mut column = JsonbColumn::with_rows(rows.len());
+        for row in rows {
+            column.push(row.as_ref().map(|doc| doc as &dyn Stored)).unwrap();
+        }
+        column
+    }
+
+    /// The column reads back, as PostgreSQL's own array decoding reads a
+    /// `jsonb[]`, to the rows it was given, tombstones as NULL.
+    #[test]
+    fn a_jsonb_column_is_a_jsonb_array_of_its_rows() {
+        let rows = [
+            Some(Doc { id: "a".into(), n: 1 }),
+            None,
+            Some(Doc { id: "b\"\u{e9}".into(), n: u64::MAX }),
+            Some(Doc { id: String::new(), n: 0 }),
+        ];
+        for rows in [&rows[..], &rows[..1], &rows[1..2], &rows[..0]] {
+            let mut buf = BytesMut::new();
+            column(rows).to_sql_checked(&Type::JSONB_ARRAY, &mut buf).unwrap();
+            let read = <Vec<Option<serde_json::Value>>>::from_sql(&Type::JSONB_ARRAY, &buf).unwrap();
+            let want: Vec<Option<serde_json::Value>> =
+                rows.iter().map(|row| row.as_ref().map(|doc| serde_json::to_value(doc).unwrap())).collect();
+            assert_eq!(read, want);
+        }
+        assert!(JsonbColumn::accepts(&Type::JSONB_ARRAY));
+        assert!(!JsonbColumn::accepts(&Type::JSONB));
+    }
+
+    /// Rows longer than the first (the buffer is sized from it) and rows
+    /// after a failed one keep their own text.
+    #[test]
+    fn each_row_keeps_its_own_text() {
+        let long = "x".repeat(1000);
+        let rows = [Some(Doc { id: "short".into(), n: 1 }), Some(Doc { id: long.clone(), n: 2 }), None];
+        let column = column(&rows);
+        let texts: Vec<Option<&[u8]>> = column.iter().collect();
+        assert_eq!(texts[0], Some(&br#"{"id":"short","n":1}"#[..]));
+        assert_eq!(texts[1], Some(format!(r#"{{"id":"{long}","n":2}}"#).as_bytes()));
+        assert_eq!(texts[2], None);
     }
 }

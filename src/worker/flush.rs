@@ -330,7 +330,7 @@ impl Flusher {
         }
     }
 
-    async fn attempt(&self, encoded: &Encoded, rows: usize, commit: bool) -> Result<(), WriteError> {
+    async fn attempt(&self, encoded: &Encoded<'_>, rows: usize, commit: bool) -> Result<(), WriteError> {
         let started = Instant::now();
         let _under_way = self.health.under_way("a flush attempt");
         let result = async {
