@@ -889,6 +889,56 @@ async fn a_refused_row_in_a_copied_batch_is_quarantined_alone() {
     assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
 }
 
+/// Rows the table holds go in upsert statements of at most 500 rows, sent
+/// together in the batch's transaction: a change set of 1200 updates is
+/// written whole in three statements, and one refused in the last of them
+/// is quarantined whole with the refusal's own error (not the error of an
+/// aborted transaction that the statements after it get).
+#[tokio::test(flavor = "multi_thread")]
+async fn updates_sent_in_several_statements_are_written_or_refused_whole() {
+    let (db, engine) = docs_engine("pieces", Some("ALTER TABLE docs ADD CHECK (data->>'body' <> 'refused')")).await;
+    let store = engine.store().clone();
+    let ids: Vec<String> = (0..1200).map(|i| format!("d{i:04}")).collect();
+    let update_all = |body: &'static str, refused: Option<&str>| {
+        store
+            .apply_durable(|set| -> Result<(), StoreError> {
+                for id in &ids {
+                    let body = if refused == Some(id.as_str()) { "refused" } else { body };
+                    set.update::<Doc>(id, |d| d.body = body.into())?;
+                }
+                Ok(())
+            })
+            .unwrap()
+            .1
+    };
+    let ((), inserted) = store
+        .apply_durable(|set| -> Result<(), StoreError> {
+            for id in &ids {
+                set.insert(Doc { id: id.clone(), body: "v1".into(), n: 0 })?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    inserted.wait().await.expect("copied");
+    let statements = write_count(&db, "docs", "statement").await;
+
+    update_all("v2", None).wait().await.expect("written");
+    assert_eq!(db_rows(&db, "docs").await, memory_rows::<Doc>(&store));
+    assert_eq!(write_count(&db, "docs", "statement").await - statements, 3, "500 + 500 + 200 rows");
+
+    let error = update_all("v3", Some("d1150")).wait().await.expect_err("refused");
+    assert!(
+        matches!(&error, outbox::outbox::TicketError::Quarantined { id, sqlstate: Some(code), .. }
+            if id == "d1150" && code == "23514"),
+        "{error}"
+    );
+    let rows = db_rows(&db, "docs").await;
+    assert!(rows.values().all(|(version, _, data)| *version == 2 && data.as_ref().unwrap()["body"] == "v2"));
+    let pool = outbox::pg::pool(db.config.clone(), 2);
+    assert_eq!(outbox::pg::dead_letters::count_unresolved(&pool).await.unwrap(), 1200, "the set, whole");
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn callers_that_give_up_leave_no_claims_behind() {
     // No worker: nothing is ever committed, as in a database outage.
