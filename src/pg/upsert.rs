@@ -39,12 +39,12 @@ pub(crate) struct JsonbColumn {
     text: Vec<u8>,
     /// Each row's JSON in `text`; `None` for a tombstone.
     spans: Vec<Option<Range<usize>>>,
-    /// At most how many rows are still to come, to size `text` once.
+    /// How many rows it will hold, to size `text` once.
     expected: usize,
 }
 
 impl JsonbColumn {
-    /// A column for at most `rows` rows.
+    /// A column for `rows` rows.
     fn with_rows(rows: usize) -> Self {
         Self { text: Vec::new(), spans: Vec::with_capacity(rows), expected: rows }
     }
@@ -286,12 +286,16 @@ pub(crate) fn encode<'a>(
     });
     let mut out: Vec<KindRows<'a>> = Vec::new();
     let mut resolve: Vec<(KindId, Resolution, Vec<&'a str>)> = Vec::new();
-    let total = order.len();
-    for (position, index) in order.into_iter().enumerate() {
-        let remaining = total - position;
+    for (position, &index) in order.iter().enumerate() {
         let row = &batch.rows[index];
         let fresh = row.base == 0;
         if out.last().is_none_or(|k| k.kind != row.kind || k.fresh != fresh) {
+            // The rows of this part: the next ones of the same kind and
+            // freshness (`order` is sorted so).
+            let part_rows = order[position..]
+                .iter()
+                .take_while(|&&i| batch.rows[i].kind == row.kind && (batch.rows[i].base == 0) == fresh)
+                .count();
             let typed = match kinds[row.kind].layout {
                 Layout::Document => 0,
                 Layout::Columns { columns, .. } => columns.len(),
@@ -302,7 +306,7 @@ pub(crate) fn encode<'a>(
                 versions: Vec::new(),
                 deleted: Vec::new(),
                 data: match kinds[row.kind].layout {
-                    Layout::Document => JsonbColumn::with_rows(remaining),
+                    Layout::Document => JsonbColumn::with_rows(part_rows),
                     Layout::Columns { .. } => JsonbColumn::default(),
                 },
                 columns: vec![Vec::new(); typed],
