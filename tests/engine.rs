@@ -144,10 +144,15 @@ fn config(batch_max: usize, writers: usize) -> WorkerConfig {
 /// An engine as the server runs it: migrations, the single-writer lease
 /// (so every flush goes through the fencing check), hydration.
 async fn start(db: &TestDb, builder: StoreBuilder, worker: WorkerConfig) -> Engine {
+    engine_builder(db, builder, worker).await.start().await.expect("start the engine")
+}
+
+/// The builder of [`start`]'s engine, for tests that change a setting.
+async fn engine_builder(db: &TestDb, builder: StoreBuilder, worker: WorkerConfig) -> outbox::engine::EngineBuilder {
     let pool = outbox::pg::pool(db.config.clone(), 8);
     outbox::pg::migrate(&pool).await.expect("migrations");
     let (store, receiver) = builder.build();
-    Engine::builder(store, receiver, pool).worker(worker).holder("engine-test").start().await.expect("start the engine")
+    Engine::builder(store, receiver, pool).worker(worker).holder("engine-test")
 }
 
 /// A database with the `docs` table (then `ddl`, when given) and an engine
@@ -411,14 +416,10 @@ async fn full_queue_refuses_changes_and_leaves_state_untouched() {
 async fn the_lease_is_kept_until_the_drain_after_the_start_token_fires() {
     let db = fresh_db("drain_after_cancel").await;
     create_tables(&db, &["docs"]).await;
-    let pool = outbox::pg::pool(db.config.clone(), 8);
-    outbox::pg::migrate(&pool).await.expect("migrations");
-    let (store, receiver) = Store::builder().kind::<Doc>().build();
     let cancel = outbox::CancellationToken::new();
     let ttl = Duration::from_secs(1);
-    let engine = Engine::builder(store, receiver, pool)
-        .worker(config(1000, 1))
-        .holder("drain-test")
+    let engine = engine_builder(&db, Store::builder().kind::<Doc>(), config(1000, 1))
+        .await
         .lease_ttl(ttl)
         .cancel_on(cancel.clone())
         .start()

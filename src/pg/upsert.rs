@@ -719,6 +719,18 @@ mod tests {
         column
     }
 
+    /// `rows` as PostgreSQL's own array decoding reads them back from a
+    /// `jsonb[]` parameter.
+    fn read_back(rows: JsonbRows<'_>) -> Vec<Option<serde_json::Value>> {
+        let mut buf = BytesMut::new();
+        rows.to_sql_checked(&Type::JSONB_ARRAY, &mut buf).unwrap();
+        <Vec<Option<serde_json::Value>>>::from_sql(&Type::JSONB_ARRAY, &buf).unwrap()
+    }
+
+    fn values(rows: &[Option<Doc>]) -> Vec<Option<serde_json::Value>> {
+        rows.iter().map(|row| row.as_ref().map(|doc| serde_json::to_value(doc).unwrap())).collect()
+    }
+
     /// The column reads back, as PostgreSQL's own array decoding reads a
     /// `jsonb[]`, to the rows it was given, tombstones as NULL.
     #[test]
@@ -730,23 +742,13 @@ mod tests {
             Some(Doc { id: String::new(), n: 0 }),
         ];
         for rows in [&rows[..], &rows[..1], &rows[1..2], &rows[..0]] {
-            let mut buf = BytesMut::new();
             let column = column(rows);
-            JsonbRows { column: &column, rows: 0..rows.len() }.to_sql_checked(&Type::JSONB_ARRAY, &mut buf).unwrap();
-            let read = <Vec<Option<serde_json::Value>>>::from_sql(&Type::JSONB_ARRAY, &buf).unwrap();
-            let want: Vec<Option<serde_json::Value>> =
-                rows.iter().map(|row| row.as_ref().map(|doc| serde_json::to_value(doc).unwrap())).collect();
-            assert_eq!(read, want);
+            assert_eq!(read_back(JsonbRows { column: &column, rows: 0..rows.len() }), values(rows));
         }
         // A statement's piece of a column: only its rows.
         let all = column(&rows);
         for piece in [0..4, 1..3, 2..4, 3..3] {
-            let mut buf = BytesMut::new();
-            JsonbRows { column: &all, rows: piece.clone() }.to_sql_checked(&Type::JSONB_ARRAY, &mut buf).unwrap();
-            let read = <Vec<Option<serde_json::Value>>>::from_sql(&Type::JSONB_ARRAY, &buf).unwrap();
-            let want: Vec<Option<serde_json::Value>> =
-                rows[piece].iter().map(|row| row.as_ref().map(|doc| serde_json::to_value(doc).unwrap())).collect();
-            assert_eq!(read, want);
+            assert_eq!(read_back(JsonbRows { column: &all, rows: piece.clone() }), values(&rows[piece]));
         }
         assert!(JsonbRows::accepts(&Type::JSONB_ARRAY));
         assert!(!JsonbRows::accepts(&Type::JSONB));
@@ -782,8 +784,8 @@ mod tests {
         }
     }
 
-    /// Rows longer than the first (the buffer is sized from it) and rows
-    /// after a failed one keep their own text.
+    /// Rows longer than the first (the buffer is sized from it) keep their
+    /// own text, and a tombstone has none.
     #[test]
     fn each_row_keeps_its_own_text() {
         let long = "x".repeat(1000);
