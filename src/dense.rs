@@ -98,12 +98,20 @@ impl<K: Hash + Eq, V, S: BuildHasher> DenseMap<K, V, S> {
 
     /// The value of `key`, inserted from `default()` when absent.
     pub fn get_or_insert_with(&mut self, key: K, default: impl FnOnce() -> V) -> &mut V {
+        self.entry_or_insert_with(key, default).1
+    }
+
+    /// The key held and the value of `key`, inserted from `default()` when
+    /// absent: a caller that moves its key in can go on with the map's own
+    /// instead of a copy of it.
+    pub fn entry_or_insert_with(&mut self, key: K, default: impl FnOnce() -> V) -> (&K, &mut V) {
         let hash = self.hasher.hash_one(&key);
         let at = match self.position_hashed(hash, &key) {
             Some(at) => at,
             None => self.push(hash, key, default()),
         };
-        &mut self.entries[at].1
+        let (key, value) = &mut self.entries[at];
+        (key, value)
     }
 
     /// Sets `key` to `value`; the value it replaces.

@@ -132,8 +132,12 @@ pub(crate) type KindId = usize;
 
 pub(crate) type Decode = fn(&[u8]) -> Result<Arc<dyn Stored>, serde_json::Error>;
 
+/// Decodes a stored entity. The text is checked to be UTF-8 once, as a
+/// whole, and then parsed as text: parsed as bytes, serde_json checks each
+/// string on its own, which made decoding an item about a sixth slower.
 fn decode<E: Entity>(json: &[u8]) -> Result<Arc<dyn Stored>, serde_json::Error> {
-    Ok(Arc::new(serde_json::from_slice::<E>(json)?))
+    let text = std::str::from_utf8(json).map_err(serde::de::Error::custom)?;
+    Ok(Arc::new(serde_json::from_str::<E>(text)?))
 }
 
 /// Everything the store, the worker and hydration need to know of a kind,

@@ -62,10 +62,33 @@ impl From<tokio_postgres::Error> for HydrateError {
 
 /// Loads every entity of every kind of `store` from the database.
 ///
-/// Rows are streamed and decoded on this task while a blocking thread puts
-/// the previous chunk into the store (and its indexes), so decoding and
-/// indexing use both cores.
+/// Rows are streamed on this task and decoded and put into the store (and
+/// its indexes) by two blocking threads, so that both cores work.
 pub async fn hydrate(store: &Store, pool: &Pool) -> Result<HydrationReport, HydrateError> {
+    // On a task of its own, so on a runtime worker, whatever the caller's
+    // task runs on: the connection's task wakes the task reading rows every
+    // few rows, and on one worker that is a hand-over between two tasks,
+    // where to the main thread's `block_on` it was a wake-up of another
+    // thread (some 60,000 per million rows). Dropping the future stops it.
+    let (store, pool) = (store.clone(), pool.clone());
+    let task = tokio::spawn(async move { load(&store, &pool).await });
+    let _stop = AbortOnDrop(task.abort_handle());
+    match task.await {
+        Ok(result) => result,
+        Err(error) => std::panic::resume_unwind(error.into_panic()),
+    }
+}
+
+/// Stops a task when dropped (a no-op once the task has finished).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn load(store: &Store, pool: &Pool) -> Result<HydrationReport, HydrateError> {
     let started = Instant::now();
     let mut client = pool.get().await.map_err(DbError::from)?;
     // One read-only transaction at REPEATABLE READ for every kind: one
@@ -103,10 +126,13 @@ pub async fn hydrate(store: &Store, pool: &Pool) -> Result<HydrationReport, Hydr
     Ok(report)
 }
 
-/// Loads one kind: rows arrive on this task; two threads decode them (JSON
-/// decoding is the most expensive step, so it gets both cores while
-/// PostgreSQL waits on socket buffers) and one puts decoded chunks into the
-/// store and its indexes. Returns the rows loaded.
+/// Loads one kind: rows arrive on this task, and two threads each decode
+/// a chunk of them (JSON decoding is the most expensive step, so it gets
+/// both cores while PostgreSQL waits on socket buffers) and put it into the
+/// store and its indexes themselves, while the rows are still in their own
+/// core's cache (handed to a third thread to insert, each entity's memory
+/// moved between cores once more, and the inserter waited on it). Returns
+/// the rows loaded.
 async fn hydrate_kind(
     store: &Store,
     client: &deadpool_postgres::Transaction<'_>,
@@ -122,17 +148,7 @@ async fn hydrate_kind(
     store.reserve(kind_id, usize::try_from(estimate).unwrap_or(0));
 
     let (raw, raw_rx) = tokio::sync::mpsc::channel::<Vec<tokio_postgres::Row>>(4);
-    let (decoded, decoded_rx) = crossbeam_channel::bounded::<Vec<HydratedRow>>(4);
-    let decoders = spawn_decoders(kind, raw_rx, decoded);
-    let inserter = {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || {
-            for chunk in decoded_rx {
-                store.hydrate(kind_id, chunk);
-            }
-            store.hydrated(kind_id);
-        })
-    };
+    let decoders = spawn_decoders(store, kind_id, raw_rx);
     let statement = client.prepare_cached(&super::sql::table(kind).select).await?;
     let rows = client.query_raw(&statement, std::iter::empty::<&(dyn ToSql + Sync)>()).await?;
     pin_mut!(rows);
@@ -160,24 +176,25 @@ async fn hydrate_kind(
         let result = decoder.await.expect("a hydration decoder does not panic");
         decoding = decoding.and(result);
     }
-    inserter.await.expect("the hydration inserter does not panic");
     streamed?;
     decoding?;
+    store.hydrated(kind_id);
     Ok(count)
 }
 
 /// The decoder threads of one kind: each takes a chunk of raw rows at a
-/// time and sends it on decoded.
+/// time, decodes it and puts it into the store.
 fn spawn_decoders(
-    kind: &KindInfo,
+    store: &Store,
+    kind_id: KindId,
     raw: tokio::sync::mpsc::Receiver<Vec<tokio_postgres::Row>>,
-    decoded: crossbeam_channel::Sender<Vec<HydratedRow>>,
 ) -> Vec<tokio::task::JoinHandle<Result<(), HydrateError>>> {
+    let kind = &store.kinds()[kind_id];
     // Shared by the decoders; each holds it only to take one chunk.
     let raw = std::sync::Arc::new(std::sync::Mutex::new(raw));
     (0..DECODERS)
         .map(|_| {
-            let (raw, decoded) = (raw.clone(), decoded.clone());
+            let (raw, store) = (raw.clone(), store.clone());
             let (decode, name, table) = (kind.decode, kind.name, kind.table);
             tokio::task::spawn_blocking(move || -> Result<(), HydrateError> {
                 loop {
@@ -185,9 +202,8 @@ fn spawn_decoders(
                     let Some(rows) = next else { break };
                     let chunk =
                         rows.iter().map(|row| decode_row(decode, name, table, row)).collect::<Result<Vec<_>, _>>()?;
-                    if decoded.send(chunk).is_err() {
-                        break;
-                    }
+                    drop(rows);
+                    store.hydrate(kind_id, chunk);
                 }
                 Ok(())
             })

@@ -64,9 +64,11 @@ impl Store {
     pub(crate) fn hydrate(&self, kind: KindId, rows: Vec<HydratedRow>) {
         let mut guard = self.write_state();
         let state = &mut *guard;
+        let (table, indexes) = (&mut state.tables[kind], &mut state.indexes[kind]);
         for (id, version, value) in rows {
-            let table = &mut state.tables[kind];
-            let slot = table.get_or_insert_with(id.clone(), || Slot { value: None, version: 0, track: None });
+            // The key moves into the table and the indexes clone the
+            // table's: one reference count less to change per entity.
+            let (id, slot) = table.entry_or_insert_with(id, || Slot { value: None, version: 0, track: None });
             if slot.track.is_some() {
                 // Hydration precedes every change; an entity changed already
                 // keeps its newer, unwritten state.
@@ -74,8 +76,8 @@ impl Store {
                 continue;
             }
             if slot.version < version {
-                for index in &mut state.indexes[kind] {
-                    index.update(&id, slot.value.as_deref(), value.as_deref());
+                for index in indexes.iter_mut() {
+                    index.update(id, slot.value.as_deref(), value.as_deref());
                 }
                 slot.version = version;
                 slot.value = value;
