@@ -2,7 +2,8 @@
 //! local-id mappings. They are ordinary [`Entity`] implementations: the
 //! engine knows nothing else about them.
 
-use std::collections::HashSet;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use chrono::{DateTime, Utc};
@@ -72,13 +73,23 @@ impl<'de> Deserialize<'de> for JsonObject {
 use crate::store::Entity;
 
 /// An identifier's key (`gtin`, `sku`, ...). A handful of keys are shared
-/// by millions of identifiers, so each distinct key is held once in the
-/// process (interned) and every identifier points to it: 16 bytes instead
-/// of a string and its allocation. The interner keeps at most
-/// [`INTERNED_KEYS`] keys; keys beyond that are held by their identifiers
-/// alone, so requests with ever new keys cannot grow it.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct IdentifierKey(Arc<str>);
+/// by millions of identifiers, so each distinct key is held once for the
+/// process's lifetime (interned) and every identifier points to it: 16
+/// bytes and no allocation of its own. An interned key is a plain pointer,
+/// without a reference count: a count shared by every item would move its
+/// cache line between the cores for each identifier two threads decode at
+/// once (hydration's decoders), which cost a fifth of decoding an item.
+/// The interner keeps at most [`INTERNED_KEYS`] keys; keys beyond that are
+/// held by their identifiers alone, so requests with ever new keys cannot
+/// grow it.
+#[derive(Clone)]
+pub struct IdentifierKey(Key);
+
+#[derive(Clone)]
+enum Key {
+    Interned(&'static String),
+    Own(Box<str>),
+}
 
 /// Most distinct identifier keys the interner keeps.
 pub const INTERNED_KEYS: usize = 4096;
@@ -87,18 +98,62 @@ impl IdentifierKey {
     /// The key `text`, interned while the interner has room.
     pub fn new(text: &str) -> Self {
         static KEYS: OnceLock<Interner> = OnceLock::new();
-        Self(KEYS.get_or_init(|| Interner::new(INTERNED_KEYS)).get(text))
+        thread_local! {
+            // The keys this thread has met, read without the interner's
+            // lock (whose count, too, every thread would share).
+            static MET: RefCell<HashMap<&'static str, &'static String, foldhash::fast::RandomState>> =
+                RefCell::default();
+        }
+        if let Some(key) = MET.with_borrow(|met| met.get(text).copied()) {
+            return Self(Key::Interned(key));
+        }
+        match KEYS.get_or_init(|| Interner::new(INTERNED_KEYS)).get(text) {
+            Some(key) => {
+                MET.with_borrow_mut(|met| met.insert(key.as_str(), key));
+                Self(Key::Interned(key))
+            }
+            None => Self(Key::Own(Box::from(text))),
+        }
     }
 
     /// The key as text.
     pub fn as_str(&self) -> &str {
-        &self.0
+        match &self.0 {
+            Key::Interned(key) => key,
+            Key::Own(key) => key,
+        }
     }
 }
 
-/// Distinct strings held once, up to a bound.
+impl PartialEq for IdentifierKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for IdentifierKey {}
+
+impl PartialOrd for IdentifierKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for IdentifierKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl std::hash::Hash for IdentifierKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+/// Distinct strings held once for the process's lifetime, up to a bound.
 struct Interner {
-    keys: RwLock<HashSet<Arc<str>>>,
+    keys: RwLock<HashMap<&'static str, &'static String>>,
     bound: usize,
 }
 
@@ -107,27 +162,30 @@ impl Interner {
         Self { keys: RwLock::default(), bound }
     }
 
-    /// `text` as the interner holds it, or (when full) on its own.
-    fn get(&self, text: &str) -> Arc<str> {
+    /// `text` as the interner holds it; `None` when it is not held and the
+    /// interner is full.
+    fn get(&self, text: &str) -> Option<&'static String> {
         if let Some(key) = self.keys.read().unwrap_or_else(PoisonError::into_inner).get(text) {
-            return key.clone();
+            return Some(*key);
         }
         let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
         if let Some(key) = keys.get(text) {
-            return key.clone();
+            return Some(*key);
         }
-        let key: Arc<str> = Arc::from(text);
-        if keys.len() < self.bound {
-            keys.insert(key.clone());
+        if keys.len() >= self.bound {
+            return None;
         }
-        key
+        // Held for the process's lifetime, a bounded number of them.
+        let key: &'static String = Box::leak(Box::new(text.to_owned()));
+        keys.insert(key.as_str(), key);
+        Some(key)
     }
 }
 
 impl std::ops::Deref for IdentifierKey {
     type Target = str;
     fn deref(&self) -> &str {
-        &self.0
+        self.as_str()
     }
 }
 
@@ -145,31 +203,31 @@ impl From<String> for IdentifierKey {
 
 impl PartialEq<str> for IdentifierKey {
     fn eq(&self, other: &str) -> bool {
-        &*self.0 == other
+        self.as_str() == other
     }
 }
 
 impl PartialEq<String> for IdentifierKey {
     fn eq(&self, other: &String) -> bool {
-        *self.0 == **other
+        self.as_str() == other
     }
 }
 
 impl std::fmt::Debug for IdentifierKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(&*self.0, f)
+        std::fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
 impl std::fmt::Display for IdentifierKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
 impl Serialize for IdentifierKey {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.0)
+        serializer.serialize_str(self.as_str())
     }
 }
 
@@ -460,12 +518,24 @@ pub fn new_dfid() -> String {
 mod tests {
     use super::*;
 
+    /// The string an interned key points to.
+    fn interned(key: &IdentifierKey) -> Option<*const String> {
+        match key.0 {
+            Key::Interned(held) => Some(held),
+            Key::Own(_) => None,
+        }
+    }
+
     #[test]
     fn identifier_keys_are_held_once_and_read_back_as_written() {
         let identifiers: Vec<Identifier> =
             serde_json::from_str(r#"[{"key":"gtin","value":"1"},{"key":"gtin","value":"2"}]"#).unwrap();
-        assert!(Arc::ptr_eq(&identifiers[0].key.0, &identifiers[1].key.0), "one key, held once");
-        assert!(Arc::ptr_eq(&identifiers[0].key.0, &IdentifierKey::from("gtin").0));
+        let held = interned(&identifiers[0].key);
+        assert!(held.is_some(), "interned");
+        assert_eq!(held, interned(&identifiers[1].key), "one key, held once");
+        assert_eq!(held, interned(&IdentifierKey::from("gtin")));
+        let elsewhere = std::thread::spawn(|| interned(&IdentifierKey::from("gtin")).map(|p| p as usize));
+        assert_eq!(held.map(|p| p as usize), elsewhere.join().unwrap(), "the same on every thread");
         assert_eq!(identifiers[0].key, *"gtin");
         assert_eq!(serde_json::to_string(&identifiers[1]).unwrap(), r#"{"key":"gtin","value":"2"}"#);
         assert!(serde_json::from_str::<Identifier>(r#"{"key":7,"value":"1"}"#).is_err());
@@ -484,11 +554,25 @@ mod tests {
     #[test]
     fn the_interner_stops_growing_at_its_bound() {
         let interner = Interner::new(3);
-        let kept: Vec<Arc<str>> = ["a", "b", "c"].into_iter().map(|k| interner.get(k)).collect();
-        assert!(Arc::ptr_eq(&kept[2], &interner.get("c")));
-        let (d1, d2) = (interner.get("d"), interner.get("d"));
-        assert!(!Arc::ptr_eq(&d1, &d2), "past the bound keys are not kept");
-        assert_eq!((d1, interner.keys.read().unwrap().len()), (Arc::from("d"), 3));
+        let kept: Vec<&String> = ["a", "b", "c"].into_iter().map(|k| interner.get(k).unwrap()).collect();
+        assert!(std::ptr::eq(kept[2], interner.get("c").unwrap()));
+        assert_eq!(interner.get("d"), None, "past the bound keys are not kept");
+        assert_eq!(interner.keys.read().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn keys_past_the_interners_bound_are_held_and_compared_by_text() {
+        let own = IdentifierKey(Key::Own("gtin".into()));
+        let shared = IdentifierKey::new("gtin");
+        assert!(interned(&own).is_none() && interned(&shared).is_some());
+        assert_eq!(own, shared);
+        assert_eq!(own.cmp(&IdentifierKey::new("sku")), std::cmp::Ordering::Less);
+        let hash = |key: &IdentifierKey| std::hash::BuildHasher::hash_one(&foldhash::fast::FixedState::default(), key);
+        assert_eq!(hash(&own), hash(&shared));
+        assert_eq!(
+            (own.as_str(), own.to_string(), serde_json::to_string(&own).unwrap()),
+            ("gtin", "gtin".to_owned(), r#""gtin""#.to_owned())
+        );
     }
 
     #[test]
