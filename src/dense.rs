@@ -229,4 +229,18 @@ mod tests {
         assert_eq!((dense.get("id-0"), dense.get("id-7"), dense.len()), (None, Some(&70), 999));
         assert_eq!(dense.values().sum::<usize>(), (1..1000).sum::<usize>() + 63);
     }
+
+    #[test]
+    fn an_entry_gives_the_key_held_and_keeps_the_value_there() {
+        let mut dense = DenseMap::<Arc<str>, usize>::default();
+        let first: Arc<str> = Arc::from("id-1");
+        dense.insert(first.clone(), 1);
+        let again: Arc<str> = Arc::from("id-1");
+        let (key, value) = dense.entry_or_insert_with(again, || unreachable!("the key is held"));
+        assert!(Arc::ptr_eq(key, &first), "the key held, not the one given");
+        *value += 10;
+        let (key, value) = dense.entry_or_insert_with(Arc::from("id-2"), || 2);
+        assert_eq!((&**key, *value), ("id-2", 2));
+        assert_eq!((dense.get("id-1"), dense.len()), (Some(&11), 2));
+    }
 }

@@ -435,6 +435,34 @@ async fn the_lease_is_kept_until_the_drain_after_the_start_token_fires() {
     assert_eq!(db_rows(&db, "docs").await, memory_rows::<Doc>(&store));
 }
 
+/// A stored row that does not decode into its kind ends start-up with an
+/// error naming it, at once (it would not decode on a retry either), and
+/// the rows streamed around it (several chunks' worth) do not hide it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_that_does_not_decode_ends_start_up_with_its_id() {
+    let db = fresh_db("undecodable_row").await;
+    create_tables(&db, &["docs"]).await;
+    db.connect()
+        .await
+        .batch_execute(
+            r#"INSERT INTO docs (id, version, data)
+                 SELECT 'd' || n, 1, jsonb_build_object('id', 'd' || n, 'body', 'b', 'n', n)
+                 FROM generate_series(1, 5000) n;
+               INSERT INTO docs (id, version, data) VALUES ('bad', 1, '{"id": "bad", "body": 7, "n": 1}');
+               INSERT INTO docs (id, version, data)
+                 SELECT 'e' || n, 1, jsonb_build_object('id', 'e' || n, 'body', 'b', 'n', n)
+                 FROM generate_series(1, 5000) n;"#,
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let result = engine_builder(&db, Store::builder().kind::<Doc>(), config(1000, 1)).await.start().await;
+    let error = result.err().expect("start-up fails").to_string();
+    assert!(error.contains("doc bad in table docs does not decode"), "{error}");
+    assert!(error.contains("invalid type"), "serde's reason is kept: {error}");
+    assert!(started.elapsed() < Duration::from_secs(10), "not retried");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn versions_continue_across_restarts_and_old_writes_change_nothing() {
     let db = fresh_db("monotonic").await;

@@ -81,15 +81,21 @@ use crate::store::Entity;
 /// once (hydration's decoders), which cost a fifth of decoding an item.
 /// The interner keeps at most [`INTERNED_KEYS`] keys; keys beyond that are
 /// held by their identifiers alone, so requests with ever new keys cannot
-/// grow it.
+/// grow it. Each thread that decodes identifiers keeps a map of the
+/// interned keys it has met (at most [`INTERNED_KEYS`] of them, pointers
+/// only).
 #[derive(Clone)]
 pub struct IdentifierKey(Key);
 
+/// An interned key is a `&'static String`, a thin pointer, so that the
+/// enum takes the 16 bytes of the boxed string alone.
 #[derive(Clone)]
 enum Key {
     Interned(&'static String),
     Own(Box<str>),
 }
+
+const _: () = assert!(std::mem::size_of::<IdentifierKey>() == 16, "an identifier key is two words");
 
 /// Most distinct identifier keys the interner keeps.
 pub const INTERNED_KEYS: usize = 4096;

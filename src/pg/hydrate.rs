@@ -1,8 +1,10 @@
 //! Hydration (see *Ready after start-up* in docs/ARCHITECTURE.md): at start-up, every entity of every kind is loaded
 //! from its table with its version, streamed row by row, so versions continue
-//! from what the database holds.
+//! from what the database holds. How it uses the cores: *Hydration speed*
+//! in docs/ARCHITECTURE.md.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
@@ -62,20 +64,26 @@ impl From<tokio_postgres::Error> for HydrateError {
 
 /// Loads every entity of every kind of `store` from the database.
 ///
-/// Rows are streamed on this task and decoded and put into the store (and
-/// its indexes) by two blocking threads, so that both cores work.
+/// Rows are streamed on a task of its own and decoded and put into the
+/// store (and its indexes) by two blocking threads, so that both cores work.
+/// Dropping the returned future stops the streaming at its next row and
+/// the decoders before their next chunk.
 pub async fn hydrate(store: &Store, pool: &Pool) -> Result<HydrationReport, HydrateError> {
-    // On a task of its own, so on a runtime worker, whatever the caller's
-    // task runs on: the connection's task wakes the task reading rows every
-    // few rows, and on one worker that is a hand-over between two tasks,
-    // where to the main thread's `block_on` it was a wake-up of another
-    // thread (some 60,000 per million rows). Dropping the future stops it.
+    // A task of its own runs on a runtime worker whatever the caller runs
+    // on (the main thread's `block_on`, say), next to the connection's task,
+    // which wakes it every few rows: waking a task on the same worker costs
+    // far less than waking another thread.
     let (store, pool) = (store.clone(), pool.clone());
     let task = tokio::spawn(async move { load(&store, &pool).await });
     let _stop = AbortOnDrop(task.abort_handle());
     match task.await {
         Ok(result) => result,
-        Err(error) => std::panic::resume_unwind(error.into_panic()),
+        Err(error) => match error.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // Only the runtime shutting down cancels it, and then nothing
+            // awaits this future any more.
+            Err(error) => unreachable!("hydration was cancelled while awaited: {error}"),
+        },
     }
 }
 
@@ -130,9 +138,7 @@ async fn load(store: &Store, pool: &Pool) -> Result<HydrationReport, HydrateErro
 /// a chunk of them (JSON decoding is the most expensive step, so it gets
 /// both cores while PostgreSQL waits on socket buffers) and put it into the
 /// store and its indexes themselves, while the rows are still in their own
-/// core's cache (handed to a third thread to insert, each entity's memory
-/// moved between cores once more, and the inserter waited on it). Returns
-/// the rows loaded.
+/// core's cache. Returns the rows loaded.
 async fn hydrate_kind(
     store: &Store,
     client: &deadpool_postgres::Transaction<'_>,
@@ -148,7 +154,10 @@ async fn hydrate_kind(
     store.reserve(kind_id, usize::try_from(estimate).unwrap_or(0));
 
     let (raw, raw_rx) = tokio::sync::mpsc::channel::<Vec<tokio_postgres::Row>>(4);
-    let decoders = spawn_decoders(store, kind_id, raw_rx);
+    // Set when this future is dropped before the decoders are done: they
+    // stop before their next chunk.
+    let abandoned = Abandoned::default();
+    let decoders = spawn_decoders(store, kind_id, raw_rx, &abandoned);
     let statement = client.prepare_cached(&super::sql::table(kind).select).await?;
     let rows = client.query_raw(&statement, std::iter::empty::<&(dyn ToSql + Sync)>()).await?;
     pin_mut!(rows);
@@ -178,30 +187,53 @@ async fn hydrate_kind(
     }
     streamed?;
     decoding?;
-    store.hydrated(kind_id);
+    // Compacting a kind's indexes takes a while for millions of entities.
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || store.hydrated(kind_id)).await.expect("compacting indexes does not panic");
     Ok(count)
 }
 
+/// A flag set when dropped.
+#[derive(Default)]
+struct Abandoned(Arc<AtomicBool>);
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// The decoder threads of one kind: each takes a chunk of raw rows at a
-/// time, decodes it and puts it into the store.
+/// time, decodes it and puts it into the store, until the rows end or
+/// hydration is `abandoned`. A row that does not decode closes the channel,
+/// so that streaming stops.
 fn spawn_decoders(
     store: &Store,
     kind_id: KindId,
     raw: tokio::sync::mpsc::Receiver<Vec<tokio_postgres::Row>>,
+    abandoned: &Abandoned,
 ) -> Vec<tokio::task::JoinHandle<Result<(), HydrateError>>> {
     let kind = &store.kinds()[kind_id];
     // Shared by the decoders; each holds it only to take one chunk.
-    let raw = std::sync::Arc::new(std::sync::Mutex::new(raw));
+    let raw = Arc::new(Mutex::new(raw));
     (0..DECODERS)
         .map(|_| {
-            let (raw, store) = (raw.clone(), store.clone());
+            let (raw, store, abandoned) = (raw.clone(), store.clone(), abandoned.0.clone());
             let (decode, name, table) = (kind.decode, kind.name, kind.table);
             tokio::task::spawn_blocking(move || -> Result<(), HydrateError> {
-                loop {
-                    let next = raw.lock().unwrap_or_else(std::sync::PoisonError::into_inner).blocking_recv();
-                    let Some(rows) = next else { break };
-                    let chunk =
-                        rows.iter().map(|row| decode_row(decode, name, table, row)).collect::<Result<Vec<_>, _>>()?;
+                let take = || raw.lock().unwrap_or_else(PoisonError::into_inner).blocking_recv();
+                while let Some(rows) = take() {
+                    if abandoned.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let chunk = rows.iter().map(|row| decode_row(decode, name, table, row)).collect();
+                    let chunk = match chunk {
+                        Ok(chunk) => chunk,
+                        Err(e) => {
+                            raw.lock().unwrap_or_else(PoisonError::into_inner).close();
+                            return Err(e);
+                        }
+                    };
                     drop(rows);
                     store.hydrate(kind_id, chunk);
                 }

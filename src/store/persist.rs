@@ -66,8 +66,7 @@ impl Store {
         let state = &mut *guard;
         let (table, indexes) = (&mut state.tables[kind], &mut state.indexes[kind]);
         for (id, version, value) in rows {
-            // The key moves into the table and the indexes clone the
-            // table's: one reference count less to change per entity.
+            // The key moves into the table; the indexes clone the table's.
             let (id, slot) = table.entry_or_insert_with(id, || Slot { value: None, version: 0, track: None });
             if slot.track.is_some() {
                 // Hydration precedes every change; an entity changed already
