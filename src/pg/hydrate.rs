@@ -3,13 +3,13 @@
 //! from what the database holds. How it uses the cores: *Hydration speed*
 //! in docs/ARCHITECTURE.md.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use futures_util::{StreamExt, pin_mut};
 use tokio_postgres::types::ToSql;
+use tokio_util::sync::CancellationToken;
 
 use super::DbError;
 use super::upsert::JsonbRef;
@@ -154,9 +154,10 @@ async fn hydrate_kind(
     store.reserve(kind_id, usize::try_from(estimate).unwrap_or(0));
 
     let (raw, raw_rx) = tokio::sync::mpsc::channel::<Vec<tokio_postgres::Row>>(4);
-    // Set when this future is dropped before the decoders are done: they
-    // stop before their next chunk.
-    let abandoned = Abandoned::default();
+    // Cancelled when this future is dropped before the decoders are done:
+    // they stop before their next chunk.
+    let abandoned = CancellationToken::new();
+    let _abandon_on_drop = abandoned.clone().drop_guard();
     let decoders = spawn_decoders(store, kind_id, raw_rx, &abandoned);
     let statement = client.prepare_cached(&super::sql::table(kind).select).await?;
     let rows = client.query_raw(&statement, std::iter::empty::<&(dyn ToSql + Sync)>()).await?;
@@ -193,16 +194,6 @@ async fn hydrate_kind(
     Ok(count)
 }
 
-/// A flag set when dropped.
-#[derive(Default)]
-struct Abandoned(Arc<AtomicBool>);
-
-impl Drop for Abandoned {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
 /// The decoder threads of one kind: each takes a chunk of raw rows at a
 /// time, decodes it and puts it into the store, until the rows end or
 /// hydration is `abandoned`. A row that does not decode closes the channel,
@@ -211,19 +202,19 @@ fn spawn_decoders(
     store: &Store,
     kind_id: KindId,
     raw: tokio::sync::mpsc::Receiver<Vec<tokio_postgres::Row>>,
-    abandoned: &Abandoned,
+    abandoned: &CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<Result<(), HydrateError>>> {
     let kind = &store.kinds()[kind_id];
     // Shared by the decoders; each holds it only to take one chunk.
     let raw = Arc::new(Mutex::new(raw));
     (0..DECODERS)
         .map(|_| {
-            let (raw, store, abandoned) = (raw.clone(), store.clone(), abandoned.0.clone());
+            let (raw, store, abandoned) = (raw.clone(), store.clone(), abandoned.clone());
             let (decode, name, table) = (kind.decode, kind.name, kind.table);
             tokio::task::spawn_blocking(move || -> Result<(), HydrateError> {
                 let take = || raw.lock().unwrap_or_else(PoisonError::into_inner).blocking_recv();
                 while let Some(rows) = take() {
-                    if abandoned.load(Ordering::Relaxed) {
+                    if abandoned.is_cancelled() {
                         break;
                     }
                     let chunk = rows.iter().map(|row| decode_row(decode, name, table, row)).collect();
