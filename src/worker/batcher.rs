@@ -1,8 +1,15 @@
 //! When the next batch is due: once `batch_max` records wait, or `linger`
 //! after the first of them arrived, whichever comes first. Records whose
 //! groups wait for a batch in flight do not count towards a full batch.
+//! Records that have waited `LATE_LINGERS` lingers are late: the
+//! coordinator then hands them to a second writer rather than wait for the
+//! busy one.
 
 use std::time::{Duration, Instant};
+
+/// How many lingers the oldest waiting record may wait for a busy writer
+/// before it is late.
+const LATE_LINGERS: u32 = 4;
 
 /// Size-or-age batching, kept apart from the coordinator's other jobs.
 #[derive(Debug)]
@@ -11,11 +18,13 @@ pub(crate) struct Batcher {
     linger: Duration,
     /// When the batch gathering now is due (`None`: nothing is waiting).
     due: Option<Instant>,
+    /// When the batch gathering now began: its first record's arrival.
+    since: Option<Instant>,
 }
 
 impl Batcher {
     pub(crate) fn new(batch_max: usize, linger: Duration) -> Self {
-        Self { batch_max, linger, due: None }
+        Self { batch_max, linger, due: None, since: None }
     }
 
     /// The most rows a batch takes (a group is never split, so a batch may
@@ -27,6 +36,7 @@ impl Batcher {
     /// A record arrived: the batch is due `linger` after the first one.
     pub(crate) fn arrived(&mut self, now: Instant) {
         self.due.get_or_insert(now + self.linger);
+        self.since.get_or_insert(now);
     }
 
     /// Whether `waiting` records make a full batch.
@@ -37,12 +47,21 @@ impl Batcher {
     /// The batch is due now (full, draining, or records freed by a batch
     /// that finished).
     pub(crate) fn due_now(&mut self) {
-        self.due = Some(Instant::now());
+        let now = Instant::now();
+        self.due = Some(now);
+        self.since.get_or_insert(now);
     }
 
     /// Nothing is waiting that could be taken.
     pub(crate) fn clear(&mut self) {
         self.due = None;
+        self.since = None;
+    }
+
+    /// When the records gathering now become late (`None`: nothing is
+    /// waiting).
+    pub(crate) fn late_at(&self) -> Option<Instant> {
+        self.since.map(|since| since + self.linger * LATE_LINGERS)
     }
 
     /// When the gathering batch is due, if one is.
@@ -72,7 +91,23 @@ mod tests {
         assert!(batcher.is_due(t0 + Duration::from_millis(5), false));
         assert!(batcher.is_due(t0, true), "a drain does not linger");
         assert!(!batcher.is_full(2) && batcher.is_full(3));
+        assert_eq!(batcher.late_at(), Some(t0 + Duration::from_millis(20)), "late after four lingers from the first");
         batcher.clear();
         assert!(!batcher.is_due(t0 + Duration::from_secs(1), false));
+        assert_eq!(batcher.late_at(), None, "nothing waits, nothing is late");
+    }
+
+    #[test]
+    fn records_made_due_at_once_are_late_from_then_unless_older_ones_wait() {
+        let mut batcher = Batcher::new(3, Duration::from_millis(5));
+        let before = Instant::now();
+        batcher.due_now();
+        let late = batcher.late_at().expect("records wait");
+        assert!(late >= before + Duration::from_millis(20) && late <= Instant::now() + Duration::from_millis(20));
+        batcher.clear();
+        let t0 = Instant::now() - Duration::from_secs(1);
+        batcher.arrived(t0);
+        batcher.due_now();
+        assert_eq!(batcher.late_at(), Some(t0 + Duration::from_millis(20)), "the first record's wait counts");
     }
 }

@@ -6,8 +6,9 @@
 //!   when `batch_max` records are waiting or `linger` after the first one
 //!   arrived (`Batcher`), takes whole groups from the store, and hands each
 //!   batch to a writer with room (each holds the batch it writes and the
-//!   next). It also refreshes the depth and lag gauges
-//!   every second, idle or not.
+//!   next). Below saturation a batch waits for a busy writer rather than go
+//!   to an idle one, until its records are late (`free_writer`). It also
+//!   refreshes the depth and lag gauges every `GAUGE_INTERVAL`, idle or not.
 //! * **Writers** are async tasks, one per database connection they use at a
 //!   time. Each encodes its batch once and writes it, retrying failures with
 //!   capped, jittered exponential backoff (backon) until it commits. A
@@ -322,24 +323,23 @@ impl Coordinator {
         self.backlog.len().saturating_sub(self.blocked) + self.receiver.records.len()
     }
 
-    /// The writer to hand the next batch to. An idle writer takes any due
-    /// batch. A busy writer takes its next one only when a full batch is
-    /// waiting: below saturation, records keep gathering until a writer is
-    /// free, which makes fewer, larger transactions (less database work per
-    /// row).
-    fn free_writer(&self, full_batch_waiting: bool) -> Option<usize> {
-        let depth = if full_batch_waiting { WRITER_DEPTH } else { 1 };
-        self.outstanding.iter().enumerate().filter(|(_, n)| **n < depth).min_by_key(|(_, n)| **n).map(|(w, _)| w)
+    /// The writer to hand the next batch to, at `now` (see [`pick_writer`]).
+    fn free_writer(&self, full_batch_waiting: bool, now: Instant) -> Option<usize> {
+        let late = self.draining || self.batcher.late_at().is_some_and(|late| late <= now);
+        pick_writer(&self.outstanding, full_batch_waiting, late)
+    }
+
+    /// When the batch gathering now may be handed to a writer, as far as
+    /// time decides (see [`dispatch_at`]).
+    fn dispatch_at(&self) -> Option<Instant> {
+        dispatch_at(&self.outstanding, self.draining, self.batcher.due(), self.batcher.late_at())
     }
 
     /// Blocks until a record, a completion, the drain request, or the next
     /// time something is due.
     fn wait(&mut self, control: &mut Receiver<Control>) -> Next {
         let next_gauges = self.last_gauges + GAUGE_INTERVAL;
-        let wake = match self.batcher.due() {
-            Some(at) if self.free_writer(false).is_some() => at.min(next_gauges),
-            _ => next_gauges,
-        };
+        let wake = self.dispatch_at().map_or(next_gauges, |at| at.min(next_gauges));
         // Listen for records only while nothing waits to be written. Once a
         // batch is due (or writers are busy), more records would only wake
         // this thread, once per change, for nothing: they are drained from
@@ -391,8 +391,10 @@ impl Coordinator {
 
     /// Takes due batches from the store and hands them to free writers.
     fn dispatch(&mut self) -> Next {
-        while let Some(writer) = self.free_writer(self.batcher.is_full(self.waiting())) {
-            if !self.batcher.is_due(Instant::now(), self.draining) {
+        loop {
+            let now = Instant::now();
+            let Some(writer) = self.free_writer(self.batcher.is_full(self.waiting()), now) else { break };
+            if !self.batcher.is_due(now, self.draining) {
                 break;
             }
             let (batch, blocked) = self.store.take_batch(&self.receiver, &mut self.backlog, self.batcher.batch_max());
@@ -451,6 +453,43 @@ impl Coordinator {
     }
 }
 
+/// Which writer takes the next batch, given the batches each holds.
+/// * A full batch goes to the writer holding the fewest, if it holds fewer
+///   than `WRITER_DEPTH`.
+/// * Any other batch goes to an idle writer while no writer is busy. Once
+///   one is, records keep gathering for it, and a second writer takes them
+///   only when they are `late` (or the worker drains). Below saturation this
+///   makes fewer, larger transactions: each costs the database work per
+///   row, and the server round trips and wake-ups of the database's backend
+///   whatever its size.
+fn pick_writer(outstanding: &[usize], full: bool, late: bool) -> Option<usize> {
+    if !full && !late && outstanding.iter().any(|n| *n > 0) {
+        return None;
+    }
+    let depth = if full { WRITER_DEPTH } else { 1 };
+    outstanding.iter().enumerate().filter(|(_, n)| **n < depth).min_by_key(|(_, n)| **n).map(|(w, _)| w)
+}
+
+/// When a batch that is not full may be handed to a writer: when it is
+/// `due` and, while a writer is busy, when its records are late (`late_at`).
+/// `None` when nothing is due or no writer is idle (a completion wakes the
+/// coordinator).
+fn dispatch_at(
+    outstanding: &[usize],
+    draining: bool,
+    due: Option<Instant>,
+    late_at: Option<Instant>,
+) -> Option<Instant> {
+    let due = due?;
+    if !outstanding.contains(&0) {
+        return None;
+    }
+    if draining || outstanding.iter().all(|n| *n == 0) {
+        return Some(due);
+    }
+    late_at.map(|late| late.max(due))
+}
+
 /// A writer task: writes the batches the coordinator hands it, one at a
 /// time, on its own database connection.
 struct Writer {
@@ -472,5 +511,37 @@ impl Writer {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn below_saturation_a_busy_writer_gets_the_batch_unless_records_are_late() {
+        assert_eq!(pick_writer(&[0, 0], false, false), Some(0), "nothing busy: an idle writer takes it");
+        assert_eq!(pick_writer(&[1, 0], false, false), None, "one busy: the batch waits for it");
+        assert_eq!(pick_writer(&[1, 0], false, true), Some(1), "late records go to the idle writer");
+        assert_eq!(pick_writer(&[1, 1], false, true), None, "no writer idle");
+        assert_eq!(pick_writer(&[1, 0], true, false), Some(1), "a full batch goes to the one holding fewest");
+        assert_eq!(pick_writer(&[1, 1], true, false), Some(0), "each writer holds a next batch when full");
+        assert_eq!(pick_writer(&[WRITER_DEPTH, WRITER_DEPTH], true, true), None, "every writer holds its most");
+    }
+
+    #[test]
+    fn a_waiting_batch_is_handed_over_when_due_or_once_late_while_a_writer_is_busy() {
+        let due = Instant::now();
+        let late = due + Duration::from_millis(20);
+        assert_eq!(dispatch_at(&[0, 0], false, None, None), None, "nothing is due");
+        assert_eq!(dispatch_at(&[0, 0], false, Some(due), Some(late)), Some(due), "nothing busy: when due");
+        assert_eq!(dispatch_at(&[1, 0], false, Some(due), Some(late)), Some(late), "one busy: once late");
+        assert_eq!(
+            dispatch_at(&[1, 0], false, Some(late + late.duration_since(due)), Some(late)),
+            Some(late + late.duration_since(due)),
+            "never before due"
+        );
+        assert_eq!(dispatch_at(&[1, 0], true, Some(due), Some(late)), Some(due), "a drain does not wait");
+        assert_eq!(dispatch_at(&[1, 1], false, Some(due), Some(late)), None, "no writer idle: a completion wakes");
     }
 }
