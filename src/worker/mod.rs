@@ -471,9 +471,9 @@ fn pick_writer(outstanding: &[usize], full: bool, late: bool) -> Option<usize> {
 }
 
 /// When a batch that is not full may be handed to a writer: when it is
-/// `due` and, while a writer is busy, when its records are late (`late_at`).
-/// `None` when nothing is due or no writer is idle (a completion wakes the
-/// coordinator).
+/// `due`, and later (at `late_at`) if only late records would get a writer
+/// ([`pick_writer`] decides). `None` when nothing is due or no writer would
+/// take it (a completion wakes the coordinator).
 fn dispatch_at(
     outstanding: &[usize],
     draining: bool,
@@ -481,12 +481,10 @@ fn dispatch_at(
     late_at: Option<Instant>,
 ) -> Option<Instant> {
     let due = due?;
-    if !outstanding.contains(&0) {
-        return None;
-    }
-    if draining || outstanding.iter().all(|n| *n == 0) {
+    if pick_writer(outstanding, false, draining).is_some() {
         return Some(due);
     }
+    pick_writer(outstanding, false, true)?;
     late_at.map(|late| late.max(due))
 }
 
