@@ -12,8 +12,8 @@
 //!   batched writers (UNNEST upserts, COPY into a staging table, batch size
 //!   and connections varied); (e) plain COPY into an empty table.
 //! * P3: `POST /api/items` throughput and latency of the release binary
-//!   with persistence on and off (`OUTBOX_BENCH_DISCARD_WRITES`), runs
-//!   alternating, same load generator (`outbox::loadgen`).
+//!   with persistence on and off (`OUTBOX_BENCH_DISCARD_WRITES`), in pairs
+//!   whose order alternates, same load generator (`outbox::loadgen`).
 //! * P4: lag percentiles at half the sustainable write rate of P3.
 //! * P5: hydration of 1,000,000 items by the release binary, with its peak
 //!   resident memory.
@@ -48,10 +48,11 @@ const RUNS: usize = 3;
 /// Repetitions of the persistence comparison, whose figures vary most
 /// from run to run on a shared machine.
 const P2_RUNS: usize = 5;
-/// Pairs of P3 runs (persistence on, then off): one core shared by the
-/// server and the load generator makes each run's throughput vary by
-/// ±15 % or more, more than what persistence costs.
-const P3_RUNS: usize = 5;
+/// Pairs of P3 runs (persistence on and off, the order alternating): one
+/// core shared by the server and the load generator makes each run's
+/// throughput vary by ±15 % or more, more than what persistence costs, and
+/// the median of five pairs moved by ±0.05 between invocations.
+const P3_RUNS: usize = 9;
 /// Rows the batched writers (c, d, e) write per run.
 const FAST_ROWS: usize = 200_000;
 
@@ -942,7 +943,10 @@ async fn http(bench: &Bench) -> Http {
     let postmaster = bench.postgres.pid().expect("the bench PostgreSQL runs");
     h.pinned = pin(postmaster);
     for run in 0..P3_RUNS {
-        for persist in [true, false] {
+        // On then off, then off then on: a drift of the host's speed during
+        // the runs weighs on both sides alike.
+        let order = if run % 2 == 0 { [true, false] } else { [false, true] };
+        for persist in order {
             eprintln!("P3 run {}/{P3_RUNS}, persistence {}", run + 1, if persist { "on" } else { "off" });
             bench.reset().await;
             let server = Server::start(bench, &[("OUTBOX_BENCH_DISCARD_WRITES", (!persist).to_string())]).await;
@@ -1495,7 +1499,7 @@ fn report(
     let _ = writeln!(w, "## P3: HTTP throughput, persistence on vs off\n");
     let _ = writeln!(
         w,
-        "Method: the release binary serving `POST /api/items` with its defaults, driven by `outbox loadgen`'s code ({HTTP_CONNECTIONS} connections, each sending its next request when the last is answered, 8 s), persistence on, then off (`OUTBOX_BENCH_DISCARD_WRITES=true`: the worker takes batches and writes nothing), alternating, {P3_RUNS} pairs, each run on a fresh server and an empty table. Latency is measured from send to answer. {}\n",
+        "Method: the release binary serving `POST /api/items` with its defaults, driven by `outbox loadgen`'s code ({HTTP_CONNECTIONS} connections, each sending its next request when the last is answered, 8 s), persistence on and off (`OUTBOX_BENCH_DISCARD_WRITES=true`: the worker takes batches and writes nothing) in {P3_RUNS} pairs of consecutive runs, on first in one pair and off first in the next (so that a drift of the machine's speed weighs on both sides alike), each run on a fresh server and an empty table. Latency is measured from send to answer. {}\n",
         if p3.pinned {
             "PostgreSQL is confined to the first CPU and the server and the load generator to the others (`taskset`), in both the on and the off runs, as if the database had its own host."
         } else {
