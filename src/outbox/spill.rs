@@ -341,19 +341,38 @@ mod tests {
         records.iter().map(|r| serde_json::to_string(r).unwrap()).collect()
     }
 
-    fn scratch() -> PathBuf {
+    /// A folder of this test's own, removed when the test ends (passed
+    /// or failed).
+    struct Scratch(PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    impl std::ops::Deref for Scratch {
+        type Target = Path;
+
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    fn scratch() -> Scratch {
         let dir = std::env::temp_dir().join(format!(
             "outbox-spill-unit-{}-{:?}",
             std::process::id(),
             std::thread::current().id()
         ));
         let _ = fs::remove_dir_all(&dir);
-        dir
+        Scratch(dir)
     }
 
     #[test]
     fn round_trip() {
-        let dir = scratch().join("nested").join("spill");
+        let scratch = scratch();
+        let dir = scratch.join("nested").join("spill");
         let records = vec![record("a", 3), SpillRecord { deleted: true, data: None, ..record("b", 7) }];
         let (path, count) = write(&dir, "test", Some(4), records.clone()).unwrap();
         assert_eq!(count, 2);
@@ -368,7 +387,7 @@ mod tests {
     #[test]
     fn format_1_files_are_read_without_base() {
         let dir = scratch();
-        fs::create_dir_all(&dir).unwrap();
+        fs::create_dir_all(&*dir).unwrap();
         let body = "{\"format\":\"outbox-spill\",\"version\":1,\"reason\":\"old\",\"created_at_unix\":1,\"records\":1}\n\
                     {\"kind\":\"item\",\"id\":\"a\",\"version\":2,\"deleted\":false,\"data\":{\"id\":\"a\"}}\n";
         let mut checksum = Fnv::new();
@@ -398,6 +417,5 @@ mod tests {
         damaged[at.min(full.len() - 10)] ^= 0x01;
         fs::write(&path, &damaged).unwrap();
         assert!(matches!(read(&path), Err(SpillError::Corrupt { .. })), "a flipped bit is detected");
-        fs::remove_dir_all(&dir).unwrap();
     }
 }
