@@ -1,4 +1,4 @@
-//! The benchmark suite behind `scripts/bench` (targets P2–P6), writing
+//! The benchmark suite behind `scripts/bench` (targets P2–P7), writing
 //! `BENCHMARKS.md` together with the P1 figures criterion measured just
 //! before (`benches/store.rs`).
 //!
@@ -19,6 +19,10 @@
 //!   resident memory.
 //! * P6: a 30 s database outage under steady load: loss, and how long after
 //!   the database's return the lag is back under a second.
+//! * P7: handover to a hot standby after a release and after a freeze.
+//! * The machine's speed: a fixed single-thread workload timed at the
+//!   start, before P3, before P5 and at the end, so that a run in a slow
+//!   hour of a shared host shows as one.
 //!
 //! The suite starts only processes it owns (its PostgreSQL, the server) and
 //! stops them by their PIDs; all traffic stays on loopback.
@@ -1291,6 +1295,31 @@ fn fsync_latency(scratch: &Path) -> String {
     }
 }
 
+/// Items the speed probe encodes and decodes.
+const PROBE_ITEMS: usize = 20_000;
+
+/// The host's speed at this moment: milliseconds one thread takes to encode
+/// [`PROBE_ITEMS`] reference items as JSON and decode them again (the
+/// median of nine rounds). The same work in every run of the suite, so
+/// that runs in slow and fast hours of a shared machine can be told apart.
+fn speed_probe(items: &[Arc<Item>]) -> f64 {
+    let items = &items[..PROBE_ITEMS.min(items.len())];
+    let mut rounds: Vec<f64> = (0..9)
+        .map(|_| {
+            let started = Instant::now();
+            for item in items {
+                let text = serde_json::to_string(&**item).expect("encode an item");
+                std::hint::black_box(serde_json::from_str::<Item>(&text).expect("decode an item"));
+            }
+            started.elapsed().as_secs_f64() * 1000.0
+        })
+        .collect();
+    rounds.sort_by(f64::total_cmp);
+    let median = rounds[rounds.len() / 2];
+    eprintln!("speed probe: {median:.1} ms");
+    median
+}
+
 fn machine(postgres_version: &str) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -1675,6 +1704,7 @@ fn main() {
         if let Ok(only) = std::env::var("OUTBOX_BENCH_ONLY") {
             for part in only.split(',') {
                 match part.trim() {
+                    "probe" => drop(speed_probe(&bench.items)),
                     "p2" => drop(persistence(&bench).await),
                     "p3" => drop(http(&bench).await),
                     "p4" => drop(lag(&bench, 14_000.0).await),
@@ -1690,12 +1720,15 @@ fn main() {
             tokio::task::spawn_blocking(move || postgres.stop()).await.unwrap().expect("stop PostgreSQL");
             return;
         }
+        let mut probes = vec![("the start", speed_probe(&bench.items))];
         let p2 = persistence(&bench).await;
         let mixed = workloads(&bench).await;
         let layouts = layouts(&bench).await;
+        probes.push(("P3", speed_probe(&bench.items)));
         let p3 = http(&bench).await;
         let sustainable = stats(&p3.on.iter().map(|r| r.throughput).collect::<Vec<_>>()).1;
         let p4 = lag(&bench, sustainable).await;
+        probes.push(("P5", speed_probe(&bench.items)));
         let p5 = hydration(&bench).await;
         // Steady load that the outbox can hold through the whole outage
         // (80 % of the default capacity of 100,000 entities over 30 s), so
@@ -1703,7 +1736,13 @@ fn main() {
         let p6 = outage(&bench, p4.rate.min(80_000 / 30)).await;
         let p7 = handover(&bench).await;
         let p1 = criterion_medians(&root.join("target/criterion"));
-        let machine = format!("{}; the disk takes {}", machine(&version), fsync_latency(&scratch));
+        probes.push(("the end", speed_probe(&bench.items)));
+        let speed = format!(
+            "one thread encoded and decoded {PROBE_ITEMS} reference items (JSON) in {} ms at {}: the same work in every run, a measure of how fast the machine was during this one",
+            probes.iter().map(|(_, ms)| format!("{ms:.0}")).collect::<Vec<_>>().join(" / "),
+            probes.iter().map(|(at, _)| if at.starts_with('P') { format!("the start of {at}") } else { (*at).to_owned() }).collect::<Vec<_>>().join(", ")
+        );
+        let machine = format!("{}; the disk takes {}; {speed}", machine(&version), fsync_latency(&scratch));
         let markdown = report(&machine, &p1, &p2, &mixed, &layouts, &p3, &p4, &p5, &p6, &p7, started.elapsed());
         let notes = std::fs::read_to_string(root.join("benches/NOTES.md")).unwrap_or_default();
         std::fs::write(root.join("BENCHMARKS.md"), format!("{markdown}{notes}")).expect("write BENCHMARKS.md");
