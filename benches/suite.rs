@@ -1724,11 +1724,11 @@ fn main() {
         let p2 = persistence(&bench).await;
         let mixed = workloads(&bench).await;
         let layouts = layouts(&bench).await;
-        probes.push(("P3", speed_probe(&bench.items)));
+        probes.push(("the start of P3", speed_probe(&bench.items)));
         let p3 = http(&bench).await;
         let sustainable = stats(&p3.on.iter().map(|r| r.throughput).collect::<Vec<_>>()).1;
         let p4 = lag(&bench, sustainable).await;
-        probes.push(("P5", speed_probe(&bench.items)));
+        probes.push(("the start of P5", speed_probe(&bench.items)));
         let p5 = hydration(&bench).await;
         // Steady load that the outbox can hold through the whole outage
         // (80 % of the default capacity of 100,000 entities over 30 s), so
@@ -1740,7 +1740,7 @@ fn main() {
         let speed = format!(
             "one thread encoded and decoded {PROBE_ITEMS} reference items (JSON) in {} ms at {}: the same work in every run, a measure of how fast the machine was during this one",
             probes.iter().map(|(_, ms)| format!("{ms:.0}")).collect::<Vec<_>>().join(" / "),
-            probes.iter().map(|(at, _)| if at.starts_with('P') { format!("the start of {at}") } else { (*at).to_owned() }).collect::<Vec<_>>().join(", ")
+            probes.iter().map(|(at, _)| *at).collect::<Vec<_>>().join(", ")
         );
         let machine = format!("{}; the disk takes {}; {speed}", machine(&version), fsync_latency(&scratch));
         let markdown = report(&machine, &p1, &p2, &mixed, &layouts, &p3, &p4, &p5, &p6, &p7, started.elapsed());
