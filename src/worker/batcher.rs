@@ -1,9 +1,9 @@
 //! When the next batch is due: once `batch_max` records wait, or `linger`
 //! after the first of them arrived, whichever comes first. Records whose
 //! groups wait for a batch in flight do not count towards a full batch.
-//! Records that have waited `LATE_LINGERS` lingers are late: the
-//! coordinator then hands them to a second writer rather than wait for the
-//! busy one.
+//! Records that have waited `LATE_LINGERS` lingers (counted from the first
+//! arrival since a batch was last taken) are late: the coordinator then
+//! hands them to a second writer rather than wait for the busy one.
 
 use std::time::{Duration, Instant};
 
@@ -50,6 +50,16 @@ impl Batcher {
         let now = Instant::now();
         self.due = Some(now);
         self.since.get_or_insert(now);
+    }
+
+    /// A batch was taken. Records left over (more than a batch held, or
+    /// arrived while it was taken) are due at once; the oldest went with
+    /// the batch, so their wait for a busy writer counts from now.
+    pub(crate) fn taken(&mut self, left_over: bool) {
+        self.clear();
+        if left_over {
+            self.due_now();
+        }
     }
 
     /// Nothing is waiting that could be taken.
@@ -109,5 +119,19 @@ mod tests {
         batcher.arrived(t0);
         batcher.due_now();
         assert_eq!(batcher.late_at(), Some(t0 + Duration::from_millis(20)), "the first record's wait counts");
+    }
+
+    #[test]
+    fn records_left_over_by_a_batch_are_due_at_once_and_late_from_then() {
+        let mut batcher = Batcher::new(3, Duration::from_millis(5));
+        let t0 = Instant::now() - Duration::from_secs(1);
+        batcher.arrived(t0);
+        let before = Instant::now();
+        batcher.taken(true);
+        assert!(batcher.is_due(Instant::now(), false), "left-over records go at once");
+        let late = batcher.late_at().expect("records wait");
+        assert!(late >= before + Duration::from_millis(20), "the taken batch's age does not make them late");
+        batcher.taken(false);
+        assert_eq!((batcher.due(), batcher.late_at()), (None, None), "nothing left, nothing waits");
     }
 }

@@ -411,11 +411,7 @@ impl Coordinator {
                 error!(writer, "writer task is gone; the runtime is shutting down");
                 return Next::Stop;
             }
-            if self.backlog.len() > self.blocked || !self.receiver.records.is_empty() {
-                self.batcher.due_now();
-            } else {
-                self.batcher.clear();
-            }
+            self.batcher.taken(self.backlog.len() > self.blocked || !self.receiver.records.is_empty());
         }
         Next::Continue
     }
