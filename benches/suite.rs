@@ -891,6 +891,11 @@ impl CpuSample {
     }
 }
 
+/// The server's CPU time per request (µs) in each run of P3.
+fn server_us_per_request(shares: &[CpuShares], reports: &[LoadReport]) -> Runs {
+    shares.iter().zip(reports).map(|(s, r)| s.server * cores() as f64 / r.throughput * 1e6).collect()
+}
+
 /// The machine's CPUs, as counted before P3 confines this process to some
 /// of them (`available_parallelism` follows the process's affinity).
 fn cores() -> usize {
@@ -967,7 +972,7 @@ async fn http(bench: &Bench) -> Http {
                 report.errors,
                 cpu.postgres * 100.0,
                 cpu.server * 100.0,
-                cpu.server * cores() as f64 / report.throughput * 1e6,
+                server_us_per_request(std::slice::from_ref(&cpu), std::slice::from_ref(&report))[0],
                 cpu.load_generator * 100.0,
                 cpu.idle * 100.0
             );
@@ -1405,12 +1410,8 @@ fn report(
     );
     let _ = writeln!(w, "| P2 worker against the naive pattern (reported, no target) | {naive:.0}× | |");
     let (_, http_ratio, _) = stats(&p3.ratio);
-    let machine = cores() as f64;
-    let per_request = |shares: &[CpuShares], reports: &[LoadReport]| -> Runs {
-        shares.iter().zip(reports.iter()).map(|(s, r)| s.server * machine / r.throughput * 1e6).collect()
-    };
-    let (_, cpu_on, _) = stats(&per_request(&p3.cpu_on, &p3.on));
-    let (_, cpu_off, _) = stats(&per_request(&p3.cpu_off, &p3.off));
+    let (_, cpu_on, _) = stats(&server_us_per_request(&p3.cpu_on, &p3.on));
+    let (_, cpu_off, _) = stats(&server_us_per_request(&p3.cpu_off, &p3.off));
     let _ = writeln!(
         w,
         "| P3 throughput with persistence ≥ 95 % of without{} | {:.0} % | {} |",
@@ -1551,11 +1552,9 @@ fn report(
         w,
         "| | PostgreSQL | server | load generator | everything else | idle | server CPU per request (µs) |\n|---|---|---|---|---|---|---|"
     );
-    let cores = machine;
     for (name, shares, reports) in [("persistence on", &p3.cpu_on, &p3.on), ("persistence off", &p3.cpu_off, &p3.off)] {
         let pct = |f: fn(&CpuShares) -> f64| -> Runs { shares.iter().map(|s| f(s) * 100.0).collect() };
-        let per_request: Runs =
-            shares.iter().zip(reports.iter()).map(|(s, r)| s.server * cores / r.throughput * 1e6).collect();
+        let per_request = server_us_per_request(shares, reports);
         let _ = writeln!(
             w,
             "| {name} | {} % | {} % | {} % | {} % | {} % | {} |",
