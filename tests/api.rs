@@ -209,6 +209,55 @@ async fn batch_create_is_all_or_nothing() {
     assert!(items.iter().all(|i| i["version"] == 1 && i["status"] == "active"));
 }
 
+/// The raw body of an answer.
+async fn raw(app: &Router, method: &str, uri: &str, body: Option<&str>) -> (StatusCode, Vec<u8>) {
+    let mut request = Request::builder().method(method).uri(uri);
+    if body.is_some() {
+        request = request.header(header::CONTENT_TYPE, "application/json");
+    }
+    let request = request.body(body.map(|b| Body::from(b.to_owned())).unwrap_or_else(Body::empty)).unwrap();
+    let response = app.clone().oneshot(request).await.expect("the router answers");
+    let status = response.status();
+    (status, axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap().to_vec())
+}
+
+/// An answer to a change renders the item from the JSON the worker writes
+/// for it, with the version added: byte for byte what `GET` answers (which
+/// serializes the item with its version), for each kind of change.
+#[tokio::test]
+async fn answers_to_changes_render_items_as_get_does() {
+    let (app, _store) = app();
+    let same_as_get = |(status, body): (StatusCode, Vec<u8>)| {
+        let app = app.clone();
+        async move {
+            assert!(status.is_success(), "{status}: {}", String::from_utf8_lossy(&body));
+            let item: Value = serde_json::from_slice(&body).unwrap();
+            let uri = format!("/api/items/{}", item["dfid"].as_str().unwrap());
+            let (status, shown) = raw(&app, "GET", &uri, None).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(String::from_utf8(body).unwrap(), String::from_utf8(shown).unwrap());
+            item
+        }
+    };
+    let create = r#"{"identifiers": [{"key": "gtin", "value": "1"}], "enriched_data": {"note": "a \"quoted\" é", "n": [1, 2.5, null]}}"#;
+    let a = same_as_get(raw(&app, "POST", "/api/items", Some(create)).await).await;
+    assert_eq!(a["version"], 1);
+    let a_uri = format!("/api/items/{}", a["dfid"].as_str().unwrap());
+    let updated = raw(&app, "PUT", &a_uri, Some(r#"{"enriched_data": {"colour": "red"}}"#)).await;
+    assert_eq!(same_as_get(updated).await["version"], 2);
+    let b =
+        same_as_get(raw(&app, "POST", "/api/items", Some(r#"{"identifiers": [{"key": "sku", "value": "b"}]}"#)).await)
+            .await;
+    let merge = format!(r#"{{"source_dfid": "{}"}}"#, b["dfid"].as_str().unwrap());
+    let merged = same_as_get(raw(&app, "POST", &format!("{a_uri}/merge"), Some(&merge)).await).await;
+    assert_eq!(merged["identifiers"].as_array().unwrap().len(), 2);
+    let c =
+        same_as_get(raw(&app, "POST", "/api/items", Some(r#"{"identifiers": [{"key": "sku", "value": "c"}]}"#)).await)
+            .await;
+    let deprecated = raw(&app, "PUT", &format!("/api/items/{}/deprecate", c["dfid"].as_str().unwrap()), None).await;
+    assert_eq!(same_as_get(deprecated).await["status"], "deprecated");
+}
+
 #[tokio::test]
 async fn item_lifecycle_semantics() {
     let (app, store) = app();

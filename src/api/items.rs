@@ -35,6 +35,28 @@ impl From<Versioned<Item>> for ItemView {
     }
 }
 
+/// An item as the API returns it ([`ItemView`]'s JSON), made from the
+/// item's own JSON with the version added, without copying the item: for
+/// an item a change set has just made, the worker writes that same JSON
+/// to the table (see [`Versioned::json`]).
+pub struct ItemBody(pub Versioned<Item>);
+
+impl super::AnswerBody for ItemBody {
+    fn into_json(self) -> Result<Vec<u8>, serde_json::Error> {
+        use std::io::Write as _;
+        let item = self.0.json()?;
+        // An item serializes as an object with at least its DFID, and the
+        // view flattens its fields and adds the version last.
+        let Some((b'}', fields)) = item.split_last() else {
+            return Err(serde::ser::Error::custom("an item does not serialize as a JSON object"));
+        };
+        let mut body = Vec::with_capacity(item.len() + 24);
+        body.extend_from_slice(fields);
+        write!(body, ",\"version\":{}}}", self.0.version).map_err(serde::ser::Error::custom)?;
+        Ok(body)
+    }
+}
+
 /// Body of `POST /api/items` (and of each item of a batch create).
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -147,7 +169,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     body.validate("")?;
     let item = body.into_item(None);
-    state.answer(durable, StatusCode::CREATED, |set| Ok(set.insert(item)?), ItemView::from).await
+    state.answer(durable, StatusCode::CREATED, |set| Ok(set.insert(item)?), ItemBody).await
 }
 
 /// Body of `POST /api/items/batch`.
@@ -355,7 +377,7 @@ pub async fn update(
                     item.updated_at = Utc::now();
                 })?)
             },
-            ItemView::from,
+            ItemBody,
         )
         .await
 }
@@ -389,7 +411,7 @@ pub async fn merge(
             durable,
             StatusCode::OK,
             |set| merge_into(set, &dfid, &body.source_dfid),
-            |(target, _)| ItemView::from(target),
+            |(target, _)| ItemBody(target),
         )
         .await
 }
@@ -512,7 +534,7 @@ pub async fn deprecate(
                     })?),
                 }
             },
-            ItemView::from,
+            ItemBody,
         )
         .await
 }

@@ -189,7 +189,7 @@ impl AppState {
     /// `render` of its outcome (JSON; no body for 204). A request with an
     /// `Idempotency-Key` stores that answer in the same change set, so it is
     /// persisted with the change (rule *Idempotent requests*).
-    pub async fn answer<T, B: Serialize>(
+    pub async fn answer<T, B: AnswerBody>(
         &self,
         durable: bool,
         status: StatusCode,
@@ -201,7 +201,7 @@ impl AppState {
             if status == StatusCode::NO_CONTENT {
                 return Ok(Vec::new());
             }
-            serde_json::to_vec(&body).map_err(|e| ApiError::internal(&e))
+            body.into_json().map_err(|e| ApiError::internal(&e))
         };
         let mut render = Some(render);
         // Only a keyed request's answer is made inside the change set (it is
@@ -228,6 +228,19 @@ impl AppState {
             response.headers_mut().insert("preference-applied", HeaderValue::from_static("durable"));
         }
         Ok(response)
+    }
+}
+
+/// What an answer's body is made from: anything serializable, or an
+/// [`ItemBody`](items::ItemBody), which reuses the item's JSON.
+pub trait AnswerBody {
+    /// The body's JSON.
+    fn into_json(self) -> Result<Vec<u8>, serde_json::Error>;
+}
+
+impl<T: Serialize> AnswerBody for T {
+    fn into_json(self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(&self)
     }
 }
 

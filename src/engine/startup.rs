@@ -159,6 +159,7 @@ fn batch_of(store: &Store, mut records: Vec<SpillRecord>) -> Result<Batch, Strin
             id: Arc::from(record.id.as_str()),
             version: record.version,
             value,
+            json: None,
             seq: 0,
             since,
             base: record.base.unwrap_or(0),

@@ -57,6 +57,8 @@ pub(crate) struct Row {
     pub(crate) version: u64,
     /// `None`: a tombstone.
     pub(crate) value: Option<Arc<dyn Stored>>,
+    /// `value`'s JSON, if its caller already made it.
+    pub(crate) json: Option<crate::store::JsonOnce>,
     /// The pending mark's sequence number (for lag).
     pub(crate) seq: u64,
     /// When the entity's oldest unwritten change was made.
@@ -132,6 +134,9 @@ pub(crate) struct Track {
     /// While in flight: the id of its group in the batch (spill files keep
     /// groups together).
     pub(crate) batch_group: u64,
+    /// The pending version's JSON, if its caller made it: taken with it
+    /// into a batch.
+    pub(crate) json: Option<crate::store::JsonOnce>,
 }
 
 impl Track {

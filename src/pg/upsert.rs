@@ -49,14 +49,20 @@ impl JsonbColumn {
         Self { text: Vec::new(), spans: Vec::with_capacity(rows), expected: rows }
     }
 
-    /// Appends a row's entity (`None`: a tombstone).
-    fn push(&mut self, value: Option<&dyn Stored>) -> Result<(), serde_json::Error> {
+    /// Appends a row's entity (`None`: a tombstone): `made`, its JSON as its
+    /// caller already made it, or else the entity serialized here.
+    fn push(&mut self, value: Option<&dyn Stored>, made: Option<&[u8]>) -> Result<(), serde_json::Error> {
         let span = match value {
             Some(value) => {
                 let start = self.text.len();
-                if let Err(e) = value.write_json(&mut self.text) {
-                    self.text.truncate(start);
-                    return Err(e);
+                match made {
+                    Some(json) => self.text.extend_from_slice(json),
+                    None => {
+                        if let Err(e) = value.write_json(&mut self.text) {
+                            self.text.truncate(start);
+                            return Err(e);
+                        }
+                    }
                 }
                 if start == 0 {
                     // Sized from the first row, with room for longer ones:
@@ -319,7 +325,8 @@ pub(crate) fn encode<'a>(
         let encode_error = |error: String| EncodeError { row: index, error };
         match kinds[row.kind].layout {
             Layout::Document => {
-                part.data.push(row.value.as_deref()).map_err(|e| encode_error(e.to_string()))?;
+                let made = row.json.as_ref().and_then(|cell| cell.get()).map(Vec::as_slice);
+                part.data.push(row.value.as_deref(), made).map_err(|e| encode_error(e.to_string()))?;
             }
             Layout::Columns { columns, .. } => {
                 let mut fields = match &row.value {
@@ -711,10 +718,26 @@ mod tests {
         }
     }
 
+    /// A row whose JSON its caller already made is written with those
+    /// bytes; the others are serialized.
+    #[test]
+    fn a_made_json_is_written_as_made() {
+        let doc = Doc { id: "a".into(), n: 1 };
+        let mut column = JsonbColumn::with_rows(3);
+        column.push(Some(&doc), Some(br#"{"id":"a","n":1,"made":true}"#)).unwrap();
+        column.push(Some(&doc), None).unwrap();
+        column.push(None, Some(b"{}")).unwrap();
+        let rows: Vec<_> = column.iter().map(|r| r.map(<[u8]>::to_vec)).collect();
+        assert_eq!(
+            rows,
+            [Some(br#"{"id":"a","n":1,"made":true}"#.to_vec()), Some(serde_json::to_vec(&doc).unwrap()), None]
+        );
+    }
+
     fn column(rows: &[Option<Doc>]) -> JsonbColumn {
         let mut column = JsonbColumn::with_rows(rows.len());
         for row in rows {
-            column.push(row.as_ref().map(|doc| doc as &dyn Stored)).unwrap();
+            column.push(row.as_ref().map(|doc| doc as &dyn Stored), None).unwrap();
         }
         column
     }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{State, StoreError, Versioned, View, kind_id_of};
+use super::{JsonOnce, State, StoreError, Versioned, View, kind_id_of};
 use crate::entity::{KindId, KindInfo, Stored, downcast};
 use crate::outbox::{EntityKey, Resolution};
 use crate::store::Entity;
@@ -19,6 +19,9 @@ pub(super) struct Staged {
     pub(super) id: Arc<str>,
     pub(super) value: Option<Arc<dyn Stored>>,
     pub(super) version: u64,
+    /// The staged value's JSON, once made (shared with the caller's
+    /// [`Versioned`]).
+    pub(super) json: Option<JsonOnce>,
     /// The entity occupied the queue when staged.
     pub(super) occupied: bool,
 }
@@ -66,10 +69,18 @@ impl<'a> ChangeSet<'a> {
     /// Stages a new value (or a tombstone) and returns the version it gets:
     /// one more than the version before this change set (at least
     /// `at_least`), however often the change set touches it.
-    fn stage(&mut self, kind: KindId, id: &str, value: Option<Arc<dyn Stored>>, at_least: u64) -> u64 {
+    fn stage(
+        &mut self,
+        kind: KindId,
+        id: &str,
+        value: Option<Arc<dyn Stored>>,
+        json: Option<JsonOnce>,
+        at_least: u64,
+    ) -> u64 {
         if let Some(position) = self.staged_position(kind, id) {
             let staged = &mut self.staged[position];
             staged.value = value;
+            staged.json = json;
             staged.version = staged.version.max(at_least);
             return staged.version;
         }
@@ -80,7 +91,7 @@ impl<'a> ChangeSet<'a> {
             None => (value.as_ref().map_or_else(|| Arc::from(id), |v| v.shared_id()), 1, false),
         };
         let version = version.max(at_least);
-        self.staged.push(Staged { kind, id: id.clone(), value, version, occupied });
+        self.staged.push(Staged { kind, id: id.clone(), value, version, json, occupied });
         if self.staged.len() > STAGED_SCAN_LIMIT {
             if self.index.is_empty() {
                 self.index = self.staged.iter().enumerate().map(|(i, s)| ((s.kind, s.id.clone()), i)).collect();
@@ -95,7 +106,7 @@ impl<'a> ChangeSet<'a> {
     pub fn get<E: Entity>(&self, id: &str) -> Option<Versioned<E>> {
         let kind = kind_id_of::<E>(self.kinds);
         match self.current(kind, id) {
-            (Some(value), version) => Some(Versioned { version, value: downcast::<E>(value) }),
+            (Some(value), version) => Some(Versioned::read(version, downcast::<E>(value))),
             (None, _) => None,
         }
     }
@@ -136,8 +147,9 @@ impl<'a> ChangeSet<'a> {
 
     fn put<E: Entity>(&mut self, kind: KindId, entity: E) -> Versioned<E> {
         let value = Arc::new(entity);
-        let version = self.stage(kind, value.id(), Some(value.clone() as Arc<dyn Stored>), 0);
-        Versioned { version, value }
+        let json = JsonOnce::default();
+        let version = self.stage(kind, value.id(), Some(value.clone() as Arc<dyn Stored>), Some(json.clone()), 0);
+        Versioned { version, value, json: Some(json) }
     }
 
     /// Changes a live entity in place; refused if it is absent or deleted.
@@ -161,7 +173,7 @@ impl<'a> ChangeSet<'a> {
         if self.current(kind, id).0.is_none() {
             return Err(StoreError::NotFound { kind: E::KIND, id: id.to_owned() });
         }
-        Ok(self.stage(kind, id, None, 0))
+        Ok(self.stage(kind, id, None, None, 0))
     }
 
     /// The type-erased current value and version of an entity (operator
@@ -175,7 +187,7 @@ impl<'a> ChangeSet<'a> {
     /// least `at_least`: for operator actions, whose versions continue above
     /// both memory's and the database's.
     pub(crate) fn put_erased(&mut self, kind: KindId, id: &str, value: Option<Arc<dyn Stored>>, at_least: u64) -> u64 {
-        self.stage(kind, id, value, at_least)
+        self.stage(kind, id, value, None, at_least)
     }
 
     /// Whether memory holds the quarantined state of a member of a

@@ -28,9 +28,10 @@ mod persist;
 pub(crate) mod quarantine;
 
 use std::any::TypeId;
+use std::borrow::Cow;
 use std::fmt;
 use std::ops::Deref;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use metrics::Counter;
@@ -58,11 +59,42 @@ pub struct Versioned<E> {
     pub version: u64,
     /// The entity.
     pub value: Arc<E>,
+    /// For a version a change set made: its JSON, made at most once and
+    /// shared with the worker (see [`Versioned::json`]).
+    pub(crate) json: Option<JsonOnce>,
+}
+
+/// The JSON of one version of an entity, made by whichever needs it first:
+/// the caller rendering its answer, or nobody (the worker then serializes
+/// the entity itself).
+pub(crate) type JsonOnce = Arc<OnceLock<Vec<u8>>>;
+
+impl<E> Versioned<E> {
+    /// A version read from the store (no change set made it here).
+    pub(crate) fn read(version: u64, value: Arc<E>) -> Self {
+        Self { version, value, json: None }
+    }
+}
+
+impl<E: Entity> Versioned<E> {
+    /// The entity's JSON (`serde_json`), for an answer's body. For a version
+    /// a change set has just made, it is made once and the worker writes
+    /// these same bytes to the table instead of serializing the entity a
+    /// second time (a created or changed entity is usually both answered
+    /// and written).
+    pub fn json(&self) -> Result<Cow<'_, [u8]>, serde_json::Error> {
+        let Some(cell) = &self.json else { return serde_json::to_vec(&*self.value).map(Cow::Owned) };
+        if let Some(json) = cell.get() {
+            return Ok(Cow::Borrowed(json));
+        }
+        let json = serde_json::to_vec(&*self.value)?;
+        Ok(Cow::Borrowed(cell.get_or_init(|| json)))
+    }
 }
 
 impl<E> Clone for Versioned<E> {
     fn clone(&self) -> Self {
-        Self { version: self.version, value: self.value.clone() }
+        Self { version: self.version, value: self.value.clone(), json: self.json.clone() }
     }
 }
 
@@ -425,6 +457,9 @@ fn apply_staged(state: &mut State, kind: &KindInfo, s: &Staged, now: Instant, ti
     if !track.occupies() {
         state.ledger.depth += 1;
     }
+    // The cell of the version now pending (none for a tombstone or an
+    // operator's change): an older version's JSON must not be written.
+    track.json = s.json.clone();
     if track.pending.is_none() {
         track.pending = Some(state.ledger.mark(s.kind, &s.id, now));
     } else {
@@ -595,7 +630,7 @@ impl View<'_> {
     /// The live entity `id`.
     pub fn get<E: Entity>(&self, id: &str) -> Option<Versioned<E>> {
         let slot = self.state.tables[kind_id_of::<E>(self.kinds)].get(id)?;
-        Some(Versioned { version: slot.version, value: downcast::<E>(slot.value.as_ref()?) })
+        Some(Versioned::read(slot.version, downcast::<E>(slot.value.as_ref()?)))
     }
 
     /// The version of `id`, tombstones included (0 when never seen).
@@ -607,7 +642,7 @@ impl View<'_> {
     pub fn iter<E: Entity>(&self) -> impl Iterator<Item = Versioned<E>> + '_ {
         self.state.tables[kind_id_of::<E>(self.kinds)]
             .values()
-            .filter_map(|slot| Some(Versioned { version: slot.version, value: downcast::<E>(slot.value.as_ref()?) }))
+            .filter_map(|slot| Some(Versioned::read(slot.version, downcast::<E>(slot.value.as_ref()?))))
     }
 
     /// Every entity of a kind with its version, tombstones as `None`.

@@ -208,6 +208,7 @@ impl Store {
                     id,
                     version: slot.version,
                     value: slot.value.clone(),
+                    json: track.json.take(),
                     seq: pending.seq,
                     since: pending.since,
                     base: track.base,
@@ -433,6 +434,48 @@ mod tests {
         fn id(&self) -> &str {
             &self.id
         }
+    }
+
+    /// The JSON a caller made of the version its change set produced goes
+    /// with that version into the batch, and only with it: a later change,
+    /// in another change set or in the same one, leaves the batch without
+    /// it (the worker then serializes the newest value itself).
+    #[test]
+    fn a_callers_json_goes_into_the_batch_with_its_version_only() {
+        let (store, receiver) = Store::builder().kind::<Doc>().build();
+        let mut backlog = VecDeque::new();
+        let made = store.apply(|set| set.insert(Doc { id: "a".into(), n: 1 })).unwrap();
+        let json = made.json().unwrap().into_owned();
+        assert_eq!(json, serde_json::to_vec(&Doc { id: "a".into(), n: 1 }).unwrap());
+        let (batch, _) = store.take_batch(&receiver, &mut backlog, 10);
+        let carried = |batch: &crate::outbox::Batch| batch.rows[0].json.as_ref().and_then(|c| c.get()).cloned();
+        assert_eq!((batch.rows[0].version, carried(&batch)), (1, Some(json)));
+        store.commit(&batch, &[]);
+
+        // Answered, then changed again before the next batch.
+        let answered = store.apply(|set| set.update::<Doc>("a", |d| d.n = 2)).unwrap();
+        answered.json().unwrap();
+        store.apply(|set| set.update::<Doc>("a", |d| d.n = 3)).unwrap();
+        let (batch, _) = store.take_batch(&receiver, &mut backlog, 10);
+        assert_eq!((batch.rows[0].version, carried(&batch)), (3, None), "version 2's JSON is not version 3's");
+        store.commit(&batch, &[]);
+
+        // Twice in one change set: only the last value's JSON counts.
+        let first = store
+            .apply(|set| {
+                let first = set.update::<Doc>("a", |d| d.n = 4)?;
+                first.json().unwrap();
+                set.update::<Doc>("a", |d| d.n = 5)?;
+                Ok::<_, StoreError>(first)
+            })
+            .unwrap();
+        assert_eq!(first.json().unwrap().as_ref(), serde_json::to_vec(&Doc { id: "a".into(), n: 4 }).unwrap());
+        let (batch, _) = store.take_batch(&receiver, &mut backlog, 10);
+        assert_eq!((batch.rows[0].version, carried(&batch)), (4, None));
+        let row = batch.rows[0].value.as_deref().expect("live");
+        let mut written = Vec::new();
+        row.write_json(&mut written).unwrap();
+        assert_eq!(written, serde_json::to_vec(&Doc { id: "a".into(), n: 5 }).unwrap());
     }
 
     /// During an outage, a hot entity's batch stays in flight and every
