@@ -12,8 +12,9 @@
 //!   batched writers (UNNEST upserts, COPY into a staging table, batch size
 //!   and connections varied); (e) plain COPY into an empty table.
 //! * P3: `POST /api/items` throughput and latency of the release binary
-//!   with persistence on and off (`OUTBOX_BENCH_DISCARD_WRITES`), in pairs
-//!   whose order alternates, same load generator (`outbox::loadgen`).
+//!   with persistence on and off (`OUTBOX_BENCH_DISCARD_WRITES`), and off
+//!   while PostgreSQL replays an on run's writes, in sets whose order
+//!   alternates, same load generator (`outbox::loadgen`).
 //! * P4: lag percentiles at half the sustainable write rate of P3.
 //! * P5: hydration of 1,000,000 items by the release binary, with its peak
 //!   resident memory.
@@ -52,7 +53,8 @@ const RUNS: usize = 3;
 /// Repetitions of the persistence comparison, whose figures vary most
 /// from run to run on a shared machine.
 const P2_RUNS: usize = 5;
-/// Pairs of P3 runs (persistence on and off, the order alternating): one
+/// Sets of P3 runs (persistence on, off, and off with the database's work
+/// replayed, the order alternating): one
 /// core shared by the server and the load generator makes each run's
 /// throughput vary by ±15 % or more, more than what persistence costs, and
 /// the median of five pairs moved by ±0.05 between invocations.
@@ -791,12 +793,91 @@ fn load(server: &Server, rate: Option<u64>, seconds: u64, lag_every: Option<Dura
 struct Http {
     on: Vec<LoadReport>,
     off: Vec<LoadReport>,
+    /// Persistence off while PostgreSQL does the work of an on run
+    /// ([`replay_database_work`]).
+    replayed: Vec<LoadReport>,
     ratio: Runs,
+    /// On against the replayed run of the same triple.
+    ratio_replayed: Runs,
     /// CPU used during each run, as shares of the machine's cores.
     cpu_on: Vec<CpuShares>,
     cpu_off: Vec<CpuShares>,
+    cpu_replayed: Vec<CpuShares>,
+    /// Rows per second the replay wrote in each replayed run.
+    replay_rates: Runs,
     /// Whether PostgreSQL ran on a CPU of its own.
     pinned: bool,
+}
+
+/// P3's three runs.
+#[derive(Clone, Copy, PartialEq)]
+enum P3Run {
+    On,
+    Off,
+    /// Off, while PostgreSQL does an on run's writes.
+    Replayed,
+}
+
+/// Rows per transaction of the replayed database work: about what the
+/// worker's batches hold at P3's load.
+const REPLAY_BATCH: usize = 300;
+
+/// The database's side of a run with persistence on, without the server:
+/// a thread confined to PostgreSQL's CPU copies reference items into
+/// `items_copy` (the columns and indexes of `items`) at `rate` rows a
+/// second in transactions of [`REPLAY_BATCH`] rows, until `stop` is set
+/// (or the suite's items run out). On this machine PostgreSQL's work on
+/// its CPU slows the other one (the two virtual CPUs share the host's
+/// hardware), which a database on its own host would not do: an off run
+/// with this replay pays that slowdown too, so that what remains between
+/// it and an on run is what persistence costs the server itself. Returns
+/// the rows written and the seconds it ran.
+fn replay_database_work(
+    bench: &Bench,
+    rate: f64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(usize, f64)> {
+    let (config, items) = (bench.config.clone(), bench.items.clone());
+    std::thread::spawn(move || {
+        confine_this_thread("0");
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+        runtime.block_on(async move {
+            let mut client = pg::connect(&config).await.expect("connect");
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(REPLAY_BATCH as f64 / rate.max(1.0)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let started = Instant::now();
+            let mut written = 0;
+            for chunk in items.chunks(REPLAY_BATCH) {
+                tick.tick().await;
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let rows: Vec<&Arc<Item>> = chunk.iter().collect();
+                let transaction = client.transaction().await.expect("begin");
+                copy_rows(&transaction, "items_copy", &rows).await.expect("copy");
+                transaction.commit().await.expect("commit");
+                written += rows.len();
+            }
+            (written, started.elapsed().as_secs_f64())
+        })
+    })
+}
+
+/// Confines the calling thread alone to `cpus` (`taskset -p -c`).
+fn confine_this_thread(cpus: &str) {
+    let tid = std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|link| link.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<i32>().ok()));
+    let status = tid.map(|tid| {
+        Command::new("taskset")
+            .args(["-p", "-c", cpus, &tid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+    });
+    if !matches!(status, Some(Ok(s)) if s.success()) {
+        eprintln!("  could not confine the database replay to CPU {cpus}");
+    }
 }
 
 /// Where the machine's CPU went during a run, each as a share of all cores.
@@ -952,17 +1033,42 @@ async fn http(bench: &Bench) -> Http {
     let postmaster = bench.postgres.pid().expect("the bench PostgreSQL runs");
     h.pinned = pin(postmaster);
     for run in 0..P3_RUNS {
-        // On then off, then off then on: a drift of the host's speed during
-        // the runs weighs on both sides alike.
-        let order = if run % 2 == 0 { [true, false] } else { [false, true] };
-        for persist in order {
-            eprintln!("P3 run {}/{P3_RUNS}, persistence {}", run + 1, if persist { "on" } else { "off" });
+        // On, off, replayed, then replayed, off, on: a drift of the host's
+        // speed during the runs weighs on both sides alike. A replay
+        // writes at the rate of the latest on run.
+        let order = if run % 2 == 0 {
+            [P3Run::On, P3Run::Off, P3Run::Replayed]
+        } else {
+            [P3Run::Replayed, P3Run::Off, P3Run::On]
+        };
+        for mode in order {
+            let persist = mode == P3Run::On;
+            let name = match mode {
+                P3Run::On => "persistence on",
+                P3Run::Off => "persistence off",
+                P3Run::Replayed => "persistence off, the database's work replayed",
+            };
+            eprintln!("P3 run {}/{P3_RUNS}, {name}", run + 1);
             bench.reset().await;
             let server = Server::start(bench, &[("OUTBOX_BENCH_DISCARD_WRITES", (!persist).to_string())]).await;
             let postmaster = bench.postgres.pid().expect("the bench PostgreSQL runs");
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let replay = (mode == P3Run::Replayed).then(|| {
+                let rate = h.on.last().map_or(20_000.0, |r| r.throughput);
+                replay_database_work(bench, rate, stop.clone())
+            });
             let before = CpuSample::take(postmaster, server.pid());
             let report = outbox::loadgen::run(&load(&server, None, 8, None)).await.expect("load");
             let cpu = CpuSample::take(postmaster, server.pid()).shares_since(&before);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(replay) = replay {
+                let (rows, seconds) =
+                    tokio::task::spawn_blocking(move || replay.join().expect("the replay does not panic"))
+                        .await
+                        .expect("joined");
+                h.replay_rates.push(rows as f64 / seconds);
+                eprintln!("  the replay wrote {rows} rows in {seconds:.1} s");
+            }
             server.stop();
             eprintln!(
                 "  {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} errors; CPU: PostgreSQL {:.0} %, server {:.0} % ({:.1} µs per request), load generator {:.0} %, idle {:.0} %",
@@ -976,15 +1082,23 @@ async fn http(bench: &Bench) -> Http {
                 cpu.load_generator * 100.0,
                 cpu.idle * 100.0
             );
-            if persist {
-                h.on.push(report);
-                h.cpu_on.push(cpu);
-            } else {
-                h.off.push(report);
-                h.cpu_off.push(cpu);
+            match mode {
+                P3Run::On => {
+                    h.on.push(report);
+                    h.cpu_on.push(cpu);
+                }
+                P3Run::Off => {
+                    h.off.push(report);
+                    h.cpu_off.push(cpu);
+                }
+                P3Run::Replayed => {
+                    h.replayed.push(report);
+                    h.cpu_replayed.push(cpu);
+                }
             }
         }
         h.ratio.push(h.on[run].throughput / h.off[run].throughput);
+        h.ratio_replayed.push(h.on[run].throughput / h.replayed[run].throughput);
     }
     if h.pinned {
         unpin(postmaster);
@@ -1410,19 +1524,23 @@ fn report(
     );
     let _ = writeln!(w, "| P2 worker against the naive pattern (reported, no target) | {naive:.0}× | |");
     let (_, http_ratio, _) = stats(&p3.ratio);
+    let (_, replayed_ratio, _) = stats(&p3.ratio_replayed);
     let (_, cpu_on, _) = stats(&server_us_per_request(&p3.cpu_on, &p3.on));
     let (_, cpu_off, _) = stats(&server_us_per_request(&p3.cpu_off, &p3.off));
+    let (_, cpu_replayed, _) = stats(&server_us_per_request(&p3.cpu_replayed, &p3.replayed));
     let _ = writeln!(
         w,
-        "| P3 throughput with persistence ≥ 95 % of without{} | {:.0} % | {} |",
+        "| P3 throughput with persistence ≥ 95 % of without{} | {:.0} % (against an off run with the database's work replayed: {:.0} %) | {} |",
         if p3.pinned { ", PostgreSQL on its own CPU" } else { "" },
         http_ratio * 100.0,
+        replayed_ratio * 100.0,
         verdict(http_ratio >= 0.95)
     );
     let _ = writeln!(
         w,
-        "| P3 server CPU per request with persistence ≤ 1.05× without | {cpu_on:.1} / {cpu_off:.1} µs = {:.2}× | {} |",
+        "| P3 server CPU per request with persistence ≤ 1.05× without | {cpu_on:.1} / {cpu_off:.1} µs = {:.2}× (replayed: {cpu_replayed:.1} µs, {:.2}×) | {} |",
         cpu_on / cpu_off,
+        cpu_on / cpu_replayed,
         verdict(cpu_on / cpu_off <= 1.05)
     );
     let lag99: Runs = p4.reports.iter().map(|r| r.lag.map_or(f64::NAN, |l| l.p99)).collect();
@@ -1529,21 +1647,35 @@ fn report(
     let _ = writeln!(w, "## P3: HTTP throughput, persistence on vs off\n");
     let _ = writeln!(
         w,
-        "Method: the release binary serving `POST /api/items` with its defaults, driven by `outbox loadgen`'s code ({HTTP_CONNECTIONS} connections, each sending its next request when the last is answered, 8 s), persistence on and off (`OUTBOX_BENCH_DISCARD_WRITES=true`: the worker takes batches and writes nothing) in {P3_RUNS} pairs of consecutive runs, on first in one pair and off first in the next (so that a drift of the machine's speed weighs on both sides alike), each run on a fresh server and an empty table. Latency is measured from send to answer. {}\n",
+        "Method: the release binary serving `POST /api/items` with its defaults, driven by `outbox loadgen`'s code ({HTTP_CONNECTIONS} connections, each sending its next request when the last is answered, 8 s), persistence on and off (`OUTBOX_BENCH_DISCARD_WRITES=true`: the worker takes batches and writes nothing) in {P3_RUNS} sets of consecutive runs, on first in one set and last in the next (so that a drift of the machine's speed weighs on both sides alike), each run on a fresh server and an empty table. Latency is measured from send to answer. {}\n",
         if p3.pinned {
             "PostgreSQL is confined to the first CPU and the server and the load generator to the others (`taskset`), in both the on and the off runs, as if the database had its own host."
         } else {
             "This machine has one CPU: PostgreSQL, the server and the load generator share it."
         }
     );
+    let _ = writeln!(
+        w,
+        "A third run in each set, persistence off while a thread on PostgreSQL's CPU copies reference items into a table with the columns and indexes of `items` at the rate of the latest on run ({REPLAY_BATCH} rows per transaction; it wrote {} rows/s), gives PostgreSQL an on run's work without the server: on this machine the database's work on its CPU slows the other CPU (see the notes), which a database on its own host would not do, so the on run against this one shows what persistence costs the server itself. The verdicts keep the plain off run.\n",
+        fmt3(&p3.replay_rates, 0)
+    );
     let _ = writeln!(w, "| | req/s | p50 ms | p99 ms |\n|---|---|---|---|");
-    for (name, reports) in [("persistence on", &p3.on), ("persistence off", &p3.off)] {
+    for (name, reports) in [
+        ("persistence on", &p3.on),
+        ("persistence off", &p3.off),
+        ("persistence off, database's work replayed", &p3.replayed),
+    ] {
         let t: Runs = reports.iter().map(|r| r.throughput).collect();
         let p50: Runs = reports.iter().map(|r| r.latency.p50).collect();
         let p99: Runs = reports.iter().map(|r| r.latency.p99).collect();
         let _ = writeln!(w, "| {name} | {} | {} | {} |", fmt3(&t, 0), fmt3(&p50, 2), fmt3(&p99, 2));
     }
-    let _ = writeln!(w, "\nRatio on/off per pair of runs: {} (target ≥ 0.95).\n", fmt3(&p3.ratio, 2));
+    let _ = writeln!(
+        w,
+        "\nRatio on/off per set of runs: {} (target ≥ 0.95); on against replayed: {}.\n",
+        fmt3(&p3.ratio, 2),
+        fmt3(&p3.ratio_replayed, 2)
+    );
     let _ = writeln!(
         w,
         "Where the CPU went (share of all cores over each run's load, from `/proc`: PostgreSQL is the postmaster and all its backends; the load generator is the benchmark process; everything else is the rest of the machine, kernel and hypervisor steal included):\n"
@@ -1552,7 +1684,11 @@ fn report(
         w,
         "| | PostgreSQL | server | load generator | everything else | idle | server CPU per request (µs) |\n|---|---|---|---|---|---|---|"
     );
-    for (name, shares, reports) in [("persistence on", &p3.cpu_on, &p3.on), ("persistence off", &p3.cpu_off, &p3.off)] {
+    for (name, shares, reports) in [
+        ("persistence on", &p3.cpu_on, &p3.on),
+        ("persistence off", &p3.cpu_off, &p3.off),
+        ("persistence off, database's work replayed (load generator: with the replay)", &p3.cpu_replayed, &p3.replayed),
+    ] {
         let pct = |f: fn(&CpuShares) -> f64| -> Runs { shares.iter().map(|s| f(s) * 100.0).collect() };
         let per_request = server_us_per_request(shares, reports);
         let _ = writeln!(
