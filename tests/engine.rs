@@ -1012,7 +1012,10 @@ async fn hydration_reads_every_kind_from_one_snapshot() {
     let reading = common::poll_until(Duration::from_secs(20), || async {
         client
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid() AND query LIKE '%FROM \"docs\"%'",
+                // Only this test's database: other tests read tables named
+                // `docs` in theirs, in the same cluster, at the same time.
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid()
+                   AND datname = current_database() AND query LIKE '%FROM \"docs\"%'",
                 &[],
             )
             .await
