@@ -818,6 +818,17 @@ enum P3Run {
     Replayed,
 }
 
+impl P3Run {
+    /// How the progress lines and BENCHMARKS.md name it.
+    fn name(self) -> &'static str {
+        match self {
+            Self::On => "persistence on",
+            Self::Off => "persistence off",
+            Self::Replayed => "persistence off, the database's work replayed",
+        }
+    }
+}
+
 /// Rows per transaction of the replayed database work: about what the
 /// worker's batches hold at P3's load.
 const REPLAY_BATCH: usize = 300;
@@ -863,20 +874,14 @@ fn replay_database_work(
     })
 }
 
-/// Confines the calling thread alone to `cpus` (`taskset -p -c`).
+/// Confines the calling thread alone to `cpus` (`taskset -p -c` on its id).
 fn confine_this_thread(cpus: &str) {
     let tid = std::fs::read_link("/proc/thread-self")
         .ok()
         .and_then(|link| link.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<i32>().ok()));
-    let status = tid.map(|tid| {
-        Command::new("taskset")
-            .args(["-p", "-c", cpus, &tid.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-    });
-    if !matches!(status, Some(Ok(s)) if s.success()) {
-        eprintln!("  could not confine the database replay to CPU {cpus}");
+    match tid {
+        Some(tid) => taskset(&[], tid, cpus),
+        None => eprintln!("  could not find this thread's id to confine it to CPU {cpus}"),
     }
 }
 
@@ -986,13 +991,19 @@ fn cores() -> usize {
 
 /// Sets the CPUs of every thread of `pid` (`taskset -a -p -c`).
 fn set_affinity(pid: i32, cpus: &str) {
+    taskset(&["-a"], pid, cpus);
+}
+
+/// Runs `taskset [extra] -p -c CPUS ID`; says so when it fails.
+fn taskset(extra: &[&str], id: i32, cpus: &str) {
     let status = Command::new("taskset")
-        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .args(extra)
+        .args(["-p", "-c", cpus, &id.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
     if !matches!(status, Ok(s) if s.success()) {
-        eprintln!("  could not set the CPUs of {pid} to {cpus} (is taskset installed?)");
+        eprintln!("  could not set the CPUs of {id} to {cpus} (is taskset installed?)");
     }
 }
 
@@ -1043,12 +1054,7 @@ async fn http(bench: &Bench) -> Http {
         };
         for mode in order {
             let persist = mode == P3Run::On;
-            let name = match mode {
-                P3Run::On => "persistence on",
-                P3Run::Off => "persistence off",
-                P3Run::Replayed => "persistence off, the database's work replayed",
-            };
-            eprintln!("P3 run {}/{P3_RUNS}, {name}", run + 1);
+            eprintln!("P3 run {}/{P3_RUNS}, {}", run + 1, mode.name());
             bench.reset().await;
             let server = Server::start(bench, &[("OUTBOX_BENCH_DISCARD_WRITES", (!persist).to_string())]).await;
             let postmaster = bench.postgres.pid().expect("the bench PostgreSQL runs");
@@ -1660,11 +1666,9 @@ fn report(
         fmt3(&p3.replay_rates, 0)
     );
     let _ = writeln!(w, "| | req/s | p50 ms | p99 ms |\n|---|---|---|---|");
-    for (name, reports) in [
-        ("persistence on", &p3.on),
-        ("persistence off", &p3.off),
-        ("persistence off, database's work replayed", &p3.replayed),
-    ] {
+    for (name, reports) in
+        [(P3Run::On.name(), &p3.on), (P3Run::Off.name(), &p3.off), (P3Run::Replayed.name(), &p3.replayed)]
+    {
         let t: Runs = reports.iter().map(|r| r.throughput).collect();
         let p50: Runs = reports.iter().map(|r| r.latency.p50).collect();
         let p99: Runs = reports.iter().map(|r| r.latency.p99).collect();
@@ -1685,9 +1689,9 @@ fn report(
         "| | PostgreSQL | server | load generator | everything else | idle | server CPU per request (µs) |\n|---|---|---|---|---|---|---|"
     );
     for (name, shares, reports) in [
-        ("persistence on", &p3.cpu_on, &p3.on),
-        ("persistence off", &p3.cpu_off, &p3.off),
-        ("persistence off, database's work replayed (load generator: with the replay)", &p3.cpu_replayed, &p3.replayed),
+        (P3Run::On.name().to_owned(), &p3.cpu_on, &p3.on),
+        (P3Run::Off.name().to_owned(), &p3.cpu_off, &p3.off),
+        (format!("{} (load generator: with the replay)", P3Run::Replayed.name()), &p3.cpu_replayed, &p3.replayed),
     ] {
         let pct = |f: fn(&CpuShares) -> f64| -> Runs { shares.iter().map(|s| f(s) * 100.0).collect() };
         let per_request = server_us_per_request(shares, reports);

@@ -80,6 +80,11 @@ pub struct Column {
     pub sql_type: &'static str,
 }
 
+/// The JSON of one version of an entity, made at most once, by the caller
+/// rendering its answer (`Versioned::json`); the worker writes it as made,
+/// or serializes the entity itself when nobody made it.
+pub(crate) type JsonOnce = Arc<std::sync::OnceLock<Vec<u8>>>;
+
 /// An entity in its type-erased form, as the store holds it.
 pub(crate) trait Stored: Any + Send + Sync {
     /// Appends the entity's JSON to `out`.

@@ -38,7 +38,7 @@ use crossbeam_channel::{Receiver, Sender};
 pub use ticket::{Ticket, TicketError};
 pub(crate) use ticket::{TicketShared, Waiter, push_waiter};
 
-use crate::entity::{KindId, Stored};
+use crate::entity::{JsonOnce, KindId, Stored};
 
 /// One entity that has changed and is not yet being written, as sent to the
 /// worker. `seq` ties it to the pending mark that sent it: a record whose mark
@@ -58,7 +58,7 @@ pub(crate) struct Row {
     /// `None`: a tombstone.
     pub(crate) value: Option<Arc<dyn Stored>>,
     /// `value`'s JSON, if its caller already made it.
-    pub(crate) json: Option<crate::store::JsonOnce>,
+    pub(crate) json: Option<JsonOnce>,
     /// The pending mark's sequence number (for lag).
     pub(crate) seq: u64,
     /// When the entity's oldest unwritten change was made.
@@ -136,7 +136,7 @@ pub(crate) struct Track {
     pub(crate) batch_group: u64,
     /// The pending version's JSON, if its caller made it: taken with it
     /// into a batch.
-    pub(crate) json: Option<crate::store::JsonOnce>,
+    pub(crate) json: Option<JsonOnce>,
 }
 
 impl Track {

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{JsonOnce, State, StoreError, Versioned, View, kind_id_of};
-use crate::entity::{KindId, KindInfo, Stored, downcast};
+use super::{State, StoreError, Versioned, View, kind_id_of};
+use crate::entity::{JsonOnce, KindId, KindInfo, Stored, downcast};
 use crate::outbox::{EntityKey, Resolution};
 use crate::store::Entity;
 

@@ -31,13 +31,13 @@ use std::any::TypeId;
 use std::borrow::Cow;
 use std::fmt;
 use std::ops::Deref;
-use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use metrics::Counter;
 
 pub use crate::entity::{Entity, Index};
-use crate::entity::{ErasedIndex, KindId, KindInfo, Stored, TypedIndex, downcast};
+use crate::entity::{ErasedIndex, JsonOnce, KindId, KindInfo, Stored, TypedIndex, downcast};
 pub use change_set::ChangeSet;
 use change_set::Staged;
 pub(crate) use persist::{LoadedMember, LoadedSet, Unwritten};
@@ -63,11 +63,6 @@ pub struct Versioned<E> {
     /// shared with the worker (see [`Versioned::json`]).
     pub(crate) json: Option<JsonOnce>,
 }
-
-/// The JSON of one version of an entity, made by whichever needs it first:
-/// the caller rendering its answer, or nobody (the worker then serializes
-/// the entity itself).
-pub(crate) type JsonOnce = Arc<OnceLock<Vec<u8>>>;
 
 impl<E> Versioned<E> {
     /// A version read from the store (no change set made it here).
