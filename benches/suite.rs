@@ -581,9 +581,15 @@ async fn persistence(bench: &Bench) -> Persistence {
         let a = naive(bench).await;
         bench.reset().await;
         let b = write_through(bench).await;
-        bench.reset().await;
-        let c = outbox_worker(bench, WorkerConfig::default().batch_max, 0).await;
-        assert_eq!(bench.count_items().await, FAST_ROWS as i64, "the outbox wrote every row");
+        // (c) and (e) back to back, alternating which goes first, so that
+        // their ratio compares the machine at one moment.
+        let (c, e) = if run % 2 == 0 {
+            let c = ceiling_pair_worker(bench).await;
+            (c, ceiling_pair_copy(bench).await)
+        } else {
+            let e = ceiling_pair_copy(bench).await;
+            (ceiling_pair_worker(bench).await, e)
+        };
         bench.reset().await;
         let small = outbox_worker(bench, SMALL_BATCH, 0).await;
         assert_eq!(bench.count_items().await, FAST_ROWS as i64, "the outbox wrote every row in small batches");
@@ -602,8 +608,6 @@ async fn persistence(bench: &Bench) -> Persistence {
             eprintln!("  (d) candidate {}: {rate:.0} rows/s", candidate.0);
             candidate.1.push(rate);
         }
-        bench.reset().await;
-        let e = plain_copy(bench).await;
         eprintln!("  a {a:.0}  b {b:.0}  c {c:.0}  e {e:.0} rows/s");
         p.naive.push(a);
         p.write_through.push(b);
@@ -625,6 +629,20 @@ async fn persistence(bench: &Bench) -> Persistence {
     }
     bench.reset().await;
     p
+}
+
+/// (c) of P2 on an empty table: the worker with its defaults.
+async fn ceiling_pair_worker(bench: &Bench) -> f64 {
+    bench.reset().await;
+    let c = outbox_worker(bench, WorkerConfig::default().batch_max, 0).await;
+    assert_eq!(bench.count_items().await, FAST_ROWS as i64, "the outbox wrote every row");
+    c
+}
+
+/// (e) of P2 on an empty table: plain COPY.
+async fn ceiling_pair_copy(bench: &Bench) -> f64 {
+    bench.reset().await;
+    plain_copy(bench).await
 }
 
 /// The release server, run by the suite.
@@ -1143,26 +1161,54 @@ struct Hydration {
     ready_seconds: Runs,
     peak_rss_mib: Runs,
     rows_per_second: Runs,
-    /// One run each at larger sizes: (items, hydration seconds, peak RSS MiB).
-    scale: Vec<(usize, f64, f64)>,
+    /// CPU seconds from start to ready: the server's, PostgreSQL's.
+    server_cpu: Runs,
+    postgres_cpu: Runs,
+    /// Runs at the larger sizes.
+    scale: Vec<(usize, Vec<HydrateRun>)>,
+}
+
+/// One start of the server on items already in the table.
+struct HydrateRun {
+    /// Hydration as the server logs it.
+    seconds: f64,
+    /// From process start to ready.
+    ready: f64,
+    peak_rss_mib: f64,
+    /// CPU seconds from start to ready: the server's, PostgreSQL's.
+    server_cpu: f64,
+    postgres_cpu: f64,
 }
 
 /// The larger sizes P5 is also measured at, to show the curve is linear.
 const HYDRATE_SCALE: [usize; 2] = [2_000_000, 4_000_000];
 
-/// Starts the release server on `count` items already in `items`; its
-/// hydration seconds, start-to-ready seconds and peak RSS.
-async fn hydrate_once(bench: &Bench, count: usize) -> (f64, f64, f64) {
+/// Starts the release server on `count` items already in `items`.
+async fn hydrate_once(bench: &Bench, count: usize) -> HydrateRun {
+    let postmaster = bench.postgres.pid().expect("the bench PostgreSQL runs");
+    let before = CpuSample::take(postmaster, 0);
     let started = Instant::now();
     let server = Server::start(bench, &[]).await;
     let ready = started.elapsed().as_secs_f64();
+    let after = CpuSample::take(postmaster, server.pid());
     let hydration_ms = server.logged("hydration finished", "elapsed_ms").expect("hydration is logged");
     let entities = server.logged("hydration finished", "entities").unwrap_or(0.0);
     assert_eq!(entities as usize, count, "every item hydrated");
     let rss = server.peak_rss_mib();
     eprintln!("  resident when ready {:.0} MiB (peak {rss:.0} MiB)", server.memory_mib("VmRSS:"));
     server.stop();
-    (hydration_ms / 1000.0, ready, rss)
+    let run = HydrateRun {
+        seconds: hydration_ms / 1000.0,
+        ready,
+        peak_rss_mib: rss,
+        server_cpu: after.server,
+        postgres_cpu: after.postgres - before.postgres,
+    };
+    eprintln!(
+        "  {count} items: hydration {:.2} s, ready after {ready:.2} s, peak RSS {rss:.0} MiB; CPU: server {:.2} s, PostgreSQL {:.2} s",
+        run.seconds, run.server_cpu, run.postgres_cpu
+    );
+    run
 }
 
 async fn hydration(bench: &Bench) -> Hydration {
@@ -1171,21 +1217,24 @@ async fn hydration(bench: &Bench) -> Hydration {
     let mut h = Hydration::default();
     for run in 0..RUNS {
         eprintln!("P5 run {}/{RUNS}", run + 1);
-        let (seconds, ready, rss) = hydrate_once(bench, HYDRATE_ITEMS).await;
-        eprintln!("  hydration {seconds:.2} s, ready after {ready:.2} s, peak RSS {rss:.0} MiB");
-        h.seconds.push(seconds);
-        h.ready_seconds.push(ready);
-        h.peak_rss_mib.push(rss);
-        h.rows_per_second.push(HYDRATE_ITEMS as f64 / seconds);
+        let run = hydrate_once(bench, HYDRATE_ITEMS).await;
+        h.seconds.push(run.seconds);
+        h.ready_seconds.push(run.ready);
+        h.peak_rss_mib.push(run.peak_rss_mib);
+        h.rows_per_second.push(HYDRATE_ITEMS as f64 / run.seconds);
+        h.server_cpu.push(run.server_cpu);
+        h.postgres_cpu.push(run.postgres_cpu);
     }
     // `OUTBOX_BENCH_P5_CURVE=0` leaves out 2M and 4M, for profiling.
     let curve = std::env::var("OUTBOX_BENCH_P5_CURVE").map_or(true, |v| v != "0");
     for count in HYDRATE_SCALE.into_iter().filter(|_| curve) {
         eprintln!("P5: writing {count} items");
         fill_items(bench, count).await;
-        let (seconds, _, rss) = hydrate_once(bench, count).await;
-        eprintln!("  {count} items: hydration {seconds:.2} s, peak RSS {rss:.0} MiB");
-        h.scale.push((count, seconds, rss));
+        let mut runs = Vec::new();
+        for _ in 0..RUNS {
+            runs.push(hydrate_once(bench, count).await);
+        }
+        h.scale.push((count, runs));
     }
     bench.reset().await;
     h
@@ -1595,7 +1644,7 @@ fn report(
     let _ = writeln!(w, "## P2: persistence throughput, side by side\n");
     let _ = writeln!(
         w,
-        "Method: the same reference items (~330 bytes of JSON each) written into the same `items` table (primary key, a generated `status` column and its index) of one local database, emptied and checkpointed before each method. (a) and (b) write the first {SLOW_ROWS} of them, one transaction per row, {REQUEST_CONCURRENCY} at a time; (c), (d) and (e) write all {FAST_ROWS}. (c) records every item through the store as its own change once the engine has taken the lease and hydrated (the empty table), before its worker starts, and is timed from then until the outbox is empty: the worker's own throughput (rows the table has never held go in with COPY, the rest with the version-guarded upsert), with the default settings (batches of up to 5000 rows, 5 ms linger, 2 writers, the lease's fencing check in every transaction), and again with batches of up to {SMALL_BATCH} rows (the default until this measurement showed what the commit per batch costs). (d) is the hand-written writer below with the best median (each run of (c) is compared with the same run of that writer); (e) is a plain binary COPY into an empty table with the same columns and indexes, on two connections.\n"
+        "Method: the same reference items (~330 bytes of JSON each) written into the same `items` table (primary key, a generated `status` column and its index) of one local database, emptied and checkpointed before each method. (a) and (b) write the first {SLOW_ROWS} of them, one transaction per row, {REQUEST_CONCURRENCY} at a time; (c), (d) and (e) write all {FAST_ROWS}. (c) records every item through the store as its own change once the engine has taken the lease and hydrated (the empty table), before its worker starts, and is timed from then until the outbox is empty: the worker's own throughput (rows the table has never held go in with COPY, the rest with the version-guarded upsert), with the default settings (batches of up to 5000 rows, 5 ms linger, 2 writers, the lease's fencing check in every transaction), and again with batches of up to {SMALL_BATCH} rows (the default until this measurement showed what the commit per batch costs). (d) is the hand-written writer below with the best median (each run of (c) is compared with the same run of that writer); (e) is a plain binary COPY into an empty table with the same columns and indexes, on two connections, run right before or after (c) (alternately), so that their ratio compares the machine at one moment.\n"
     );
     let _ = writeln!(w, "| method | rows/s |\n|---|---|");
     let _ = writeln!(w, "| (a) naive: a spawned task per change, one upsert each | {} |", fmt3(&p2.naive, 0));
@@ -1738,29 +1787,47 @@ fn report(
     let _ = writeln!(w, "## P5: hydration\n");
     let _ = writeln!(
         w,
-        "Method: {HYDRATE_ITEMS} reference items COPYed into `items`, then the release binary started against the database; hydration time is what the server logs (`hydration finished`, streamed rows decoded into the store and its item indexes), readiness is from process start to `/readyz` 200, and peak memory is the process's `VmHWM`.\n"
+        "Method: {HYDRATE_ITEMS} reference items COPYed into `items`, then the release binary started against the database; hydration time is what the server logs (`hydration finished`, streamed rows decoded into the store and its item indexes), readiness is from process start to `/readyz` 200, and peak memory is the process's `VmHWM`; CPU is the server's and PostgreSQL's (the postmaster and its backends) from `/proc`, from the server's start until it is ready.\n"
     );
     let _ = writeln!(w, "| | min / median / max |\n|---|---|");
     let _ = writeln!(w, "| hydration (s) | {} |", fmt3(&p5.seconds, 2));
     let _ = writeln!(w, "| rows/s | {} |", fmt3(&p5.rows_per_second, 0));
     let _ = writeln!(w, "| start to ready (s) | {} |", fmt3(&p5.ready_seconds, 2));
-    let _ = writeln!(w, "| peak RSS (MiB) | {} |\n", fmt3(&p5.peak_rss_mib, 0));
+    let _ = writeln!(w, "| peak RSS (MiB) | {} |", fmt3(&p5.peak_rss_mib, 0));
+    let _ = writeln!(w, "| CPU, start to ready: server (s) | {} |", fmt3(&p5.server_cpu, 2));
+    let _ = writeln!(w, "| CPU, start to ready: PostgreSQL (s) | {} |\n", fmt3(&p5.postgres_cpu, 2));
 
-    let (_, median_seconds, _) = stats(&p5.seconds);
-    let (_, median_rss, _) = stats(&p5.peak_rss_mib);
-    let _ = writeln!(w, "The curve (one run at each larger size):\n");
-    let _ = writeln!(w, "| items | hydration (s) | s per 1M | peak RSS (MiB) | MiB per 1M |\n|---|---|---|---|---|");
-    let million = HYDRATE_ITEMS as f64 / 1e6;
+    let _ = writeln!(w, "The curve ({RUNS} runs at each size after its items are written; per 1M from the medians):\n");
     let _ = writeln!(
         w,
-        "| {HYDRATE_ITEMS} (median) | {median_seconds:.2} | {:.2} | {median_rss:.0} | {:.0} |",
-        median_seconds / million,
-        median_rss / million
+        "| items | hydration (s) | s per 1M | peak RSS (MiB) | MiB per 1M | CPU per 1M: server / PostgreSQL (s) |\n|---|---|---|---|---|---|"
     );
-    for (count, seconds, rss) in &p5.scale {
-        let millions = *count as f64 / 1e6;
-        let _ =
-            writeln!(w, "| {count} | {seconds:.2} | {:.2} | {rss:.0} | {:.0} |", seconds / millions, rss / millions);
+    let row = |count: usize, seconds: &[f64], rss: &[f64], server: &[f64], postgres: &[f64]| {
+        let millions = count as f64 / 1e6;
+        format!(
+            "| {count} | {} | {:.2} | {:.0} | {:.0} | {:.2} / {:.2} |",
+            fmt3(seconds, 2),
+            stats(seconds).1 / millions,
+            stats(rss).1,
+            stats(rss).1 / millions,
+            stats(server).1 / millions,
+            stats(postgres).1 / millions
+        )
+    };
+    let _ = writeln!(w, "{}", row(HYDRATE_ITEMS, &p5.seconds, &p5.peak_rss_mib, &p5.server_cpu, &p5.postgres_cpu));
+    for (count, runs) in &p5.scale {
+        let field = |f: fn(&HydrateRun) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
+        let _ = writeln!(
+            w,
+            "{}",
+            row(
+                *count,
+                &field(|r| r.seconds),
+                &field(|r| r.peak_rss_mib),
+                &field(|r| r.server_cpu),
+                &field(|r| r.postgres_cpu)
+            )
+        );
     }
     let _ = writeln!(w);
 

@@ -118,12 +118,13 @@ async fn load(store: &Store, pool: &Pool) -> Result<HydrationReport, HydrateErro
     let mut report = HydrationReport { feed_cursor, ..HydrationReport::default() };
     for (kind_id, kind) in store.kinds().iter().enumerate() {
         let kind_started = Instant::now();
-        let count = hydrate_kind(store, &client, kind_id).await?;
+        let (count, compacting) = hydrate_kind(store, &client, kind_id).await?;
         kind.hydrated.set(count as f64);
         tracing::info!(
             kind = kind.name,
             entities = count,
             elapsed_ms = kind_started.elapsed().as_millis() as u64,
+            compacting_ms = compacting.as_millis() as u64,
             "hydrated"
         );
         report.per_kind.push((kind.name, count));
@@ -138,12 +139,13 @@ async fn load(store: &Store, pool: &Pool) -> Result<HydrationReport, HydrateErro
 /// a chunk of them (JSON decoding is the most expensive step, so it gets
 /// both cores while PostgreSQL waits on socket buffers) and put it into the
 /// store and its indexes themselves, while the rows are still in their own
-/// core's cache. Returns the rows loaded.
+/// core's cache. Returns the rows loaded, and how long compacting the
+/// indexes took at the end.
 async fn hydrate_kind(
     store: &Store,
     client: &deadpool_postgres::Transaction<'_>,
     kind_id: KindId,
-) -> Result<u64, HydrateError> {
+) -> Result<(u64, Duration), HydrateError> {
     let kind = &store.kinds()[kind_id];
     // The planner's row estimate sizes the table once instead of rehashing
     // it a dozen times on the way to a million entities.
@@ -189,9 +191,9 @@ async fn hydrate_kind(
     streamed?;
     decoding?;
     // Compacting a kind's indexes takes a while for millions of entities.
-    let store = store.clone();
+    let (store, compacting) = (store.clone(), Instant::now());
     tokio::task::spawn_blocking(move || store.hydrated(kind_id)).await.expect("compacting indexes does not panic");
-    Ok(count)
+    Ok((count, compacting.elapsed()))
 }
 
 /// The decoder threads of one kind: each takes a chunk of raw rows at a
