@@ -94,6 +94,20 @@ fn fmt3(runs: &[f64], digits: usize) -> String {
     format!("{min:.digits$} / **{median:.digits$}** / {max:.digits$}")
 }
 
+/// Reference item `n`'s DFID: in the server's form (32 hex digits of a
+/// random UUID), so that ids come in no particular order, as the server's
+/// do, and are the same in every run.
+fn bench_dfid(n: usize) -> String {
+    // splitmix64: a bijection of n, twice with different seeds for 128 bits.
+    let mix = |mut z: u64| {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    format!("DFID-{:016x}{:016x}", mix(n as u64), mix(!(n as u64)))
+}
+
 fn bench_item(n: usize) -> Item {
     let now = Utc::now();
     let mut data = serde_json::Map::new();
@@ -102,7 +116,7 @@ fn bench_item(n: usize) -> Item {
     data.insert("material".into(), "stainless steel A2".into());
     data.insert("weight_g".into(), (n % 500).into());
     Item {
-        dfid: format!("DFID-bench-{n:08}").into(),
+        dfid: bench_dfid(n).into(),
         local_id: None,
         status: ItemStatus::Active,
         identifiers: vec![
@@ -458,7 +472,7 @@ macro_rules! layout_kind {
         impl $name {
             fn new(n: usize) -> Self {
                 Self {
-                    id: format!("DFID-bench-{n:08}"),
+                    id: bench_dfid(n),
                     name: format!("hex bolt {n}"),
                     size: "M8x40".into(),
                     material: "stainless steel A2".into(),
@@ -1644,7 +1658,7 @@ fn report(
     let _ = writeln!(w, "## P2: persistence throughput, side by side\n");
     let _ = writeln!(
         w,
-        "Method: the same reference items (~330 bytes of JSON each) written into the same `items` table (primary key, a generated `status` column and its index) of one local database, emptied and checkpointed before each method. (a) and (b) write the first {SLOW_ROWS} of them, one transaction per row, {REQUEST_CONCURRENCY} at a time; (c), (d) and (e) write all {FAST_ROWS}. (c) records every item through the store as its own change once the engine has taken the lease and hydrated (the empty table), before its worker starts, and is timed from then until the outbox is empty: the worker's own throughput (rows the table has never held go in with COPY, the rest with the version-guarded upsert), with the default settings (batches of up to 5000 rows, 5 ms linger, 2 writers, the lease's fencing check in every transaction), and again with batches of up to {SMALL_BATCH} rows (the default until this measurement showed what the commit per batch costs). (d) is the hand-written writer below with the best median (each run of (c) is compared with the same run of that writer); (e) is a plain binary COPY into an empty table with the same columns and indexes, on two connections, run right before or after (c) (alternately), so that their ratio compares the machine at one moment.\n"
+        "Method: the same reference items (~350 bytes of JSON each, DFIDs in the server's form) written into the same `items` table (primary key, a generated `status` column and its index) of one local database, emptied and checkpointed before each method. (a) and (b) write the first {SLOW_ROWS} of them, one transaction per row, {REQUEST_CONCURRENCY} at a time; (c), (d) and (e) write all {FAST_ROWS}. (c) records every item through the store as its own change once the engine has taken the lease and hydrated (the empty table), before its worker starts, and is timed from then until the outbox is empty: the worker's own throughput (rows the table has never held go in with COPY, the rest with the version-guarded upsert), with the default settings (batches of up to 5000 rows, 5 ms linger, 2 writers, the lease's fencing check in every transaction), and again with batches of up to {SMALL_BATCH} rows (the default until this measurement showed what the commit per batch costs). (d) is the hand-written writer below with the best median (each run of (c) is compared with the same run of that writer); (e) is a plain binary COPY into an empty table with the same columns and indexes, on two connections, run right before or after (c) (alternately), so that their ratio compares the machine at one moment.\n"
     );
     let _ = writeln!(w, "| method | rows/s |\n|---|---|");
     let _ = writeln!(w, "| (a) naive: a spawned task per change, one upsert each | {} |", fmt3(&p2.naive, 0));
@@ -1787,7 +1801,7 @@ fn report(
     let _ = writeln!(w, "## P5: hydration\n");
     let _ = writeln!(
         w,
-        "Method: {HYDRATE_ITEMS} reference items COPYed into `items`, then the release binary started against the database; hydration time is what the server logs (`hydration finished`, streamed rows decoded into the store and its item indexes), readiness is from process start to `/readyz` 200, and peak memory is the process's `VmHWM`; CPU is the server's and PostgreSQL's (the postmaster and its backends) from `/proc`, from the server's start until it is ready.\n"
+        "Method: {HYDRATE_ITEMS} reference items (DFIDs in the server's form: 32 hex digits of a random UUID, so rows come in no DFID order) COPYed into `items`, then the release binary started against the database; hydration time is what the server logs (`hydration finished`, streamed rows decoded into the store and its item indexes), readiness is from process start to `/readyz` 200, and peak memory is the process's `VmHWM`; CPU is the server's and PostgreSQL's (the postmaster and its backends) from `/proc`, from the server's start until it is ready.\n"
     );
     let _ = writeln!(w, "| | min / median / max |\n|---|---|");
     let _ = writeln!(w, "| hydration (s) | {} |", fmt3(&p5.seconds, 2));
