@@ -28,8 +28,32 @@ pub struct ItemIndex {
     shared: HashMap<u64, BTreeSet<Arc<str>>, foldhash::fast::RandomState>,
     /// The seed of identifier hashes.
     seed: foldhash::fast::RandomState,
-    /// Items by status, each set in DFID order; an item is in exactly one.
+    /// Items by status, each set in DFID order; an item is in exactly one
+    /// (or, while hydration loads, in `loading`).
     by_status: HashMap<ItemStatus, BTreeSet<Ranked>, foldhash::fast::RandomState>,
+    /// Items hydration has added, not yet in their status sets: from
+    /// [`reserve`](Index::reserve) to [`hydrated`](Index::hydrated), a new
+    /// item's id is pushed here and the sets are built from the sorted ids
+    /// at the end. Inserted one at a time, each id (random, from a UUID)
+    /// would walk a tree of up to millions with cache misses on the way
+    /// down, under the store's lock that both decoding threads wait on: a
+    /// quarter of the server's hydration CPU.
+    loading: Option<Loading>,
+}
+
+/// New items' ids gathered during hydration, by status.
+#[derive(Default)]
+struct Loading {
+    /// How many entities hydration expects: each status's vector reserves
+    /// that much (room never filled is never touched).
+    expected: usize,
+    ids: HashMap<ItemStatus, Vec<Ranked>, foldhash::fast::RandomState>,
+}
+
+impl Loading {
+    fn len(&self) -> usize {
+        self.ids.values().map(Vec::len).sum()
+    }
 }
 
 /// A DFID in a status set, with a number that orders it without reading
@@ -189,22 +213,35 @@ impl Index<Item> for ItemIndex {
         // each, the index does not grow (and hold its old and new table at
         // once) near the end of hydration.
         self.by_identifier.reserve(2 * additional);
+        self.loading.get_or_insert_default().expected += additional;
     }
 
     fn hydrated(&mut self) {
+        let built = self.add_loaded();
+        self.loading = None;
         // Inserted one at a time, the ordered sets' nodes are left half
         // (ids arriving in order) to two thirds (in random order) full;
         // rebuilt from the sorted ids they are full: about 18 instead of up
-        // to 32 bytes per id and set.
-        for set in self.by_status.values_mut() {
-            compact(set);
+        // to 32 bytes per id and set. A set just built from the loaded ids
+        // (merged with what it held) is full already.
+        for (status, set) in &mut self.by_status {
+            if !built.contains(status) {
+                compact(set);
+            }
         }
     }
 
     fn update(&mut self, id: &Arc<str>, old: Option<&Item>, new: Option<&Item>) {
         let old_status = old.map(|i| i.status);
         let new_status = new.map(|i| i.status);
-        if old_status != new_status {
+        if let (None, Some(status), Some(loading)) = (old_status, new_status, self.loading.as_mut()) {
+            let expected = loading.expected;
+            loading.ids.entry(status).or_insert_with(|| Vec::with_capacity(expected)).push(Ranked::new(id));
+        } else if old_status != new_status {
+            // A loaded item changing or going while hydration loads (a
+            // retried hydration meeting newer rows): its id may still be
+            // among the loaded ones, so they go into the sets first.
+            self.add_loaded();
             if let Some(status) = old_status
                 && let Some(set) = self.by_status.get_mut(&status)
             {
@@ -225,6 +262,39 @@ impl Index<Item> for ItemIndex {
             }
         }
     }
+}
+
+impl ItemIndex {
+    /// Moves the ids gathered while loading into their status sets;
+    /// returns the statuses whose sets were rebuilt (with full nodes).
+    fn add_loaded(&mut self) -> Vec<ItemStatus> {
+        let Some(loading) = &mut self.loading else { return Vec::new() };
+        let mut built = Vec::new();
+        for (status, ids) in std::mem::take(&mut loading.ids) {
+            self.by_status.entry(status).or_default().append(&mut build(ids));
+            built.push(status);
+        }
+        built
+    }
+}
+
+/// A set of `ids` (in any order), with full nodes: the ids are sorted in
+/// place, then moved into trees an eighth at a time from the top (each
+/// part's room in the vector freed before the next is built, and merged
+/// into the set with `append`, which frees the old nodes as it builds the
+/// new ones), so that the vector and the set are never both held whole:
+/// about a quarter of the memory of building the set from the whole
+/// vector at once, for about four walks of the set.
+fn build(mut ids: Vec<Ranked>) -> BTreeSet<Ranked> {
+    ids.sort_unstable();
+    let part = ids.len().div_ceil(8).max(4096);
+    let mut set = BTreeSet::new();
+    while !ids.is_empty() {
+        let mut top: BTreeSet<Ranked> = ids.drain(ids.len().saturating_sub(part)..).collect();
+        ids.shrink_to_fit();
+        set.append(&mut top);
+    }
+    set
 }
 
 /// Rebuilds `set` with full nodes and without a second copy of it at any
@@ -254,6 +324,39 @@ impl ItemIndex {
     /// filter, `has_identifier(dfid)` must tell whether that item holds it
     /// (the index finds candidates by a hash of the identifier).
     pub fn page(
+        &self,
+        filter: &ItemFilter,
+        after: Option<&str>,
+        limit: usize,
+        has_identifier: impl Fn(&str) -> bool,
+    ) -> (Vec<Arc<str>>, bool) {
+        let Some(loading) = self.loading.as_ref().filter(|loading| loading.len() > 0) else {
+            return self.page_of_sets(filter, after, limit, has_identifier);
+        };
+        // While hydration loads (the server answers no listing before it is
+        // ready; a library's caller may ask), every match in the sets and
+        // among the loaded ids, sorted. (The identifier index holds the
+        // loaded ids too: without a status filter, the sets' walk may list
+        // one of them already.)
+        let (mut page, _) = self.page_of_sets(filter, after, usize::MAX, &has_identifier);
+        let loaded = loading.ids.iter().filter(|(status, _)| filter.status.is_none_or(|wanted| wanted == **status));
+        page.extend(
+            loaded
+                .flat_map(|(_, ids)| ids)
+                .map(|ranked| &ranked.id)
+                .filter(|id| after.is_none_or(|cursor| &***id > cursor))
+                .filter(|id| filter.identifier.is_none() || has_identifier(id))
+                .cloned(),
+        );
+        page.sort_unstable();
+        page.dedup();
+        let more = page.len() > limit;
+        page.truncate(limit);
+        (page, more)
+    }
+
+    /// [`page`](Self::page) of the status sets alone.
+    fn page_of_sets(
         &self,
         filter: &ItemFilter,
         after: Option<&str>,
@@ -309,12 +412,12 @@ impl ItemIndex {
 
     /// Number of live items.
     pub fn len(&self) -> usize {
-        self.by_status.values().map(BTreeSet::len).sum()
+        self.by_status.values().map(BTreeSet::len).sum::<usize>() + self.loading.as_ref().map_or(0, Loading::len)
     }
 
     /// Whether there are no live items.
     pub fn is_empty(&self) -> bool {
-        self.by_status.values().all(BTreeSet::is_empty)
+        self.len() == 0
     }
 }
 
@@ -439,6 +542,71 @@ mod tests {
         assert_eq!(listed, dfids);
         let all = ItemFilter { status: None, identifier: None };
         assert_eq!(index.page(&all, Some("DFID-0"), 3, |_| true).0, index.page(&filter, Some("DFID-0"), 3, |_| true).0);
+    }
+
+    #[test]
+    fn items_loaded_by_hydration_are_listed_as_items_inserted_one_at_a_time() {
+        // `loaded` gathers new ids while hydration loads (after `reserve`)
+        // and builds its sets at the end; `direct` inserts each id at once.
+        let (mut direct, mut loaded) = (ItemIndex::default(), ItemIndex::default());
+        loaded.reserve(320);
+        let item_n = |n: usize| {
+            let gtin = (n % 50).to_string();
+            let mut it = item(&format!("d{n:03}"), &[("sku", &n.to_string()), ("gtin", &gtin)]);
+            if n.is_multiple_of(3) {
+                it.status = ItemStatus::Merged;
+            }
+            it
+        };
+        let both = |direct: &mut ItemIndex, loaded: &mut ItemIndex, old: Option<&Item>, new: Option<&Item>| {
+            let id: Arc<str> = Arc::from(old.or(new).map(|i| &*i.dfid).unwrap());
+            direct.update(&id, old, new);
+            loaded.update(&id, old, new);
+        };
+        let listings = |index: &ItemIndex| {
+            let mut pages = Vec::new();
+            for status in [None, Some(ItemStatus::Active), Some(ItemStatus::Merged)] {
+                for identifier in [None, Some(("gtin", "7")), Some(("sku", "102"))] {
+                    for after in [None, Some("d100"), Some("d2")] {
+                        let identifier = identifier.map(|(k, v): (&str, &str)| (k.to_owned(), v.to_owned()));
+                        let filter = ItemFilter { status, identifier };
+                        // The items' identifiers: gtin n % 50, sku n.
+                        let has = |dfid: &str| {
+                            let n: usize = dfid[1..].parse().unwrap();
+                            filter.identifier.as_ref().is_none_or(|(k, v)| match k.as_str() {
+                                "gtin" => (n % 50).to_string() == *v,
+                                _ => n.to_string() == *v,
+                            })
+                        };
+                        let (page, more) = index.page(&filter, after, 40, has);
+                        pages.push((page.iter().map(|id| id.to_string()).collect::<Vec<_>>(), more));
+                    }
+                }
+            }
+            (pages, index.len())
+        };
+        for n in (0..300).map(|n| (n * 7) % 300) {
+            both(&mut direct, &mut loaded, None, Some(&item_n(n)));
+        }
+        assert_eq!(loaded.loading.as_ref().map(Loading::len), Some(300), "new ids wait for the end of hydration");
+        assert_eq!(listings(&loaded), listings(&direct));
+        // A loaded item changes status, another goes, and more arrive.
+        let mut active = item_n(102);
+        active.status = ItemStatus::Active;
+        both(&mut direct, &mut loaded, Some(&item_n(102)), Some(&active));
+        both(&mut direct, &mut loaded, Some(&item_n(101)), None);
+        for n in (300..320).rev() {
+            both(&mut direct, &mut loaded, None, Some(&item_n(n)));
+        }
+        let (pages, len) = listings(&direct);
+        assert_eq!(len, 319);
+        assert!(pages.iter().all(|(page, _)| !page.contains(&"d101".to_owned())));
+        assert_eq!(listings(&loaded), (pages.clone(), len));
+        direct.hydrated();
+        loaded.hydrated();
+        assert!(loaded.loading.is_none());
+        assert_eq!(listings(&loaded), (pages.clone(), len));
+        assert_eq!(listings(&direct), (pages, len));
     }
 
     #[test]
