@@ -1171,15 +1171,15 @@ async fn lag(bench: &Bench, sustainable: f64) -> Lag {
 
 #[derive(Default)]
 struct Hydration {
-    seconds: Runs,
-    ready_seconds: Runs,
-    peak_rss_mib: Runs,
-    rows_per_second: Runs,
-    /// CPU seconds from start to ready: the server's, PostgreSQL's.
-    server_cpu: Runs,
-    postgres_cpu: Runs,
-    /// Runs at the larger sizes.
-    scale: Vec<(usize, Vec<HydrateRun>)>,
+    /// The runs at each size: 1M items first, then the larger sizes.
+    sizes: Vec<(usize, Vec<HydrateRun>)>,
+}
+
+impl Hydration {
+    /// The runs at 1M items, which the verdict is drawn from.
+    fn base(&self) -> &[HydrateRun] {
+        &self.sizes[0].1
+    }
 }
 
 /// One start of the server on items already in the table.
@@ -1229,16 +1229,12 @@ async fn hydration(bench: &Bench) -> Hydration {
     eprintln!("P5: writing {HYDRATE_ITEMS} items");
     fill_items(bench, HYDRATE_ITEMS).await;
     let mut h = Hydration::default();
+    let mut runs = Vec::new();
     for run in 0..RUNS {
         eprintln!("P5 run {}/{RUNS}", run + 1);
-        let run = hydrate_once(bench, HYDRATE_ITEMS).await;
-        h.seconds.push(run.seconds);
-        h.ready_seconds.push(run.ready);
-        h.peak_rss_mib.push(run.peak_rss_mib);
-        h.rows_per_second.push(HYDRATE_ITEMS as f64 / run.seconds);
-        h.server_cpu.push(run.server_cpu);
-        h.postgres_cpu.push(run.postgres_cpu);
+        runs.push(hydrate_once(bench, HYDRATE_ITEMS).await);
     }
+    h.sizes.push((HYDRATE_ITEMS, runs));
     // `OUTBOX_BENCH_P5_CURVE=0` leaves out 2M and 4M, for profiling.
     let curve = std::env::var("OUTBOX_BENCH_P5_CURVE").map_or(true, |v| v != "0");
     for count in HYDRATE_SCALE.into_iter().filter(|_| curve) {
@@ -1248,10 +1244,15 @@ async fn hydration(bench: &Bench) -> Hydration {
         for _ in 0..RUNS {
             runs.push(hydrate_once(bench, count).await);
         }
-        h.scale.push((count, runs));
+        h.sizes.push((count, runs));
     }
     bench.reset().await;
     h
+}
+
+/// One figure of each run.
+fn figure(runs: &[HydrateRun], f: impl Fn(&HydrateRun) -> f64) -> Runs {
+    runs.iter().map(f).collect()
 }
 
 /// Empties `items` and COPYs `count` reference items into it.
@@ -1620,8 +1621,8 @@ fn report(
         p4.rate,
         verdict(lag99m <= 200.0)
     );
-    let (_, hyd, _) = stats(&p5.seconds);
-    let (_, rss, _) = stats(&p5.peak_rss_mib);
+    let (_, hyd, _) = stats(&figure(p5.base(), |r| r.seconds));
+    let (_, rss, _) = stats(&figure(p5.base(), |r| r.peak_rss_mib));
     let _ = writeln!(
         w,
         "| P5 hydration of 1,000,000 items ≤ 3 s, peak RSS ≤ 600 MiB | {hyd:.2} s, peak RSS {rss:.0} MiB | {} |",
@@ -1804,43 +1805,31 @@ fn report(
         "Method: {HYDRATE_ITEMS} reference items (DFIDs in the server's form: 32 hex digits of a random UUID, so rows come in no DFID order) COPYed into `items`, then the release binary started against the database; hydration time is what the server logs (`hydration finished`, streamed rows decoded into the store and its item indexes), readiness is from process start to `/readyz` 200, and peak memory is the process's `VmHWM`; CPU is the server's and PostgreSQL's (the postmaster and its backends) from `/proc`, from the server's start until it is ready.\n"
     );
     let _ = writeln!(w, "| | min / median / max |\n|---|---|");
-    let _ = writeln!(w, "| hydration (s) | {} |", fmt3(&p5.seconds, 2));
-    let _ = writeln!(w, "| rows/s | {} |", fmt3(&p5.rows_per_second, 0));
-    let _ = writeln!(w, "| start to ready (s) | {} |", fmt3(&p5.ready_seconds, 2));
-    let _ = writeln!(w, "| peak RSS (MiB) | {} |", fmt3(&p5.peak_rss_mib, 0));
-    let _ = writeln!(w, "| CPU, start to ready: server (s) | {} |", fmt3(&p5.server_cpu, 2));
-    let _ = writeln!(w, "| CPU, start to ready: PostgreSQL (s) | {} |\n", fmt3(&p5.postgres_cpu, 2));
+    let base = p5.base();
+    let _ = writeln!(w, "| hydration (s) | {} |", fmt3(&figure(base, |r| r.seconds), 2));
+    let _ = writeln!(w, "| rows/s | {} |", fmt3(&figure(base, |r| HYDRATE_ITEMS as f64 / r.seconds), 0));
+    let _ = writeln!(w, "| start to ready (s) | {} |", fmt3(&figure(base, |r| r.ready), 2));
+    let _ = writeln!(w, "| peak RSS (MiB) | {} |", fmt3(&figure(base, |r| r.peak_rss_mib), 0));
+    let _ = writeln!(w, "| CPU, start to ready: server (s) | {} |", fmt3(&figure(base, |r| r.server_cpu), 2));
+    let _ = writeln!(w, "| CPU, start to ready: PostgreSQL (s) | {} |\n", fmt3(&figure(base, |r| r.postgres_cpu), 2));
 
     let _ = writeln!(w, "The curve ({RUNS} runs at each size after its items are written; per 1M from the medians):\n");
     let _ = writeln!(
         w,
         "| items | hydration (s) | s per 1M | peak RSS (MiB) | MiB per 1M | CPU per 1M: server / PostgreSQL (s) |\n|---|---|---|---|---|---|"
     );
-    let row = |count: usize, seconds: &[f64], rss: &[f64], server: &[f64], postgres: &[f64]| {
-        let millions = count as f64 / 1e6;
-        format!(
-            "| {count} | {} | {:.2} | {:.0} | {:.0} | {:.2} / {:.2} |",
-            fmt3(seconds, 2),
-            stats(seconds).1 / millions,
-            stats(rss).1,
-            stats(rss).1 / millions,
-            stats(server).1 / millions,
-            stats(postgres).1 / millions
-        )
-    };
-    let _ = writeln!(w, "{}", row(HYDRATE_ITEMS, &p5.seconds, &p5.peak_rss_mib, &p5.server_cpu, &p5.postgres_cpu));
-    for (count, runs) in &p5.scale {
-        let field = |f: fn(&HydrateRun) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
+    for (count, runs) in &p5.sizes {
+        let millions = *count as f64 / 1e6;
+        let median = |f: fn(&HydrateRun) -> f64| stats(&figure(runs, f)).1;
         let _ = writeln!(
             w,
-            "{}",
-            row(
-                *count,
-                &field(|r| r.seconds),
-                &field(|r| r.peak_rss_mib),
-                &field(|r| r.server_cpu),
-                &field(|r| r.postgres_cpu)
-            )
+            "| {count} | {} | {:.2} | {:.0} | {:.0} | {:.2} / {:.2} |",
+            fmt3(&figure(runs, |r| r.seconds), 2),
+            median(|r| r.seconds) / millions,
+            median(|r| r.peak_rss_mib),
+            median(|r| r.peak_rss_mib) / millions,
+            median(|r| r.server_cpu) / millions,
+            median(|r| r.postgres_cpu) / millions
         );
     }
     let _ = writeln!(w);
