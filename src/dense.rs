@@ -41,6 +41,45 @@ impl<K: Hash + Eq, V, S: BuildHasher> DenseMap<K, V, S> {
         self.entries.len()
     }
 
+    /// Whether the map holds no entry.
+    #[cfg_attr(not(feature = "server"), allow(dead_code, reason = "the item index uses it"))]
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Fills an empty map with `entries`, whose keys are distinct; the
+    /// vector becomes the map's entries as it is. Their positions go into
+    /// the table in the order of its buckets (a hash's bucket is its low
+    /// bits), so that for millions of entries each insert touches the
+    /// table next to the last one, where inserting them in any other order
+    /// would touch it anywhere: a cache miss or two each.
+    #[cfg_attr(not(feature = "server"), allow(dead_code, reason = "the item index uses it"))]
+    pub fn fill(&mut self, mut entries: Vec<(K, V)>) {
+        assert!(self.entries.is_empty(), "only an empty map is filled");
+        let mask = self.fill_mask(entries.len());
+        let Self { positions, entries: held, hasher } = self;
+        entries.sort_unstable_by_key(|(key, _)| hasher.hash_one(key) & mask);
+        let _ = u32::try_from(entries.len()).expect("a DenseMap holds at most 2^32 entries");
+        for (at, (key, _)) in entries.iter().enumerate() {
+            positions
+                .insert_unique(hasher.hash_one(key), at as u32, |&other| hasher.hash_one(&entries[other as usize].0));
+        }
+        *held = entries;
+    }
+
+    /// Makes room to [`fill`](Self::fill) the empty map with `len`
+    /// entries; the mask of the hashes' low bits that `fill` orders them
+    /// by (entries already in that order are not moved again: sorting
+    /// sorted entries is one pass).
+    #[cfg_attr(not(feature = "server"), allow(dead_code, reason = "the item index uses it"))]
+    pub fn fill_mask(&mut self, len: usize) -> u64 {
+        let Self { positions, entries, hasher } = self;
+        positions.reserve(len, |&at| hasher.hash_one(&entries[at as usize].0));
+        // A table of 2^n buckets holds 7/8 of that; smaller tables are
+        // filled in whatever order this gives.
+        (positions.capacity() / 7 * 8).next_power_of_two() as u64 - 1
+    }
+
     /// Room for `additional` more entries without growing. The entries'
     /// vector is reserved exactly: what is not filled is not resident.
     pub fn reserve(&mut self, additional: usize) {
@@ -228,6 +267,32 @@ mod tests {
         assert_eq!(dense.swap_remove("id-0"), Some(0));
         assert_eq!((dense.get("id-0"), dense.get("id-7"), dense.len()), (None, Some(&70), 999));
         assert_eq!(dense.values().sum::<usize>(), (1..1000).sum::<usize>() + 63);
+    }
+
+    #[test]
+    fn a_filled_map_finds_every_entry_and_goes_on_changing() {
+        for (reserved, count) in [(0, 0), (0, 5), (10, 1000), (100_000, 70_000)] {
+            let mut dense = DenseMap::<u64, u64>::default();
+            dense.reserve(reserved);
+            // Keys in no order, from a fixed pseudo-random walk.
+            let keys: Vec<u64> =
+                (0..count).map(|n: u64| n.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(17)).collect();
+            dense.fill(keys.iter().map(|&key| (key, key ^ 1)).collect());
+            assert_eq!(dense.len(), keys.len());
+            assert!(keys.iter().all(|key| dense.get(key) == Some(&(key ^ 1))), "{count} entries");
+            assert_eq!(dense.get(&3), None);
+            // Inserts and removals after filling keep every position right.
+            for &key in keys.iter().step_by(3) {
+                assert_eq!(dense.swap_remove(&key), Some(key ^ 1));
+            }
+            for key in [3, 4, 5] {
+                assert_eq!(dense.insert(key, key), None);
+            }
+            for (at, key) in keys.iter().enumerate() {
+                assert_eq!(dense.get(key), (at % 3 != 0).then_some(&(key ^ 1)), "{key}");
+            }
+            assert_eq!(dense.len(), keys.len() - keys.len().div_ceil(3) + 3);
+        }
     }
 
     #[test]

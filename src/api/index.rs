@@ -24,30 +24,69 @@ pub struct ItemIndex {
     /// very rarely two identifiers with one hash) moves to `shared`. Lookups check each candidate's identifiers
     /// ([`page`](Self::page)), so a shared hash never lists an item that
     /// lacks the identifier.
-    by_identifier: DenseMap<u64, Arc<str>>,
+    by_identifier: DenseMap<u64, Arc<str>, AlreadyHashed>,
     shared: HashMap<u64, BTreeSet<Arc<str>>, foldhash::fast::RandomState>,
     /// The seed of identifier hashes.
     seed: foldhash::fast::RandomState,
     /// Items by status, each set in DFID order; an item is in exactly one
     /// (or, while hydration loads, in `loading`).
     by_status: HashMap<ItemStatus, BTreeSet<Ranked>, foldhash::fast::RandomState>,
-    /// Items hydration has added, not yet in their status sets: from
+    /// Items hydration has added, not yet in the indexes: from
     /// [`reserve`](Index::reserve) to [`hydrated`](Index::hydrated), a new
-    /// item's id is pushed here and the sets are built from the sorted ids
-    /// at the end. Inserted one at a time, each id (random, from a UUID)
-    /// would walk a tree of up to millions with cache misses on the way
-    /// down, under the store's lock that both decoding threads wait on: a
-    /// quarter of the server's hydration CPU.
+    /// item's id and identifiers are pushed here, and the status sets and
+    /// the identifier index are built from them, sorted, at the end.
+    /// Inserted one at a time, each id (random, from a UUID) would walk a
+    /// tree of up to millions, and each identifier land anywhere in a table
+    /// of millions, with cache misses all the way, under the store's lock
+    /// that both decoding threads wait on: a third of the server's
+    /// hydration CPU.
     loading: Option<Loading>,
 }
 
-/// New items' ids gathered during hydration, by status.
+/// New items' ids and identifiers gathered during hydration.
 #[derive(Default)]
 struct Loading {
     /// How many entities hydration expects: each status's vector reserves
-    /// that much (room never filled is never touched).
+    /// that much, the identifiers' twice that (room never filled is never
+    /// touched).
     expected: usize,
     ids: HashMap<ItemStatus, Vec<Ranked>, foldhash::fast::RandomState>,
+    /// Identifier hashes and the item holding each.
+    identifiers: Vec<(u64, Arc<str>)>,
+}
+
+/// The identifier index's keys are hashes already (under this process's
+/// random seed): its table uses them as they are, and its entries can be
+/// put in the order of its buckets by sorting them by key.
+#[derive(Clone, Copy, Default)]
+struct AlreadyHashed;
+
+impl BuildHasher for AlreadyHashed {
+    type Hasher = KeyAsHash;
+
+    fn build_hasher(&self) -> KeyAsHash {
+        KeyAsHash(0)
+    }
+}
+
+/// The `u64` hashed, as its hash.
+struct KeyAsHash(u64);
+
+impl std::hash::Hasher for KeyAsHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed; any other bytes are mixed in anyway.
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(byte);
+        }
+    }
 }
 
 impl Loading {
@@ -70,6 +109,10 @@ struct Ranked {
     rank: u64,
     id: Arc<str>,
 }
+
+/// From this many identifiers gathered while loading, the indexes are
+/// built on two threads.
+const PARALLEL_BUILD: usize = 65_536;
 
 /// What the server's DFIDs begin with.
 const DFID_PREFIX: &[u8] = b"DFID-";
@@ -232,16 +275,19 @@ impl Index<Item> for ItemIndex {
     }
 
     fn update(&mut self, id: &Arc<str>, old: Option<&Item>, new: Option<&Item>) {
+        if self.loading.is_some() {
+            if let (None, Some(new)) = (old, new) {
+                self.load(id, new);
+                return;
+            }
+            // A loaded item changing or going while hydration loads (a
+            // retried hydration meeting newer rows): it may still be among
+            // the gathered ones, so they go into the indexes first.
+            self.add_loaded();
+        }
         let old_status = old.map(|i| i.status);
         let new_status = new.map(|i| i.status);
-        if let (None, Some(status), Some(loading)) = (old_status, new_status, self.loading.as_mut()) {
-            let expected = loading.expected;
-            loading.ids.entry(status).or_insert_with(|| Vec::with_capacity(expected)).push(Ranked::new(id));
-        } else if old_status != new_status {
-            // A loaded item changing or going while hydration loads (a
-            // retried hydration meeting newer rows): its id may still be
-            // among the loaded ones, so they go into the sets first.
-            self.add_loaded();
+        if old_status != new_status {
             if let Some(status) = old_status
                 && let Some(set) = self.by_status.get_mut(&status)
             {
@@ -269,12 +315,83 @@ impl ItemIndex {
     /// returns the statuses whose sets were rebuilt (with full nodes).
     fn add_loaded(&mut self) -> Vec<ItemStatus> {
         let Some(loading) = &mut self.loading else { return Vec::new() };
+        let (ids, identifiers) = (std::mem::take(&mut loading.ids), std::mem::take(&mut loading.identifiers));
+        let build_sets = move || ids.into_iter().map(|(status, ids)| (status, build(ids))).collect::<Vec<_>>();
+        // The status sets and the identifier index are sorted and built
+        // side by side when there are many (at the end of hydration the
+        // decoding threads are done, and both cores are free).
+        let sets = if identifiers.len() >= PARALLEL_BUILD {
+            std::thread::scope(|scope| {
+                let sets = scope.spawn(build_sets);
+                self.add_identifiers(identifiers);
+                sets.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+        } else {
+            self.add_identifiers(identifiers);
+            build_sets()
+        };
         let mut built = Vec::new();
-        for (status, ids) in std::mem::take(&mut loading.ids) {
-            self.by_status.entry(status).or_default().append(&mut build(ids));
+        for (status, mut set) in sets {
+            self.by_status.entry(status).or_default().append(&mut set);
             built.push(status);
         }
         built
+    }
+
+    /// Indexes the identifiers gathered while loading.
+    fn add_identifiers(&mut self, identifiers: Vec<(u64, Arc<str>)>) {
+        if self.by_identifier.is_empty() && self.shared.is_empty() {
+            self.fill_identifiers(identifiers);
+        } else {
+            for (hash, id) in identifiers {
+                self.add(hash, &id);
+            }
+        }
+    }
+
+    /// Gathers a new item while hydration loads.
+    fn load(&mut self, id: &Arc<str>, item: &Item) {
+        let hashes: Vec<u64> = item
+            .identifiers
+            .iter()
+            .map(|identifier| self.identifier_hash(&identifier.key, &identifier.value))
+            .collect();
+        let loading = self.loading.as_mut().expect("only while loading");
+        let expected = loading.expected;
+        loading.ids.entry(item.status).or_insert_with(|| Vec::with_capacity(expected)).push(Ranked::new(id));
+        if loading.identifiers.capacity() == 0 {
+            loading.identifiers.reserve_exact(2 * expected);
+        }
+        loading.identifiers.extend(hashes.into_iter().map(|hash| (hash, id.clone())));
+    }
+
+    /// Fills the empty identifier index from `identifiers` (hashes and the
+    /// item holding each, in any order): sorted, a hash held by several
+    /// items is a run, which goes to `shared`; the rest become the dense
+    /// map's entries as they are, without a copy. They are sorted in the
+    /// order the map fills its table in (its keys are their own hashes),
+    /// then by hash and id, so that the map need not sort them again.
+    fn fill_identifiers(&mut self, mut identifiers: Vec<(u64, Arc<str>)>) {
+        let mask = self.by_identifier.fill_mask(identifiers.len());
+        identifiers.sort_unstable_by(|(a, a_id), (b, b_id)| (a & mask, a, a_id).cmp(&(b & mask, b, b_id)));
+        // An item listing an identifier twice (or two of its identifiers
+        // with one hash) is indexed under it once.
+        identifiers.dedup();
+        let (mut kept, mut at) = (0, 0);
+        while at < identifiers.len() {
+            let hash = identifiers[at].0;
+            let end = at + identifiers[at..].iter().take_while(|(other, _)| *other == hash).count();
+            if end - at == 1 {
+                identifiers.swap(kept, at);
+                kept += 1;
+            } else {
+                let ids: BTreeSet<Arc<str>> = identifiers[at..end].iter().map(|(_, id)| id.clone()).collect();
+                self.shared.insert(hash, ids);
+            }
+            at = end;
+        }
+        identifiers.truncate(kept);
+        self.by_identifier.fill(identifiers);
     }
 }
 
@@ -556,6 +673,11 @@ mod tests {
             if n.is_multiple_of(3) {
                 it.status = ItemStatus::Merged;
             }
+            if n == 7 || n == 320 {
+                // An identifier listed twice: in the ids the index is
+                // filled with at once, and in those added one at a time.
+                it.identifiers.push(it.identifiers[0].clone());
+            }
             it
         };
         let both = |direct: &mut ItemIndex, loaded: &mut ItemIndex, old: Option<&Item>, new: Option<&Item>| {
@@ -563,19 +685,22 @@ mod tests {
             direct.update(&id, old, new);
             loaded.update(&id, old, new);
         };
-        let listings = |index: &ItemIndex| {
+        let listings = |index: &ItemIndex, renamed: bool| {
             let mut pages = Vec::new();
             for status in [None, Some(ItemStatus::Active), Some(ItemStatus::Merged)] {
-                for identifier in [None, Some(("gtin", "7")), Some(("sku", "102"))] {
+                let identifiers = [("gtin", "7"), ("sku", "102"), ("sku", "105"), ("sku", "x105"), ("sku", "320")];
+                for identifier in std::iter::once(None).chain(identifiers.map(Some)) {
                     for after in [None, Some("d100"), Some("d2")] {
                         let identifier = identifier.map(|(k, v): (&str, &str)| (k.to_owned(), v.to_owned()));
                         let filter = ItemFilter { status, identifier };
-                        // The items' identifiers: gtin n % 50, sku n.
+                        // The items' identifiers: gtin n % 50, sku n (d105's
+                        // becomes x105).
                         let has = |dfid: &str| {
                             let n: usize = dfid[1..].parse().unwrap();
+                            let sku = if n == 105 && renamed { "x105".to_owned() } else { n.to_string() };
                             filter.identifier.as_ref().is_none_or(|(k, v)| match k.as_str() {
                                 "gtin" => (n % 50).to_string() == *v,
-                                _ => n.to_string() == *v,
+                                _ => sku == *v,
                             })
                         };
                         let (page, more) = index.page(&filter, after, 40, has);
@@ -589,24 +714,70 @@ mod tests {
             both(&mut direct, &mut loaded, None, Some(&item_n(n)));
         }
         assert_eq!(loaded.loading.as_ref().map(Loading::len), Some(300), "new ids wait for the end of hydration");
-        assert_eq!(listings(&loaded), listings(&direct));
-        // A loaded item changes status, another goes, and more arrive.
+        assert_eq!(listings(&loaded, false), listings(&direct, false));
+        // A loaded item changes status, another an identifier, another
+        // goes, and more arrive.
         let mut active = item_n(102);
         active.status = ItemStatus::Active;
         both(&mut direct, &mut loaded, Some(&item_n(102)), Some(&active));
+        assert!(loaded.loading.as_ref().is_some_and(|l| l.len() == 0 && l.identifiers.is_empty()));
+        let mut renamed = item_n(105);
+        renamed.identifiers[0].value = "x105".into();
+        both(&mut direct, &mut loaded, Some(&item_n(105)), Some(&renamed));
         both(&mut direct, &mut loaded, Some(&item_n(101)), None);
-        for n in (300..320).rev() {
+        for n in (300..321).rev() {
             both(&mut direct, &mut loaded, None, Some(&item_n(n)));
         }
-        let (pages, len) = listings(&direct);
-        assert_eq!(len, 319);
+        let (pages, len) = listings(&direct, true);
+        assert_eq!(len, 320);
         assert!(pages.iter().all(|(page, _)| !page.contains(&"d101".to_owned())));
-        assert_eq!(listings(&loaded), (pages.clone(), len));
+        assert_eq!(listings(&loaded, true), (pages.clone(), len));
         direct.hydrated();
         loaded.hydrated();
         assert!(loaded.loading.is_none());
-        assert_eq!(listings(&loaded), (pages.clone(), len));
-        assert_eq!(listings(&direct), (pages, len));
+        let entries = |index: &ItemIndex| {
+            let mut shared: Vec<(u64, Vec<String>)> =
+                index.shared.iter().map(|(h, ids)| (*h, ids.iter().map(|id| id.to_string()).collect())).collect();
+            let mut single: Vec<(u64, String)> =
+                index.by_identifier.iter().map(|(h, id)| (*h, id.to_string())).collect();
+            shared.sort();
+            single.sort();
+            (shared, single)
+        };
+        // Hashes differ between the two (a seed each); the shapes agree.
+        let (shared, single) = entries(&loaded);
+        let (direct_shared, direct_single) = entries(&direct);
+        assert_eq!((shared.len(), single.len()), (direct_shared.len(), direct_single.len()));
+        assert_eq!((shared.len(), single.len()), (50, 320), "gtins shared by six or seven, one sku each");
+        assert_eq!(listings(&loaded, true), (pages.clone(), len));
+        assert_eq!(listings(&direct, true), (pages, len));
+    }
+
+    #[test]
+    fn many_loaded_items_are_indexed_on_two_threads_as_one_at_a_time() {
+        let (mut direct, mut loaded) = (ItemIndex::default(), ItemIndex::default());
+        let count = PARALLEL_BUILD / 2 + 100; // two identifiers each
+        loaded.reserve(count);
+        for n in (0..count).map(|n| (n * 7919) % count) {
+            let mut it = item(&new_dfid_like(n as u64), &[("sku", &n.to_string()), ("gtin", &(n % 1000).to_string())]);
+            if n.is_multiple_of(4) {
+                it.status = ItemStatus::Merged;
+            }
+            direct.update(&it.dfid.clone(), None, Some(&it));
+            loaded.update(&it.dfid.clone(), None, Some(&it));
+        }
+        direct.hydrated();
+        loaded.hydrated();
+        let page = |index: &ItemIndex, status: Option<ItemStatus>, identifier: Option<(&str, &str)>| {
+            let identifier = identifier.map(|(k, v)| (k.to_owned(), v.to_owned()));
+            index.page(&ItemFilter { status, identifier }, Some("DFID-8"), 500, |_| true)
+        };
+        for status in [None, Some(ItemStatus::Active), Some(ItemStatus::Merged)] {
+            for identifier in [None, Some(("gtin", "12")), Some(("sku", "4321"))] {
+                assert_eq!(page(&loaded, status, identifier), page(&direct, status, identifier));
+            }
+        }
+        assert_eq!((loaded.len(), loaded.shared.len(), loaded.by_identifier.len()), (count, 1000, count));
     }
 
     #[test]
