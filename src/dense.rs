@@ -50,29 +50,36 @@ impl<K: Hash + Eq, V, S: BuildHasher> DenseMap<K, V, S> {
     /// Fills an empty map with `entries`, whose keys are distinct; the
     /// vector becomes the map's entries as it is. Their positions go into
     /// the table in the order of its buckets (a hash's bucket is its low
-    /// bits), so that for millions of entries each insert touches the
-    /// table next to the last one, where inserting them in any other order
-    /// would touch it anywhere: a cache miss or two each.
+    /// bits: the entries are sorted by `hash & mask`, the mask that
+    /// [`reserve_for_fill`](Self::reserve_for_fill) returns; entries in that
+    /// order already are not moved again), so that for millions of entries
+    /// each insert touches the table next to the last one, where inserting
+    /// them in any other order would touch it anywhere: a cache miss or two
+    /// each. The order only decides where memory is touched: the map is
+    /// right in any order.
     #[cfg_attr(not(feature = "server"), allow(dead_code, reason = "the item index uses it"))]
     pub fn fill(&mut self, mut entries: Vec<(K, V)>) {
         assert!(self.entries.is_empty(), "only an empty map is filled");
-        let mask = self.fill_mask(entries.len());
+        let mask = self.reserve_for_fill(entries.len());
         let Self { positions, entries: held, hasher } = self;
         entries.sort_unstable_by_key(|(key, _)| hasher.hash_one(key) & mask);
         let _ = u32::try_from(entries.len()).expect("a DenseMap holds at most 2^32 entries");
         for (at, (key, _)) in entries.iter().enumerate() {
-            positions
-                .insert_unique(hasher.hash_one(key), at as u32, |&other| hasher.hash_one(&entries[other as usize].0));
+            let hash = hasher.hash_one(key);
+            debug_assert!(
+                positions.find(hash, |&other| entries[other as usize].0 == *key).is_none(),
+                "the keys a map is filled with are distinct"
+            );
+            positions.insert_unique(hash, at as u32, |&other| hasher.hash_one(&entries[other as usize].0));
         }
         *held = entries;
     }
 
     /// Makes room to [`fill`](Self::fill) the empty map with `len`
-    /// entries; the mask of the hashes' low bits that `fill` orders them
-    /// by (entries already in that order are not moved again: sorting
-    /// sorted entries is one pass).
+    /// entries; returns the mask of the hashes' low bits that `fill` orders
+    /// them by (sorting entries already in that order is one pass).
     #[cfg_attr(not(feature = "server"), allow(dead_code, reason = "the item index uses it"))]
-    pub fn fill_mask(&mut self, len: usize) -> u64 {
+    pub fn reserve_for_fill(&mut self, len: usize) -> u64 {
         let Self { positions, entries, hasher } = self;
         positions.reserve(len, |&at| hasher.hash_one(&entries[at as usize].0));
         // A table of 2^n buckets holds 7/8 of that; smaller tables are

@@ -6,7 +6,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::hash::BuildHasher;
 use std::ops::Bound;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::model::{Item, ItemStatus};
 use crate::dense::DenseMap;
@@ -38,8 +38,7 @@ pub struct ItemIndex {
     /// Inserted one at a time, each id (random, from a UUID) would walk a
     /// tree of up to millions, and each identifier land anywhere in a table
     /// of millions, with cache misses all the way, under the store's lock
-    /// that both decoding threads wait on: a third of the server's
-    /// hydration CPU.
+    /// that both decoding threads wait on.
     loading: Option<Loading>,
 }
 
@@ -111,8 +110,14 @@ struct Ranked {
 }
 
 /// From this many identifiers gathered while loading, the indexes are
-/// built on two threads.
+/// built on two threads: below it, building takes a few milliseconds at
+/// most, about what starting a thread costs to win back.
 const PARALLEL_BUILD: usize = 65_536;
+
+/// An identifier's hash under `seed`.
+fn identifier_hash(seed: &foldhash::fast::RandomState, key: &str, value: &str) -> u64 {
+    seed.hash_one((key, value))
+}
 
 /// What the server's DFIDs begin with.
 const DFID_PREFIX: &[u8] = b"DFID-";
@@ -207,7 +212,7 @@ impl<'a> Ids<'a> {
 
 impl ItemIndex {
     fn identifier_hash(&self, key: &str, value: &str) -> u64 {
-        self.seed.hash_one((key, value))
+        identifier_hash(&self.seed, key, value)
     }
 
     fn ids(&self, hash: u64) -> Option<Ids<'_>> {
@@ -252,10 +257,7 @@ impl ItemIndex {
 
 impl Index<Item> for ItemIndex {
     fn reserve(&mut self, additional: usize) {
-        // Items carry a gtin and a sku or so: sized for two identifiers
-        // each, the index does not grow (and hold its old and new table at
-        // once) near the end of hydration.
-        self.by_identifier.reserve(2 * additional);
+        // The identifier table is sized when it is filled, at the end.
         self.loading.get_or_insert_default().expected += additional;
     }
 
@@ -276,14 +278,20 @@ impl Index<Item> for ItemIndex {
 
     fn update(&mut self, id: &Arc<str>, old: Option<&Item>, new: Option<&Item>) {
         if self.loading.is_some() {
-            if let (None, Some(new)) = (old, new) {
-                self.load(id, new);
-                return;
+            match (old, new) {
+                (None, Some(new)) => return self.load(id, new),
+                (None, None) => return, // a tombstone loaded: nothing to index
+                // An item changing or going while hydration loads (a
+                // retried hydration, or a standby's, meeting newer rows):
+                // one that is not in its status set is among the gathered
+                // ones, which then go into the indexes first. (An item is
+                // in its status set or gathered, never both.)
+                (Some(old), _) => {
+                    if !self.by_status.get(&old.status).is_some_and(|set| set.contains::<str>(id)) {
+                        self.add_loaded();
+                    }
+                }
             }
-            // A loaded item changing or going while hydration loads (a
-            // retried hydration meeting newer rows): it may still be among
-            // the gathered ones, so they go into the indexes first.
-            self.add_loaded();
         }
         let old_status = old.map(|i| i.status);
         let new_status = new.map(|i| i.status);
@@ -316,15 +324,35 @@ impl ItemIndex {
     fn add_loaded(&mut self) -> Vec<ItemStatus> {
         let Some(loading) = &mut self.loading else { return Vec::new() };
         let (ids, identifiers) = (std::mem::take(&mut loading.ids), std::mem::take(&mut loading.identifiers));
-        let build_sets = move || ids.into_iter().map(|(status, ids)| (status, build(ids))).collect::<Vec<_>>();
+        // Ids few next to their set (a standby hydrating again) go in one
+        // at a time; the rest are built into sets of full nodes and merged.
+        let (mut one_by_one, mut to_build) = (Vec::new(), Vec::new());
+        for (status, ids) in ids {
+            match self.by_status.get(&status) {
+                Some(set) if ids.len() * 8 < set.len() => one_by_one.push((status, ids)),
+                _ => to_build.push((status, ids)),
+            }
+        }
         // The status sets and the identifier index are sorted and built
         // side by side when there are many (at the end of hydration the
-        // decoding threads are done, and both cores are free).
+        // decoding threads are done, and both cores are free), or one after
+        // the other where no thread can be started.
+        let to_build = Mutex::new(to_build);
+        let build_sets = || -> Vec<(ItemStatus, BTreeSet<Ranked>)> {
+            let to_build = std::mem::take(&mut *to_build.lock().unwrap_or_else(PoisonError::into_inner));
+            to_build.into_iter().map(|(status, ids)| (status, build(ids))).collect()
+        };
         let sets = if identifiers.len() >= PARALLEL_BUILD {
             std::thread::scope(|scope| {
-                let sets = scope.spawn(build_sets);
+                let building = std::thread::Builder::new().spawn_scoped(scope, build_sets);
                 self.add_identifiers(identifiers);
-                sets.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                match building {
+                    Ok(sets) => sets.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                    Err(error) => {
+                        tracing::warn!(error = %error, "no thread to build the item index on; building on this one");
+                        build_sets()
+                    }
+                }
             })
         } else {
             self.add_identifiers(identifiers);
@@ -334,6 +362,9 @@ impl ItemIndex {
         for (status, mut set) in sets {
             self.by_status.entry(status).or_default().append(&mut set);
             built.push(status);
+        }
+        for (status, ids) in one_by_one {
+            self.by_status.entry(status).or_default().extend(ids);
         }
         built
     }
@@ -351,18 +382,16 @@ impl ItemIndex {
 
     /// Gathers a new item while hydration loads.
     fn load(&mut self, id: &Arc<str>, item: &Item) {
-        let hashes: Vec<u64> = item
-            .identifiers
-            .iter()
-            .map(|identifier| self.identifier_hash(&identifier.key, &identifier.value))
-            .collect();
-        let loading = self.loading.as_mut().expect("only while loading");
+        let Self { seed, loading, .. } = self;
+        let loading = loading.as_mut().expect("only while loading");
         let expected = loading.expected;
         loading.ids.entry(item.status).or_insert_with(|| Vec::with_capacity(expected)).push(Ranked::new(id));
         if loading.identifiers.capacity() == 0 {
+            // Items carry a gtin and a sku or so.
             loading.identifiers.reserve_exact(2 * expected);
         }
-        loading.identifiers.extend(hashes.into_iter().map(|hash| (hash, id.clone())));
+        let hashed = item.identifiers.iter().map(|i| (identifier_hash(seed, &i.key, &i.value), id.clone()));
+        loading.identifiers.extend(hashed);
     }
 
     /// Fills the empty identifier index from `identifiers` (hashes and the
@@ -372,7 +401,9 @@ impl ItemIndex {
     /// order the map fills its table in (its keys are their own hashes),
     /// then by hash and id, so that the map need not sort them again.
     fn fill_identifiers(&mut self, mut identifiers: Vec<(u64, Arc<str>)>) {
-        let mask = self.by_identifier.fill_mask(identifiers.len());
+        // The map's hash of a key is the key itself (`AlreadyHashed`), so
+        // its order is the keys' low bits under its mask.
+        let mask = self.by_identifier.reserve_for_fill(identifiers.len());
         identifiers.sort_unstable_by(|(a, a_id), (b, b_id)| (a & mask, a, a_id).cmp(&(b & mask, b, b_id)));
         // An item listing an identifier twice (or two of its identifiers
         // with one hash) is indexed under it once.
@@ -451,11 +482,10 @@ impl ItemIndex {
             return self.page_of_sets(filter, after, limit, has_identifier);
         };
         // While hydration loads (the server answers no listing before it is
-        // ready; a library's caller may ask), every match in the sets and
-        // among the loaded ids, sorted. (The identifier index holds the
-        // loaded ids too: without a status filter, the sets' walk may list
-        // one of them already.)
-        let (mut page, _) = self.page_of_sets(filter, after, usize::MAX, &has_identifier);
+        // ready; a library's caller may ask): the first matches in the
+        // indexes merged with the gathered items that match (which the
+        // indexes do not hold yet), sorted.
+        let (mut page, _) = self.page_of_sets(filter, after, limit.saturating_add(1), &has_identifier);
         let loaded = loading.ids.iter().filter(|(status, _)| filter.status.is_none_or(|wanted| wanted == **status));
         page.extend(
             loaded
@@ -466,7 +496,6 @@ impl ItemIndex {
                 .cloned(),
         );
         page.sort_unstable();
-        page.dedup();
         let more = page.len() > limit;
         page.truncate(limit);
         (page, more)
@@ -751,6 +780,72 @@ mod tests {
         assert_eq!((shared.len(), single.len()), (50, 320), "gtins shared by six or seven, one sku each");
         assert_eq!(listings(&loaded, true), (pages.clone(), len));
         assert_eq!(listings(&direct, true), (pages, len));
+    }
+
+    #[test]
+    fn a_second_hydration_gathers_new_items_until_its_end_whatever_else_changes() {
+        // A standby hydrating again over a full index: new items are
+        // gathered; tombstones, and changes of items already indexed, do
+        // not make it index what it gathered before the end.
+        let mut pair = (ItemIndex::default(), ItemIndex::default());
+        let mut items: HashMap<String, Item> = HashMap::new();
+        let item_n = |n: usize| {
+            let mut it = item(&format!("d{n:03}"), &[("sku", &n.to_string()), ("gtin", &(n % 10).to_string())]);
+            if n.is_multiple_of(3) {
+                it.status = ItemStatus::Merged;
+            }
+            it
+        };
+        type Pair = (ItemIndex, ItemIndex);
+        let both = |pair: &mut Pair, old: Option<usize>, new: Option<Item>, items: &mut HashMap<String, Item>| {
+            let id: Arc<str> = match (&old, &new) {
+                (Some(n), _) => Arc::from(format!("d{n:03}")),
+                (None, Some(new)) => new.dfid.clone(),
+                (None, None) => Arc::from("gone"),
+            };
+            let old = old.and_then(|_| items.remove(&*id));
+            pair.0.update(&id, old.as_ref(), new.as_ref());
+            pair.1.update(&id, old.as_ref(), new.as_ref());
+            if let Some(new) = new {
+                items.insert(id.to_string(), new);
+            }
+        };
+        pair.1.reserve(200);
+        for n in (0..200).rev() {
+            both(&mut pair, None, Some(item_n(n)), &mut items);
+        }
+        pair.1.hydrated();
+        pair.1.reserve(200);
+        for n in 200..210 {
+            both(&mut pair, None, Some(item_n(n)), &mut items);
+        }
+        both(&mut pair, None, None, &mut items); // a tombstone row
+        let mut changed = item_n(50);
+        changed.status = ItemStatus::Merged;
+        changed.identifiers[0].value = "x50".into();
+        both(&mut pair, Some(50), Some(changed), &mut items);
+        both(&mut pair, Some(51), None, &mut items);
+        let gathered = pair.1.loading.as_ref().map(|l| (l.len(), l.identifiers.len()));
+        assert_eq!(gathered, Some((10, 20)), "nothing indexed before the end");
+        let pages = |index: &ItemIndex, items: &HashMap<String, Item>| {
+            let mut pages = Vec::new();
+            for status in [None, Some(ItemStatus::Active), Some(ItemStatus::Merged)] {
+                for identifier in [None, Some(("gtin", "3")), Some(("sku", "x50")), Some(("sku", "205"))] {
+                    let identifier = identifier.map(|(k, v)| (k.to_owned(), v.to_owned()));
+                    let filter = ItemFilter { status, identifier };
+                    let has = |dfid: &str| {
+                        let (key, value) = filter.identifier.as_ref().unwrap();
+                        items[dfid].identifiers.iter().any(|i| &*i.key == key.as_str() && &*i.value == value.as_str())
+                    };
+                    pages.push(index.page(&filter, Some("d040"), 30, has));
+                }
+            }
+            (pages, index.len())
+        };
+        assert_eq!(pages(&pair.1, &items), pages(&pair.0, &items));
+        pair.1.hydrated();
+        assert_eq!(pages(&pair.1, &items), pages(&pair.0, &items));
+        assert_eq!(pair.1.len(), 209);
     }
 
     #[test]

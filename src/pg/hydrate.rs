@@ -87,6 +87,23 @@ pub async fn hydrate(store: &Store, pool: &Pool) -> Result<HydrationReport, Hydr
     }
 }
 
+/// Tells a kind's indexes that loading has ended when hydration stops
+/// before its end (an error, or the future dropped), so that what they
+/// gathered while loading is indexed for a store that is used on.
+struct EndLoading {
+    store: Store,
+    kind: KindId,
+    armed: bool,
+}
+
+impl Drop for EndLoading {
+    fn drop(&mut self) {
+        if self.armed {
+            self.store.hydrated(self.kind);
+        }
+    }
+}
+
 /// Stops a task when dropped (a no-op once the task has finished).
 struct AbortOnDrop(tokio::task::AbortHandle);
 
@@ -160,6 +177,7 @@ async fn hydrate_kind(
     // so never resident.
     let estimate = usize::try_from(estimate).unwrap_or(0);
     store.reserve(kind_id, estimate + estimate / 16);
+    let mut end_loading = EndLoading { store: store.clone(), kind: kind_id, armed: true };
 
     let (raw, raw_rx) = tokio::sync::mpsc::channel::<Vec<tokio_postgres::Row>>(4);
     // Cancelled when this future is dropped before the decoders are done:
@@ -197,6 +215,7 @@ async fn hydrate_kind(
     streamed?;
     decoding?;
     // Compacting a kind's indexes takes a while for millions of entities.
+    end_loading.armed = false;
     let (store, compacting) = (store.clone(), Instant::now());
     tokio::task::spawn_blocking(move || store.hydrated(kind_id)).await.expect("compacting indexes does not panic");
     Ok((count, compacting.elapsed()))
