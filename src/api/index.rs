@@ -690,12 +690,81 @@ mod tests {
         assert_eq!(index.page(&all, Some("DFID-0"), 3, |_| true).0, index.page(&filter, Some("DFID-0"), 3, |_| true).0);
     }
 
+    /// Two indexes given the same changes: `direct` indexes each item at
+    /// once, `loaded` is the one tests put into hydration's loading (with
+    /// `reserve`); `items` holds every live item, to tell which holds an
+    /// identifier.
+    #[derive(Default)]
+    struct Twins {
+        direct: ItemIndex,
+        loaded: ItemIndex,
+        items: HashMap<String, Item>,
+    }
+
+    impl Twins {
+        /// Item `id` becomes `new` (`None`: deleted, or a tombstone row).
+        fn apply(&mut self, id: &str, new: Option<Item>) {
+            let (id, old): (Arc<str>, _) = (Arc::from(id), self.items.remove(id));
+            self.direct.update(&id, old.as_ref(), new.as_ref());
+            self.loaded.update(&id, old.as_ref(), new.as_ref());
+            if let Some(new) = new {
+                self.items.insert(id.to_string(), new);
+            }
+        }
+
+        /// Every listing of `index` by status (any, active, merged), by
+        /// each of `identifiers` (and by none), after each of `cursors`;
+        /// and the number of items.
+        fn listings(
+            &self,
+            index: &ItemIndex,
+            identifiers: &[(&str, &str)],
+            cursors: &[Option<&str>],
+            limit: usize,
+        ) -> (Vec<(Vec<String>, bool)>, usize) {
+            let mut pages = Vec::new();
+            for status in [None, Some(ItemStatus::Active), Some(ItemStatus::Merged)] {
+                for identifier in std::iter::once(None).chain(identifiers.iter().map(Some)) {
+                    for after in cursors {
+                        let identifier = identifier.map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
+                        let filter = ItemFilter { status, identifier };
+                        let has = |dfid: &str| {
+                            let (key, value) = filter.identifier.as_ref().expect("asked with an identifier");
+                            self.items[dfid].identifiers.iter().any(|i| &*i.key == key && &*i.value == value)
+                        };
+                        let (page, more) = index.page(&filter, *after, limit, has);
+                        pages.push((page.iter().map(|id| id.to_string()).collect(), more));
+                    }
+                }
+            }
+            (pages, index.len())
+        }
+
+        /// The listings of `direct`, after checking that `loaded` gives
+        /// the same.
+        fn agreed(
+            &self,
+            identifiers: &[(&str, &str)],
+            cursors: &[Option<&str>],
+            limit: usize,
+        ) -> (Vec<(Vec<String>, bool)>, usize) {
+            let direct = self.listings(&self.direct, identifiers, cursors, limit);
+            assert_eq!(self.listings(&self.loaded, identifiers, cursors, limit), direct);
+            direct
+        }
+
+        fn hydrated(&mut self) {
+            self.direct.hydrated();
+            self.loaded.hydrated();
+        }
+    }
+
     #[test]
     fn items_loaded_by_hydration_are_listed_as_items_inserted_one_at_a_time() {
         // `loaded` gathers new ids while hydration loads (after `reserve`)
         // and builds its sets at the end; `direct` inserts each id at once.
-        let (mut direct, mut loaded) = (ItemIndex::default(), ItemIndex::default());
-        loaded.reserve(320);
+        let mut twins = Twins::default();
+        twins.loaded.reserve(320);
         let item_n = |n: usize| {
             let gtin = (n % 50).to_string();
             let mut it = item(&format!("d{n:03}"), &[("sku", &n.to_string()), ("gtin", &gtin)]);
@@ -709,61 +778,31 @@ mod tests {
             }
             it
         };
-        let both = |direct: &mut ItemIndex, loaded: &mut ItemIndex, old: Option<&Item>, new: Option<&Item>| {
-            let id: Arc<str> = Arc::from(old.or(new).map(|i| &*i.dfid).unwrap());
-            direct.update(&id, old, new);
-            loaded.update(&id, old, new);
-        };
-        let listings = |index: &ItemIndex, renamed: bool| {
-            let mut pages = Vec::new();
-            for status in [None, Some(ItemStatus::Active), Some(ItemStatus::Merged)] {
-                let identifiers = [("gtin", "7"), ("sku", "102"), ("sku", "105"), ("sku", "x105"), ("sku", "320")];
-                for identifier in std::iter::once(None).chain(identifiers.map(Some)) {
-                    for after in [None, Some("d100"), Some("d2")] {
-                        let identifier = identifier.map(|(k, v): (&str, &str)| (k.to_owned(), v.to_owned()));
-                        let filter = ItemFilter { status, identifier };
-                        // The items' identifiers: gtin n % 50, sku n (d105's
-                        // becomes x105).
-                        let has = |dfid: &str| {
-                            let n: usize = dfid[1..].parse().unwrap();
-                            let sku = if n == 105 && renamed { "x105".to_owned() } else { n.to_string() };
-                            filter.identifier.as_ref().is_none_or(|(k, v)| match k.as_str() {
-                                "gtin" => (n % 50).to_string() == *v,
-                                _ => sku == *v,
-                            })
-                        };
-                        let (page, more) = index.page(&filter, after, 40, has);
-                        pages.push((page.iter().map(|id| id.to_string()).collect::<Vec<_>>(), more));
-                    }
-                }
-            }
-            (pages, index.len())
-        };
+        let identifiers = [("gtin", "7"), ("sku", "102"), ("sku", "105"), ("sku", "x105"), ("sku", "320")];
+        let cursors = [None, Some("d100"), Some("d2")];
         for n in (0..300).map(|n| (n * 7) % 300) {
-            both(&mut direct, &mut loaded, None, Some(&item_n(n)));
+            twins.apply(&format!("d{n:03}"), Some(item_n(n)));
         }
-        assert_eq!(loaded.loading.as_ref().map(Loading::len), Some(300), "new ids wait for the end of hydration");
-        assert_eq!(listings(&loaded, false), listings(&direct, false));
+        assert_eq!(twins.loaded.loading.as_ref().map(Loading::len), Some(300), "new ids wait for the end of hydration");
+        twins.agreed(&identifiers, &cursors, 40);
         // A loaded item changes status, another an identifier, another
         // goes, and more arrive.
         let mut active = item_n(102);
         active.status = ItemStatus::Active;
-        both(&mut direct, &mut loaded, Some(&item_n(102)), Some(&active));
-        assert!(loaded.loading.as_ref().is_some_and(|l| l.len() == 0 && l.identifiers.is_empty()));
+        twins.apply("d102", Some(active));
+        assert!(twins.loaded.loading.as_ref().is_some_and(|l| l.len() == 0 && l.identifiers.is_empty()));
         let mut renamed = item_n(105);
         renamed.identifiers[0].value = "x105".into();
-        both(&mut direct, &mut loaded, Some(&item_n(105)), Some(&renamed));
-        both(&mut direct, &mut loaded, Some(&item_n(101)), None);
+        twins.apply("d105", Some(renamed));
+        twins.apply("d101", None);
         for n in (300..321).rev() {
-            both(&mut direct, &mut loaded, None, Some(&item_n(n)));
+            twins.apply(&format!("d{n:03}"), Some(item_n(n)));
         }
-        let (pages, len) = listings(&direct, true);
+        let (pages, len) = twins.agreed(&identifiers, &cursors, 40);
         assert_eq!(len, 320);
         assert!(pages.iter().all(|(page, _)| !page.contains(&"d101".to_owned())));
-        assert_eq!(listings(&loaded, true), (pages.clone(), len));
-        direct.hydrated();
-        loaded.hydrated();
-        assert!(loaded.loading.is_none());
+        twins.hydrated();
+        assert!(twins.loaded.loading.is_none());
         let entries = |index: &ItemIndex| {
             let mut shared: Vec<(u64, Vec<String>)> =
                 index.shared.iter().map(|(h, ids)| (*h, ids.iter().map(|id| id.to_string()).collect())).collect();
@@ -774,12 +813,11 @@ mod tests {
             (shared, single)
         };
         // Hashes differ between the two (a seed each); the shapes agree.
-        let (shared, single) = entries(&loaded);
-        let (direct_shared, direct_single) = entries(&direct);
+        let (shared, single) = entries(&twins.loaded);
+        let (direct_shared, direct_single) = entries(&twins.direct);
         assert_eq!((shared.len(), single.len()), (direct_shared.len(), direct_single.len()));
         assert_eq!((shared.len(), single.len()), (50, 320), "gtins shared by six or seven, one sku each");
-        assert_eq!(listings(&loaded, true), (pages.clone(), len));
-        assert_eq!(listings(&direct, true), (pages, len));
+        assert_eq!(twins.agreed(&identifiers, &cursors, 40), (pages, len));
     }
 
     #[test]
@@ -787,8 +825,7 @@ mod tests {
         // A standby hydrating again over a full index: new items are
         // gathered; tombstones, and changes of items already indexed, do
         // not make it index what it gathered before the end.
-        let mut pair = (ItemIndex::default(), ItemIndex::default());
-        let mut items: HashMap<String, Item> = HashMap::new();
+        let mut twins = Twins::default();
         let item_n = |n: usize| {
             let mut it = item(&format!("d{n:03}"), &[("sku", &n.to_string()), ("gtin", &(n % 10).to_string())]);
             if n.is_multiple_of(3) {
@@ -796,82 +833,45 @@ mod tests {
             }
             it
         };
-        type Pair = (ItemIndex, ItemIndex);
-        let both = |pair: &mut Pair, old: Option<usize>, new: Option<Item>, items: &mut HashMap<String, Item>| {
-            let id: Arc<str> = match (&old, &new) {
-                (Some(n), _) => Arc::from(format!("d{n:03}")),
-                (None, Some(new)) => new.dfid.clone(),
-                (None, None) => Arc::from("gone"),
-            };
-            let old = old.and_then(|_| items.remove(&*id));
-            pair.0.update(&id, old.as_ref(), new.as_ref());
-            pair.1.update(&id, old.as_ref(), new.as_ref());
-            if let Some(new) = new {
-                items.insert(id.to_string(), new);
-            }
-        };
-        pair.1.reserve(200);
+        twins.loaded.reserve(200);
         for n in (0..200).rev() {
-            both(&mut pair, None, Some(item_n(n)), &mut items);
+            twins.apply(&format!("d{n:03}"), Some(item_n(n)));
         }
-        pair.1.hydrated();
-        pair.1.reserve(200);
+        twins.loaded.hydrated();
+        twins.loaded.reserve(200);
         for n in 200..210 {
-            both(&mut pair, None, Some(item_n(n)), &mut items);
+            twins.apply(&format!("d{n:03}"), Some(item_n(n)));
         }
-        both(&mut pair, None, None, &mut items); // a tombstone row
+        twins.apply("gone", None); // a tombstone row
         let mut changed = item_n(50);
         changed.status = ItemStatus::Merged;
         changed.identifiers[0].value = "x50".into();
-        both(&mut pair, Some(50), Some(changed), &mut items);
-        both(&mut pair, Some(51), None, &mut items);
-        let gathered = pair.1.loading.as_ref().map(|l| (l.len(), l.identifiers.len()));
+        twins.apply("d050", Some(changed));
+        twins.apply("d051", None);
+        let gathered = twins.loaded.loading.as_ref().map(|l| (l.len(), l.identifiers.len()));
         assert_eq!(gathered, Some((10, 20)), "nothing indexed before the end");
-        let pages = |index: &ItemIndex, items: &HashMap<String, Item>| {
-            let mut pages = Vec::new();
-            for status in [None, Some(ItemStatus::Active), Some(ItemStatus::Merged)] {
-                for identifier in [None, Some(("gtin", "3")), Some(("sku", "x50")), Some(("sku", "205"))] {
-                    let identifier = identifier.map(|(k, v)| (k.to_owned(), v.to_owned()));
-                    let filter = ItemFilter { status, identifier };
-                    let has = |dfid: &str| {
-                        let (key, value) = filter.identifier.as_ref().unwrap();
-                        items[dfid].identifiers.iter().any(|i| &*i.key == key.as_str() && &*i.value == value.as_str())
-                    };
-                    pages.push(index.page(&filter, Some("d040"), 30, has));
-                }
-            }
-            (pages, index.len())
-        };
-        assert_eq!(pages(&pair.1, &items), pages(&pair.0, &items));
-        pair.1.hydrated();
-        assert_eq!(pages(&pair.1, &items), pages(&pair.0, &items));
-        assert_eq!(pair.1.len(), 209);
+        let identifiers = [("gtin", "3"), ("sku", "x50"), ("sku", "205")];
+        twins.agreed(&identifiers, &[Some("d040")], 30);
+        twins.loaded.hydrated();
+        twins.agreed(&identifiers, &[Some("d040")], 30);
+        assert_eq!(twins.loaded.len(), 209);
     }
 
     #[test]
     fn many_loaded_items_are_indexed_on_two_threads_as_one_at_a_time() {
-        let (mut direct, mut loaded) = (ItemIndex::default(), ItemIndex::default());
+        let mut twins = Twins::default();
         let count = PARALLEL_BUILD / 2 + 100; // two identifiers each
-        loaded.reserve(count);
+        twins.loaded.reserve(count);
         for n in (0..count).map(|n| (n * 7919) % count) {
             let mut it = item(&new_dfid_like(n as u64), &[("sku", &n.to_string()), ("gtin", &(n % 1000).to_string())]);
             if n.is_multiple_of(4) {
                 it.status = ItemStatus::Merged;
             }
-            direct.update(&it.dfid.clone(), None, Some(&it));
-            loaded.update(&it.dfid.clone(), None, Some(&it));
+            twins.apply(&it.dfid.clone(), Some(it));
         }
-        direct.hydrated();
-        loaded.hydrated();
-        let page = |index: &ItemIndex, status: Option<ItemStatus>, identifier: Option<(&str, &str)>| {
-            let identifier = identifier.map(|(k, v)| (k.to_owned(), v.to_owned()));
-            index.page(&ItemFilter { status, identifier }, Some("DFID-8"), 500, |_| true)
-        };
-        for status in [None, Some(ItemStatus::Active), Some(ItemStatus::Merged)] {
-            for identifier in [None, Some(("gtin", "12")), Some(("sku", "4321"))] {
-                assert_eq!(page(&loaded, status, identifier), page(&direct, status, identifier));
-            }
-        }
+        twins.hydrated();
+        twins.agreed(&[("gtin", "12"), ("sku", "4321")], &[Some("DFID-8")], 500);
+        let loaded = &twins.loaded;
         assert_eq!((loaded.len(), loaded.shared.len(), loaded.by_identifier.len()), (count, 1000, count));
     }
 
