@@ -1042,6 +1042,82 @@ async fn hydration_reads_every_kind_from_one_snapshot() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn hydration_reads_a_large_table_with_parallel_workers_and_keeps_that_to_itself() {
+    let db = fresh_db("parallel").await;
+    let client = db.connect().await;
+    // `docs` stands in for a table large enough for parallel workers: the
+    // database lets a table of any size have them and prices starting them
+    // at nothing, and each row takes a while to read so that they can be
+    // seen. What hydration itself must change is the price of passing rows
+    // from the workers, which on its own keeps this plan on one process.
+    client
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{name}\" SET min_parallel_table_scan_size = 0;
+             ALTER DATABASE \"{name}\" SET parallel_setup_cost = 0;
+             CREATE TABLE docs_rows (id text PRIMARY KEY, version bigint NOT NULL, deleted boolean NOT NULL DEFAULT false,
+               data jsonb, updated_at timestamptz NOT NULL DEFAULT now());
+             CREATE FUNCTION slow_row() RETURNS boolean LANGUAGE sql VOLATILE PARALLEL SAFE COST 1
+               AS $$ SELECT true FROM pg_sleep(0.0005) $$;
+             CREATE VIEW docs AS SELECT id, version, deleted, data, updated_at FROM docs_rows WHERE slow_row();
+             INSERT INTO docs_rows SELECT 'd' || n, n, n % 10 = 0,
+               CASE WHEN n % 10 <> 0 THEN jsonb_build_object('id', 'd' || n, 'body', 'row ' || n, 'n', n) END
+               FROM generate_series(1, 4000) AS n;
+             ANALYZE docs_rows;",
+            name = db.name
+        ))
+        .await
+        .unwrap();
+    let hydrating = tokio::spawn({
+        let db_config = db.config.clone();
+        async move {
+            let pool = outbox::pg::pool(db_config.clone(), 4);
+            outbox::pg::migrate(&pool).await.unwrap();
+            let (store, receiver) = Store::builder().kind::<Doc>().build();
+            Engine::builder(store, receiver, pool).worker(config(1000, 1)).lease(false).start().await.unwrap()
+        }
+    });
+    let parallel = common::poll_until(Duration::from_secs(20), || async {
+        client
+            .query_one(
+                // Workers of this read only: building the library's indexes
+                // (its migrations) may start some too.
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'parallel worker'
+                   AND datname = current_database() AND query LIKE '%FROM \"docs\"%'",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) > 0)
+            .unwrap_or(false)
+    })
+    .await;
+    let engine = hydrating.await.unwrap();
+    assert!(parallel, "hydration reads the table with parallel workers");
+    let store = engine.store();
+    for n in 1..=4000u64 {
+        let doc = store.get::<Doc>(&format!("d{n}"));
+        if n % 10 == 0 {
+            assert!(doc.is_none(), "d{n} is a tombstone");
+        } else {
+            let doc = doc.unwrap_or_else(|| panic!("d{n} hydrated"));
+            assert_eq!((doc.version, doc.n, doc.body.as_str()), (n, n, format!("row {n}").as_str()));
+        }
+    }
+    // The price is the hydration transaction's alone: no connection the
+    // pool hands out afterwards keeps it.
+    let pool = engine.pool().clone();
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+    let size = pool.status().size;
+    let mut connections = Vec::new();
+    for _ in 0..size {
+        connections.push(pool.get().await.unwrap());
+    }
+    for connection in &connections {
+        let price: String = connection.query_one("SHOW parallel_tuple_cost", &[]).await.unwrap().get(0);
+        assert_eq!(price, "0.1", "the default price on a pooled connection");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_row_too_large_for_its_index_is_quarantined_not_retried_forever() {
     let (_db, engine) = docs_engine("index-limit", Some("CREATE INDEX docs_body ON docs ((data->>'body'))")).await;
     let store = engine.store().clone();

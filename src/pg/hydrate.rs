@@ -12,7 +12,7 @@ use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 
 use super::DbError;
-use super::upsert::JsonbRef;
+use super::upsert::JsonText;
 use crate::entity::{KindId, KindInfo};
 use crate::store::{HydratedRow, Store};
 
@@ -113,20 +113,32 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Lets the planner read a large table with parallel workers, for the
+/// hydration transaction only. Turning each entity into text is most of the
+/// database's work per row, and the select does it in the scan's output,
+/// so workers share it; the planner's default price for passing a row from
+/// a worker to the backend (a tenth of reading one) counts nothing of that,
+/// and keeps any table of a useful size on one process. How many workers:
+/// the database's own settings (`max_parallel_workers_per_gather`); tables
+/// smaller than `min_parallel_table_scan_size` stay on one. Set only where
+/// the setting exists, so that an engine without it reads as before.
+const PARALLEL_READ: &str = "SELECT set_config(name, '0', true) FROM pg_settings WHERE name = 'parallel_tuple_cost'";
+
 async fn load(store: &Store, pool: &Pool) -> Result<HydrationReport, HydrateError> {
     let started = Instant::now();
     let mut client = pool.get().await.map_err(DbError::from)?;
     // One read-only transaction at REPEATABLE READ for every kind: one
     // snapshot for all of them (at READ COMMITTED each statement would take
     // its own, and a change set committed between two kinds' reads would
-    // load half), and the pool's statement timeout lifted for this long read.
+    // load half), the pool's statement timeout lifted for this long read,
+    // and its tables read by parallel workers where that pays.
     let client = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
         .read_only(true)
         .start()
         .await?;
-    client.batch_execute("SET LOCAL statement_timeout = 0").await?;
+    client.batch_execute(&format!("SET LOCAL statement_timeout = 0; {PARALLEL_READ}")).await?;
     // Where a standby follows from: the commit feed's head in this snapshot.
     let feed_cursor = client
         .query_opt("SELECT seq FROM outbox_feed_head WHERE name = $1", &[&super::lease::LEASE_NAME])
@@ -270,7 +282,7 @@ fn decode_row(
     let id: &str = row.try_get(0)?;
     let version: i64 = row.try_get(1)?;
     let deleted: bool = row.try_get(2)?;
-    let data: Option<JsonbRef<'_>> = row.try_get(3)?;
+    let data: Option<JsonText<'_>> = row.try_get(3)?;
     let decode_error = |error: String| HydrateError::Decode { kind, table, id: id.to_owned(), error };
     let value = match (deleted, data) {
         (false, Some(json)) => Some(decode(json.0).map_err(|e| decode_error(e.to_string()))?),
@@ -300,7 +312,7 @@ pub(crate) async fn current_rows(
     let rows = client.query(&format!("{} WHERE t.id = ANY($1)", super::sql::table(kind).select), &[&ids]).await?;
     let mut current = std::collections::HashMap::with_capacity(rows.len());
     for row in rows {
-        let data: Option<JsonbRef<'_>> = row.try_get(3)?;
+        let data: Option<JsonText<'_>> = row.try_get(3)?;
         current.insert(
             row.try_get::<_, String>(0)?,
             CurrentRow {

@@ -29,8 +29,12 @@ pub(crate) struct TableSql {
     /// given: their 1-based position and the version the table holds (NULL:
     /// no row).
     pub(crate) mismatches: String,
-    /// Every row as (id, version, deleted, the entity as jsonb), for
-    /// hydration; followed by `WHERE id = ANY($1)` to read some.
+    /// Every row as (id, version, deleted, the entity as JSON text), for
+    /// hydration; followed by `WHERE id = ANY($1)` to read some. The entity
+    /// is cast to text in the statement rather than sent as jsonb, so that
+    /// turning it into text (most of what the database does per row) is
+    /// part of the scan's output: done by parallel workers when the plan
+    /// has them, not by the one backend that sends every row.
     pub(crate) select: String,
     /// `COPY ... FROM STDIN` of (id, version, deleted, the entity) for rows
     /// the table has never held: binary for a document table, text (each
@@ -52,7 +56,7 @@ struct Shape {
     params: Vec<&'static str>,
     /// How each `u.<name>` becomes the column's value.
     values: Vec<String>,
-    /// The entity as jsonb, read from a row `t`.
+    /// The entity as JSON text, read from a row `t`.
     read: String,
 }
 
@@ -62,13 +66,13 @@ fn shape(layout: Layout) -> Shape {
             names: vec!["data".into()],
             params: vec!["jsonb[]"],
             values: vec!["u.data".into()],
-            read: "t.data".into(),
+            read: "t.data::text".into(),
         },
         Layout::Columns { id_field, columns } => Shape {
             names: columns.iter().map(|c| quote_ident(c.name)).collect(),
             params: columns.iter().map(|_| "text[]").collect(),
             values: columns.iter().map(|c| format!("u.{}::{}", quote_ident(c.name), c.sql_type)).collect(),
-            read: read_columns(id_field, columns),
+            read: format!("({})::text", read_columns(id_field, columns)),
         },
     }
 }

@@ -130,19 +130,17 @@ impl ToSql for JsonbRows<'_> {
     to_sql_checked!();
 }
 
-/// A `jsonb` value as received, borrowed from the row.
-pub(crate) struct JsonbRef<'a>(pub(crate) &'a [u8]);
+/// JSON as text, borrowed from the row as received (its bytes are checked
+/// by the JSON decoder, which reads them anyway).
+pub(crate) struct JsonText<'a>(pub(crate) &'a [u8]);
 
-impl<'a> FromSql<'a> for JsonbRef<'a> {
+impl<'a> FromSql<'a> for JsonText<'a> {
     fn from_sql(_ty: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn StdError + Sync + Send>> {
-        match raw.split_first() {
-            Some((&JSONB_VERSION, json)) => Ok(Self(json)),
-            _ => Err("unsupported jsonb binary format".into()),
-        }
+        Ok(Self(raw))
     }
 
     fn accepts(ty: &Type) -> bool {
-        *ty == Type::JSONB
+        *ty == Type::TEXT
     }
 }
 
