@@ -1042,18 +1042,20 @@ async fn hydration_reads_every_kind_from_one_snapshot() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn hydration_reads_a_large_table_with_parallel_workers_and_keeps_that_to_itself() {
+async fn hydration_reads_a_large_table_with_parallel_workers_and_leaves_the_setting_local() {
     let db = fresh_db("parallel").await;
     let client = db.connect().await;
+    let default_cost: String = client.query_one("SHOW parallel_tuple_cost", &[]).await.unwrap().get(0);
     // `docs` stands in for a table large enough for parallel workers: the
-    // database lets a table of any size have them and prices starting them
-    // at nothing, and each row takes a while to read so that they can be
-    // seen. What hydration itself must change is the price of passing rows
-    // from the workers, which on its own keeps this plan on one process.
+    // database lets a table of any size have two and costs starting them at
+    // nothing, and each row takes a while to read so that they can be seen.
+    // What hydration itself must change is the cost of passing rows from
+    // the workers, which on its own keeps this plan on one process.
     client
         .batch_execute(&format!(
             "ALTER DATABASE \"{name}\" SET min_parallel_table_scan_size = 0;
              ALTER DATABASE \"{name}\" SET parallel_setup_cost = 0;
+             ALTER DATABASE \"{name}\" SET max_parallel_workers_per_gather = 2;
              CREATE TABLE docs_rows (id text PRIMARY KEY, version bigint NOT NULL, deleted boolean NOT NULL DEFAULT false,
                data jsonb, updated_at timestamptz NOT NULL DEFAULT now());
              CREATE FUNCTION slow_row() RETURNS boolean LANGUAGE sql VOLATILE PARALLEL SAFE COST 1
@@ -1076,22 +1078,40 @@ async fn hydration_reads_a_large_table_with_parallel_workers_and_keeps_that_to_i
             Engine::builder(store, receiver, pool).worker(config(1000, 1)).lease(false).start().await.unwrap()
         }
     });
-    let parallel = common::poll_until(Duration::from_secs(20), || async {
-        client
-            .query_one(
-                // Workers of this read only: building the library's indexes
-                // (its migrations) may start some too.
-                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'parallel worker'
-                   AND datname = current_database() AND query LIKE '%FROM \"docs\"%'",
+    // The statement a parallel worker of this read runs (building the
+    // library's indexes, its migrations, may start workers too).
+    let mut read_by_workers = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while read_by_workers.is_none() && !hydrating.is_finished() && std::time::Instant::now() < deadline {
+        read_by_workers = client
+            .query_opt(
+                "SELECT query FROM pg_stat_activity WHERE backend_type = 'parallel worker'
+                   AND datname = current_database() AND query LIKE '%FROM \"docs\"%' LIMIT 1",
                 &[],
             )
             .await
-            .map(|r| r.get::<_, i64>(0) > 0)
-            .unwrap_or(false)
-    })
-    .await;
+            .unwrap()
+            .map(|row| row.get::<_, String>(0));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let engine = hydrating.await.unwrap();
-    assert!(parallel, "hydration reads the table with parallel workers");
+    let statement = read_by_workers.expect("hydration reads the table with parallel workers");
+    // The workers make the text: the cast is in their scan's output (on a
+    // connection of its own, which has the database's settings above).
+    let mut explaining = db.connect().await;
+    let transaction = explaining.transaction().await.unwrap();
+    transaction.batch_execute("SET LOCAL parallel_tuple_cost = 0").await.unwrap();
+    let plan: Vec<String> = transaction
+        .query(&format!("EXPLAIN (VERBOSE) {statement}"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    transaction.commit().await.unwrap();
+    let scan = plan.iter().position(|line| line.contains("Parallel Seq Scan")).expect("a parallel scan");
+    let output = plan[scan..].iter().find(|line| line.trim_start().starts_with("Output:")).expect("its output");
+    assert!(output.contains("(docs_rows.data)::text"), "the workers cast the document to text: {plan:#?}");
     let store = engine.store();
     for n in 1..=4000u64 {
         let doc = store.get::<Doc>(&format!("d{n}"));
@@ -1102,7 +1122,7 @@ async fn hydration_reads_a_large_table_with_parallel_workers_and_keeps_that_to_i
             assert_eq!((doc.version, doc.n, doc.body.as_str()), (n, n, format!("row {n}").as_str()));
         }
     }
-    // The price is the hydration transaction's alone: no connection the
+    // The cost is the hydration transaction's alone: no connection the
     // pool hands out afterwards keeps it.
     let pool = engine.pool().clone();
     assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
@@ -1112,8 +1132,8 @@ async fn hydration_reads_a_large_table_with_parallel_workers_and_keeps_that_to_i
         connections.push(pool.get().await.unwrap());
     }
     for connection in &connections {
-        let price: String = connection.query_one("SHOW parallel_tuple_cost", &[]).await.unwrap().get(0);
-        assert_eq!(price, "0.1", "the default price on a pooled connection");
+        let cost: String = connection.query_one("SHOW parallel_tuple_cost", &[]).await.unwrap().get(0);
+        assert_eq!(cost, default_cost, "the database's cost on a pooled connection");
     }
 }
 

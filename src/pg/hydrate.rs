@@ -116,12 +116,17 @@ impl Drop for AbortOnDrop {
 /// Lets the planner read a large table with parallel workers, for the
 /// hydration transaction only. Turning each entity into text is most of the
 /// database's work per row, and the select does it in the scan's output,
-/// so workers share it; the planner's default price for passing a row from
-/// a worker to the backend (a tenth of reading one) counts nothing of that,
-/// and keeps any table of a useful size on one process. How many workers:
-/// the database's own settings (`max_parallel_workers_per_gather`); tables
-/// smaller than `min_parallel_table_scan_size` stay on one. Set only where
-/// the setting exists, so that an engine without it reads as before.
+/// so workers share it. The planner's default cost of passing a row from a
+/// worker to the backend (`parallel_tuple_cost`, 0.1: ten times that of
+/// processing a row) outweighs what it reckons a worker saves per row (the
+/// conversion counts at its catalog cost, a small fraction of its real
+/// one), and keeps a read of every row on one process whatever the table's
+/// size; at 0, starting workers pays from about 100,000 rows (of about
+/// 350 bytes of JSON each). How many workers: the database's own settings
+/// (`max_parallel_workers_per_gather`, the table's size, free worker
+/// slots). Set only where the setting exists, so that an engine without it
+/// reads as before. The statement's plan, cached with the connection, keeps
+/// its workers; only hydration runs that statement.
 const PARALLEL_READ: &str = "SELECT set_config(name, '0', true) FROM pg_settings WHERE name = 'parallel_tuple_cost'";
 
 async fn load(store: &Store, pool: &Pool) -> Result<HydrationReport, HydrateError> {
