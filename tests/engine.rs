@@ -983,6 +983,18 @@ async fn callers_that_give_up_leave_no_claims_behind() {
     drop(waiting);
 }
 
+/// An engine of `builder` started (migrations, hydration; no lease) on a
+/// task, so that a test can watch the database while it hydrates.
+fn start_in_background(db: &TestDb, builder: StoreBuilder) -> tokio::task::JoinHandle<Engine> {
+    let db_config = db.config.clone();
+    tokio::spawn(async move {
+        let pool = outbox::pg::pool(db_config, 4);
+        outbox::pg::migrate(&pool).await.unwrap();
+        let (store, receiver) = builder.build();
+        Engine::builder(store, receiver, pool).worker(config(1000, 1)).lease(false).start().await.unwrap()
+    })
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn hydration_reads_every_kind_from_one_snapshot() {
     let db = fresh_db("snapshot").await;
@@ -1000,15 +1012,7 @@ async fn hydration_reads_every_kind_from_one_snapshot() {
         )
         .await
         .unwrap();
-    let hydrating = tokio::spawn({
-        let db_config = db.config.clone();
-        async move {
-            let pool = outbox::pg::pool(db_config.clone(), 4);
-            outbox::pg::migrate(&pool).await.unwrap();
-            let (store, receiver) = Store::builder().kind::<Doc>().kind::<Tag>().build();
-            Engine::builder(store, receiver, pool).worker(config(1000, 1)).lease(false).start().await.unwrap()
-        }
-    });
+    let hydrating = start_in_background(&db, Store::builder().kind::<Doc>().kind::<Tag>());
     let reading = common::poll_until(Duration::from_secs(20), || async {
         client
             .query_one(
@@ -1069,15 +1073,7 @@ async fn hydration_reads_a_large_table_with_parallel_workers_and_leaves_the_sett
         ))
         .await
         .unwrap();
-    let hydrating = tokio::spawn({
-        let db_config = db.config.clone();
-        async move {
-            let pool = outbox::pg::pool(db_config.clone(), 4);
-            outbox::pg::migrate(&pool).await.unwrap();
-            let (store, receiver) = Store::builder().kind::<Doc>().build();
-            Engine::builder(store, receiver, pool).worker(config(1000, 1)).lease(false).start().await.unwrap()
-        }
-    });
+    let hydrating = start_in_background(&db, Store::builder().kind::<Doc>());
     // The statement a parallel worker of this read runs (building the
     // library's indexes, its migrations, may start workers too).
     let mut read_by_workers = None;
