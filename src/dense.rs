@@ -63,14 +63,13 @@ impl<K: Hash + Eq, V, S: BuildHasher> DenseMap<K, V, S> {
         let mask = self.reserve_for_fill(entries.len());
         let Self { positions, entries: held, hasher } = self;
         entries.sort_unstable_by_key(|(key, _)| hasher.hash_one(key) & mask);
-        let _ = u32::try_from(entries.len()).expect("a DenseMap holds at most 2^32 entries");
         for (at, (key, _)) in entries.iter().enumerate() {
             let hash = hasher.hash_one(key);
             debug_assert!(
                 positions.find(hash, |&other| entries[other as usize].0 == *key).is_none(),
                 "the keys a map is filled with are distinct"
             );
-            positions.insert_unique(hash, at as u32, |&other| hasher.hash_one(&entries[other as usize].0));
+            positions.insert_unique(hash, position(at), |&other| hasher.hash_one(&entries[other as usize].0));
         }
         *held = entries;
     }
@@ -177,9 +176,8 @@ impl<K: Hash + Eq, V, S: BuildHasher> DenseMap<K, V, S> {
     /// position.
     fn push(&mut self, hash: u64, key: K, value: V) -> usize {
         let at = self.entries.len();
-        let position = u32::try_from(at).expect("a DenseMap holds at most 2^32 entries");
         let Self { positions, entries, hasher } = self;
-        positions.insert_unique(hash, position, |&at| hasher.hash_one(&entries[at as usize].0));
+        positions.insert_unique(hash, position(at), |&at| hasher.hash_one(&entries[at as usize].0));
         entries.push((key, value));
         at
     }
@@ -219,6 +217,11 @@ impl<K: Hash + Eq, V, S: BuildHasher> DenseMap<K, V, S> {
     pub fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
         self.entries.iter_mut().map(|(_, value)| value)
     }
+}
+
+/// Where entry `at` is, as the table holds it.
+fn position(at: usize) -> u32 {
+    u32::try_from(at).expect("a DenseMap holds at most 2^32 entries")
 }
 
 #[cfg(test)]
