@@ -89,17 +89,20 @@ pub async fn hydrate(store: &Store, pool: &Pool) -> Result<HydrationReport, Hydr
 
 /// Tells a kind's indexes that loading has ended when hydration stops
 /// before its end (an error, or the future dropped), so that what they
-/// gathered while loading is indexed for a store that is used on.
+/// gathered while loading is indexed for a store that is used on. The
+/// runtime drops an aborted task when it gets to it, possibly after a
+/// retry has begun; the store then ignores this end (it names its own
+/// hydration, no longer the newest).
 struct EndLoading {
     store: Store,
-    kind: KindId,
+    loading: crate::store::Loading,
     armed: bool,
 }
 
 impl Drop for EndLoading {
     fn drop(&mut self) {
         if self.armed {
-            self.store.hydrated(self.kind);
+            self.store.hydrated(self.loading);
         }
     }
 }
@@ -193,8 +196,8 @@ async fn hydrate_kind(
     // the peak), while room reserved and never filled is never touched,
     // so never resident.
     let estimate = usize::try_from(estimate).unwrap_or(0);
-    store.reserve(kind_id, estimate + estimate / 16);
-    let mut end_loading = EndLoading { store: store.clone(), kind: kind_id, armed: true };
+    let loading = store.reserve(kind_id, estimate + estimate / 16);
+    let mut end_loading = EndLoading { store: store.clone(), loading, armed: true };
 
     let (raw, raw_rx) = tokio::sync::mpsc::channel::<Vec<tokio_postgres::Row>>(4);
     // Cancelled when this future is dropped before the decoders are done:
@@ -234,7 +237,7 @@ async fn hydrate_kind(
     // Compacting a kind's indexes takes a while for millions of entities.
     end_loading.armed = false;
     let (store, compacting) = (store.clone(), Instant::now());
-    tokio::task::spawn_blocking(move || store.hydrated(kind_id)).await.expect("compacting indexes does not panic");
+    tokio::task::spawn_blocking(move || store.hydrated(loading)).await.expect("compacting indexes does not panic");
     Ok((count, compacting.elapsed()))
 }
 

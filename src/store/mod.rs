@@ -40,7 +40,7 @@ pub use crate::entity::{Entity, Index};
 use crate::entity::{ErasedIndex, JsonOnce, KindId, KindInfo, Stored, TypedIndex, downcast};
 pub use change_set::ChangeSet;
 use change_set::Staged;
-pub(crate) use persist::{LoadedMember, LoadedSet, Unwritten};
+pub(crate) use persist::{LoadedMember, LoadedSet, Loading, Unwritten};
 use quarantine::QuarantineBook;
 
 use crate::metrics as m;
@@ -209,6 +209,10 @@ pub(crate) struct State {
     /// any later change of one of them, which resolves their dead letters
     /// in the same transaction.
     pub(crate) quarantine: QuarantineBook,
+    /// Per kind, which hydration loads into it now: each
+    /// [`reserve`](Store::reserve) starts a new one, and only that one's
+    /// end tells the indexes that loading is over.
+    pub(crate) loading: Vec<u64>,
 }
 
 pub(crate) struct Shared {
@@ -273,14 +277,21 @@ impl StoreBuilder {
     pub fn build(self) -> (Store, OutboxReceiver) {
         let (ledger, receiver) = Ledger::new(self.capacity);
         metrics::gauge!(m::QUEUE_CAPACITY).set(self.capacity as f64);
-        let tables = self.kinds.iter().map(|_| Table::default()).collect();
+        let tables: Vec<Table> = self.kinds.iter().map(|_| Table::default()).collect();
         let mut indexes: Vec<Vec<Box<dyn ErasedIndex>>> = self.kinds.iter().map(|_| Vec::new()).collect();
         for (kind, index) in self.indexes {
             indexes[kind].push(index);
         }
         let shared = Shared {
             kinds: self.kinds,
-            state: RwLock::new(State { tables, indexes, ledger, closed: false, quarantine: QuarantineBook::default() }),
+            state: RwLock::new(State {
+                loading: vec![0; tables.len()],
+                tables,
+                indexes,
+                ledger,
+                closed: false,
+                quarantine: QuarantineBook::default(),
+            }),
             rejected_queue_full: metrics::counter!(m::REJECTED_TOTAL, "reason" => "queue_full"),
         };
         shared.rejected_queue_full.increment(0);

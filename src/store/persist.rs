@@ -47,15 +47,26 @@ pub(crate) struct LoadedMember {
     pub(crate) overlay: Option<(u64, Option<Arc<dyn Stored>>)>,
 }
 
+/// One hydration of one kind, from [`Store::reserve`] to
+/// [`Store::hydrated`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Loading {
+    kind: KindId,
+    generation: u64,
+}
+
 impl Store {
-    /// Makes room for `additional` more entities of a kind (before
-    /// hydration).
-    pub(crate) fn reserve(&self, kind: KindId, additional: usize) {
+    /// Makes room for `additional` more entities of a kind before a
+    /// hydration loads them, and starts that hydration: what it returns is
+    /// the hydration's to hand to [`hydrated`](Self::hydrated) at its end.
+    pub(crate) fn reserve(&self, kind: KindId, additional: usize) -> Loading {
         let mut guard = self.write_state();
+        guard.loading[kind] += 1;
         guard.tables[kind].reserve(additional);
         for index in &mut guard.indexes[kind] {
             index.reserve(additional);
         }
+        Loading { kind, generation: guard.loading[kind] }
     }
 
     /// Loads entities read from the database at start-up: no outbox
@@ -84,10 +95,22 @@ impl Store {
         }
     }
 
-    /// Hydration of a kind has finished: its indexes may compact what
-    /// loading one entity at a time left loose.
-    pub(crate) fn hydrated(&self, kind: KindId) {
-        for index in &mut self.write_state().indexes[kind] {
+    /// A hydration of a kind has ended (or stopped): its indexes may build
+    /// and compact what they gathered while it loaded. Only the newest
+    /// hydration's end counts: an abandoned one's, arriving after a new
+    /// one has begun, would otherwise end the new one's loading halfway
+    /// (its remaining entities then indexed one at a time).
+    pub(crate) fn hydrated(&self, loading: Loading) {
+        let mut guard = self.write_state();
+        let state = &mut *guard;
+        if state.loading[loading.kind] != loading.generation {
+            tracing::debug!(
+                kind = self.shared.kinds[loading.kind].name,
+                "the end of an abandoned hydration ignored: a newer one loads"
+            );
+            return;
+        }
+        for index in &mut state.indexes[loading.kind] {
             index.hydrated();
         }
     }
@@ -512,5 +535,38 @@ mod tests {
         let (batch, _) = store.take_batch(&receiver, &mut backlog, 1000);
         assert_eq!(batch.rows.len() as u64, LINKED + 1, "the group is taken whole once unblocked");
         assert_eq!(batch.groups.len(), 1);
+    }
+
+    /// Counts the ends of loading it is told of.
+    #[derive(Default)]
+    struct Ends(usize);
+
+    impl crate::store::Index<Doc> for Ends {
+        fn update(&mut self, _: &std::sync::Arc<str>, _: Option<&Doc>, _: Option<&Doc>) {}
+        fn hydrated(&mut self) {
+            self.0 += 1;
+        }
+    }
+
+    /// A hydration abandoned while a retry loads (its end arrives late,
+    /// when its task is dropped) does not end the retry's loading: only
+    /// the newest hydration's end reaches the indexes, once.
+    #[test]
+    fn only_the_newest_hydrations_end_reaches_the_indexes() {
+        let (store, _receiver) = Store::builder().kind::<Doc>().index::<Doc, _>(Ends::default()).build();
+        let ends = |store: &Store| store.read(|view| view.index::<Ends>().0);
+        let abandoned = store.reserve(0, 10);
+        let retry = store.reserve(0, 10);
+        store.hydrated(abandoned);
+        assert_eq!(ends(&store), 0, "the retry is still loading");
+        store.hydrated(retry);
+        assert_eq!(ends(&store), 1);
+        store.hydrated(abandoned);
+        assert_eq!(ends(&store), 1, "an abandoned hydration's end after the retry's changes nothing");
+
+        // With no newer hydration, a stopped one's end is the end.
+        let stopped = store.reserve(0, 10);
+        store.hydrated(stopped);
+        assert_eq!(ends(&store), 2);
     }
 }
