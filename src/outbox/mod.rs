@@ -166,7 +166,16 @@ pub(crate) struct Ledger {
     lag: LagClock,
     pub(crate) groups: HashMap<u64, Vec<EntityKey>>,
     next_group: u64,
+    /// Tracks of written entities, kept for the next ones to change: an
+    /// entity is tracked from its first unwritten change until it is
+    /// written, so under steady load about as many tracks end as begin,
+    /// and reusing them keeps an allocation off the change path (and its
+    /// free off the worker's thread). At most [`SPARE_TRACKS`].
+    spare: Vec<Box<Track>>,
 }
+
+/// How many ended tracks the ledger keeps for reuse (a few KiB).
+const SPARE_TRACKS: usize = 256;
 
 impl Ledger {
     pub(crate) fn new(capacity: usize) -> (Self, OutboxReceiver) {
@@ -183,8 +192,32 @@ impl Ledger {
             lag: LagClock::default(),
             groups: HashMap::new(),
             next_group: 0,
+            spare: Vec::new(),
         };
         (ledger, OutboxReceiver { records })
+    }
+
+    /// A track for an entity that begins to have unwritten changes; the
+    /// database holds version `base` of it.
+    pub(crate) fn track(&mut self, base: u64) -> Box<Track> {
+        match self.spare.pop() {
+            Some(mut track) => {
+                track.base = base;
+                track
+            }
+            None => Box::new(Track { base, ..Track::default() }),
+        }
+    }
+
+    /// An entity's track has ended (nothing of it unwritten, no ticket
+    /// waiting): kept for reuse, as new (its waiters' room kept too).
+    pub(crate) fn end_track(&mut self, mut track: Box<Track>) {
+        if self.spare.len() < SPARE_TRACKS {
+            let mut waiters = std::mem::take(&mut track.waiters);
+            waiters.clear();
+            *track = Track { waiters, ..Track::default() };
+            self.spare.push(track);
+        }
     }
 
     /// Starts a pending mark for an entity and sends its record.
@@ -283,6 +316,31 @@ impl OutboxSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A track reused after its entity was written starts as a new one
+    /// does (only the room for waiters kept), and the ledger keeps at most
+    /// `SPARE_TRACKS` of them.
+    #[test]
+    fn a_reused_track_starts_as_new() {
+        let (mut ledger, _receiver) = Ledger::new(8);
+        let mut track = ledger.track(3);
+        let (shared, _ticket) = TicketShared::new(1);
+        track.pending = Some(Pending { seq: 9, since: Instant::now(), group: Some(4) });
+        track.in_flight = Some(7);
+        track.waiters.push(Waiter::new(7, &shared));
+        track.batch_group = 5;
+        track.json = Some(JsonOnce::default());
+        ledger.end_track(track);
+        let track = ledger.track(11);
+        assert!(track.pending.is_none() && track.in_flight.is_none() && track.json.is_none());
+        assert!(track.waiters.is_empty() && track.waiters.capacity() > 0);
+        assert_eq!((track.base, track.batch_group), (11, 0));
+
+        for _ in 0..SPARE_TRACKS + 10 {
+            ledger.end_track(Box::default());
+        }
+        assert_eq!(ledger.spare.len(), SPARE_TRACKS);
+    }
 
     #[test]
     fn lag_clock_tracks_the_oldest_unsettled() {

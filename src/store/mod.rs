@@ -458,8 +458,7 @@ fn apply_staged(state: &mut State, kind: &KindInfo, s: &Staged, now: Instant, ti
     let previous = slot.version;
     slot.version = s.version;
     slot.value = s.value.clone();
-    let track =
-        slot.track.get_or_insert_with(|| Box::new(Track { base: base.unwrap_or(previous), ..Track::default() }));
+    let track = slot.track.get_or_insert_with(|| state.ledger.track(base.unwrap_or(previous)));
     if !track.occupies() {
         state.ledger.depth += 1;
     }
@@ -588,7 +587,7 @@ pub(crate) fn mark_pending(state: &mut State, (kind, id): &EntityKey, now: Insta
     let base = state.quarantine.member(&(*kind, id.clone())).map(|m| m.base);
     let Some(slot) = state.tables[*kind].get_mut(id) else { return };
     let version = slot.version;
-    let track = slot.track.get_or_insert_with(|| Box::new(Track { base: base.unwrap_or(version), ..Track::default() }));
+    let track = slot.track.get_or_insert_with(|| state.ledger.track(base.unwrap_or(version)));
     if !track.occupies() {
         state.ledger.depth += 1;
     }

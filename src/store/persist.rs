@@ -295,8 +295,10 @@ impl Store {
             });
             if track.pending.is_none() {
                 state.ledger.depth -= 1;
-                if track.waiters.is_empty() {
-                    slot.track = None;
+                if track.waiters.is_empty()
+                    && let Some(track) = slot.track.take()
+                {
+                    state.ledger.end_track(track);
                 }
             }
         }
