@@ -171,6 +171,7 @@ pub(crate) struct Ledger {
     /// written, so under steady load about as many tracks end as begin,
     /// and reusing them keeps an allocation off the change path (and its
     /// free off the worker's thread). At most [`SPARE_TRACKS`].
+    #[expect(clippy::vec_box, reason = "the boxes are what is reused: slots hold their tracks boxed")]
     spare: Vec<Box<Track>>,
 }
 
