@@ -11,74 +11,14 @@
 use std::hint::black_box;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
-use chrono::Utc;
 use criterion::{Criterion, criterion_group, criterion_main};
-use outbox::api::model::{Identifier, Item, ItemStatus};
-use outbox::store::{Store, StoreError};
-use outbox::worker::{Worker, WorkerConfig};
+use outbox::store::Store;
 
-/// Entities the benchmarks rotate over.
-const ENTITIES: usize = 10_000;
+#[path = "shared/record.rs"]
+mod p1;
 
-fn item(n: usize) -> Item {
-    let now = Utc::now();
-    Item {
-        dfid: format!("DFID-{n:08}").into(),
-        local_id: None,
-        status: ItemStatus::Active,
-        identifiers: vec![Identifier { key: "gtin".into(), value: format!("{n:013}").into() }],
-        enriched_data: outbox::api::model::JsonObject::from_map(
-            serde_json::json!({"name": "bolt", "size": "M8"}).as_object().unwrap(),
-        ),
-        merged_into: None,
-        circuits: Vec::new(),
-        created_at: now,
-        updated_at: now,
-    }
-}
-
-fn ids() -> Vec<String> {
-    (0..ENTITIES).map(|n| format!("DFID-{n:08}")).collect()
-}
-
-/// A store of `ENTITIES` items with a worker that discards what it takes.
-fn store(runtime: &tokio::runtime::Runtime) -> (Store, Worker) {
-    let (store, receiver) = outbox::api::store_builder().capacity(1_000_000).build();
-    store
-        .apply(|set| -> Result<(), StoreError> {
-            for n in 0..ENTITIES {
-                set.insert(item(n))?;
-            }
-            Ok(())
-        })
-        .expect("seed the store");
-    let pool = outbox::pg::pool(outbox::pg::parse_url("host=/nonexistent dbname=none").unwrap(), 1);
-    let config = WorkerConfig { discard: true, linger: Duration::from_micros(200), ..WorkerConfig::default() };
-    let worker =
-        runtime.block_on(async { Worker::start(store.clone(), receiver, pool, config, None, Default::default()) });
-    (store, worker)
-}
-
-fn update_one(store: &Store, id: &str, n: u64) {
-    store
-        .apply(|set| {
-            set.update::<Item>(id, |item| item.updated_at = chrono::DateTime::from_timestamp(n as i64, 0).unwrap())
-        })
-        .expect("update");
-}
-
-fn change_set_two(store: &Store, a: &str, b: &str, n: u64) {
-    store
-        .apply(|set| -> Result<(), StoreError> {
-            let at = chrono::DateTime::from_timestamp(n as i64, 0).unwrap();
-            set.update::<Item>(a, |item| item.updated_at = at)?;
-            set.update::<Item>(b, |item| item.updated_at = at)?;
-            Ok(())
-        })
-        .expect("change set");
-}
+use p1::{ENTITIES, change_counters, change_set_two, ids, small_store, store, update_counter, update_one};
 
 /// Runs `body` while a second thread keeps changing the other half of the
 /// entities.
@@ -145,55 +85,23 @@ fn record(c: &mut Criterion) {
     drop(worker);
 }
 
-#[derive(Clone, serde::Serialize, serde::Deserialize)]
-struct Counter {
-    id: String,
-    n: u64,
-}
-
-impl outbox::store::Entity for Counter {
-    const KIND: &'static str = "counter";
-    const TABLE: &'static str = "counters";
-    fn id(&self) -> &str {
-        &self.id
-    }
-}
-
 /// The store's own cost, with an entity whose clone is trivial.
 fn record_small(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let (store, receiver) = Store::builder().kind::<Counter>().capacity(1_000_000).build();
     let ids = ids();
-    store
-        .apply(|set| -> Result<(), StoreError> {
-            for id in &ids {
-                set.insert(Counter { id: id.clone(), n: 0 })?;
-            }
-            Ok(())
-        })
-        .unwrap();
-    let pool = outbox::pg::pool(outbox::pg::parse_url("host=/nonexistent dbname=none").unwrap(), 1);
-    let config = WorkerConfig { discard: true, linger: Duration::from_micros(200), ..WorkerConfig::default() };
-    let worker =
-        runtime.block_on(async { Worker::start(store.clone(), receiver, pool, config, None, Default::default()) });
+    let (store, worker) = small_store(&runtime, &ids);
     let mut group = c.benchmark_group("record_small");
     let mut n = 0usize;
     group.bench_function("update_one", |b| {
         b.iter(|| {
             n += 1;
-            store.apply(|set| set.update::<Counter>(&ids[n % ENTITIES], |c| c.n += 1)).unwrap();
+            update_counter(&store, &ids, n);
         })
     });
     group.bench_function("change_set_two", |b| {
         b.iter(|| {
             n += 1;
-            store
-                .apply(|set| -> Result<(), StoreError> {
-                    set.update::<Counter>(&ids[n % ENTITIES], |c| c.n += 1)?;
-                    set.update::<Counter>(&ids[(n + 7) % ENTITIES], |c| c.n += 1)?;
-                    Ok(())
-                })
-                .unwrap();
+            change_counters(&store, &ids, n);
         })
     });
     group.finish();

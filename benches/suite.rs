@@ -1444,8 +1444,13 @@ async fn outage(bench: &Bench, rate: u64) -> Outage {
     o
 }
 
-/// P1 medians from criterion's output (nanoseconds), by benchmark id.
-fn criterion_medians(root: &Path) -> Vec<(String, f64, f64, f64)> {
+/// P1 medians from criterion's output (nanoseconds), by benchmark id, with
+/// the heap allocations per change `benches/allocations.rs` counted.
+fn criterion_medians(root: &Path) -> Vec<(String, f64, f64, f64, Option<f64>)> {
+    let allocations: Value = std::fs::read(root.join("allocations.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
     let mut out = Vec::new();
     for group in ["record_small", "record"] {
         let Ok(entries) = std::fs::read_dir(root.join(group)) else { continue };
@@ -1462,7 +1467,9 @@ fn criterion_medians(root: &Path) -> Vec<(String, f64, f64, f64)> {
                 median["point_estimate"].as_f64().unwrap_or(f64::NAN),
                 median["confidence_interval"]["upper_bound"].as_f64().unwrap_or(f64::NAN),
             );
-            out.push((format!("{group}/{name}"), low, point, high));
+            let id = format!("{group}/{name}");
+            let allocated = allocations[&id].as_f64();
+            out.push((id, low, point, high, allocated));
         }
     }
     out
@@ -1534,7 +1541,7 @@ fn verdict(met: bool) -> &'static str {
 #[allow(clippy::too_many_arguments)]
 fn report(
     machine: &str,
-    p1: &[(String, f64, f64, f64)],
+    p1: &[(String, f64, f64, f64, Option<f64>)],
     p2: &Persistence,
     mixed: &[Workload],
     layouts: &Layouts,
@@ -1648,11 +1655,12 @@ fn report(
     let _ = writeln!(w, "## P1: recording a change\n");
     let _ = writeln!(
         w,
-        "Method: criterion (`benches/store.rs`), 1 s warm-up, 3 s measurement, 100 samples; the median with its 95 % confidence interval. The store holds 10,000 entities; a worker that discards its batches drains the outbox meanwhile (so most changes take the full path: a new pending mark and a record on the channel). `record_small` changes a two-field entity, which isolates the store's own cost; `record` changes a reference item (identifiers, enriched data, timestamps), so it includes cloning the item and keeping its indexes (by status, by identifier). `_contended` runs with a second thread changing other entities all the time; `_coalesced` changes an entity already pending.\n"
+        "Method: criterion (`benches/store.rs`), 1 s warm-up, 3 s measurement, 100 samples; the median with its 95 % confidence interval. The store holds 10,000 entities; a worker that discards its batches drains the outbox meanwhile (so most changes take the full path: a new pending mark and a record on the channel). `record_small` changes a two-field entity, which isolates the store's own cost; `record` changes a reference item (identifiers, enriched data, timestamps), so it includes cloning the item and keeping its indexes (by status, by identifier). `_contended` runs with a second thread changing other entities all the time; `_coalesced` changes an entity already pending. Heap allocations per change: counted on the changing thread (the worker's are not included) by `benches/allocations.rs`, a binary of its own with a counting allocator, over 20,000 changes after 20,000 uncounted ones; unlike the times, the machine's speed does not move them.\n"
     );
-    let _ = writeln!(w, "| benchmark | median (ns) | 95 % CI (ns) |\n|---|---|---|");
-    for (name, low, point, high) in p1 {
-        let _ = writeln!(w, "| `{name}` | {point:.0} | {low:.0} – {high:.0} |");
+    let _ = writeln!(w, "| benchmark | median (ns) | 95 % CI (ns) | heap allocations per change |\n|---|---|---|---|");
+    for (name, low, point, high, allocated) in p1 {
+        let allocated = allocated.map_or_else(|| "–".to_owned(), |a| format!("{a:.2}"));
+        let _ = writeln!(w, "| `{name}` | {point:.0} | {low:.0} – {high:.0} | {allocated} |");
     }
     let _ = writeln!(w);
 
