@@ -12,7 +12,7 @@
 #[path = "shared/record.rs"]
 mod p1;
 
-use p1::{ENTITIES, change_counters, change_set_two, ids, small_store, store, update_counter, update_one};
+use p1::{change_counters, change_set_two, ids, small_store, store, update_counter, update_item, update_one};
 
 /// Changes counted per case, after as many uncounted ones.
 const CALLS: usize = 20_000;
@@ -30,7 +30,6 @@ fn main() {
     // `cargo bench` passes `--bench`; there is nothing to filter.
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let ids = ids();
-    let half = ENTITIES / 2;
     let mut counts = serde_json::Map::new();
     {
         let (store, _worker) = small_store(&runtime, &ids);
@@ -39,13 +38,9 @@ fn main() {
     }
     {
         let (store, _worker) = store(&runtime);
-        counts.insert("record/update_one".into(), per_change(|n| update_one(&store, &ids[n % half], n as u64)).into());
-        counts.insert(
-            "record/change_set_two".into(),
-            per_change(|n| change_set_two(&store, &ids[n % half], &ids[(n + 7) % half], n as u64)).into(),
-        );
-        counts
-            .insert("record/update_one_coalesced".into(), per_change(|n| update_one(&store, &ids[0], n as u64)).into());
+        counts.insert("record/update_one".into(), per_change(|n| update_one(&store, &ids, n)).into());
+        counts.insert("record/change_set_two".into(), per_change(|n| change_set_two(&store, &ids, n)).into());
+        counts.insert("record/update_one_coalesced".into(), per_change(|n| update_item(&store, &ids[0], n)).into());
     }
     for (name, count) in &counts {
         println!("{name}: {count:.2} allocations per change");

@@ -18,7 +18,10 @@ use outbox::store::Store;
 #[path = "shared/record.rs"]
 mod p1;
 
-use p1::{ENTITIES, change_counters, change_set_two, ids, small_store, store, update_counter, update_one};
+use p1::{
+    ENTITIES, MEASURED, change_counters, change_set_two, ids, small_store, store, update_counter, update_item,
+    update_one,
+};
 
 /// Runs `body` while a second thread keeps changing the other half of the
 /// entities.
@@ -29,8 +32,7 @@ fn contended(store: &Store, ids: &Arc<Vec<String>>, body: impl FnOnce()) {
         std::thread::spawn(move || {
             let mut n = 0usize;
             while !stop.load(Ordering::Relaxed) {
-                let id = &ids[ENTITIES / 2 + n % (ENTITIES / 2)];
-                update_one(&store, id, n as u64);
+                update_item(&store, &ids[MEASURED + n % (ENTITIES - MEASURED)], n);
                 n += 1;
             }
         })
@@ -44,40 +46,39 @@ fn record(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let (store, worker) = store(&runtime);
     let ids = Arc::new(ids());
-    let half = ENTITIES / 2;
     let mut group = c.benchmark_group("record");
 
     let mut n = 0usize;
     group.bench_function("update_one", |b| {
         b.iter(|| {
             n += 1;
-            update_one(&store, &ids[n % half], n as u64);
+            update_one(&store, &ids, n);
         })
     });
     group.bench_function("change_set_two", |b| {
         b.iter(|| {
             n += 1;
-            change_set_two(&store, &ids[n % half], &ids[(n + 7) % half], n as u64);
+            change_set_two(&store, &ids, n);
         })
     });
     group.bench_function("update_one_coalesced", |b| {
         b.iter(|| {
             n += 1;
             // The same entity each time: after the first, the record is absorbed.
-            update_one(&store, black_box(&ids[0]), n as u64);
+            update_item(&store, black_box(&ids[0]), n);
         })
     });
     contended(&store, &ids, || {
         group.bench_function("update_one_contended", |b| {
             b.iter(|| {
                 n += 1;
-                update_one(&store, &ids[n % half], n as u64);
+                update_one(&store, &ids, n);
             })
         });
         group.bench_function("change_set_two_contended", |b| {
             b.iter(|| {
                 n += 1;
-                change_set_two(&store, &ids[n % half], &ids[(n + 7) % half], n as u64);
+                change_set_two(&store, &ids, n);
             })
         });
     });

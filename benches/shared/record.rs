@@ -59,8 +59,12 @@ pub fn store(runtime: &tokio::runtime::Runtime) -> (Store, Worker) {
     (store, worker)
 }
 
-/// Changes one reference item.
-pub fn update_one(store: &Store, id: &str, n: u64) {
+/// The reference items the measured changes rotate over: the first half
+/// of the entities (a contending thread takes the other half).
+pub const MEASURED: usize = ENTITIES / 2;
+
+/// Changes reference item `id`, stamping it with `n`.
+pub fn update_item(store: &Store, id: &str, n: usize) {
     store
         .apply(|set| {
             set.update::<Item>(id, |item| item.updated_at = chrono::DateTime::from_timestamp(n as i64, 0).unwrap())
@@ -68,13 +72,19 @@ pub fn update_one(store: &Store, id: &str, n: u64) {
         .expect("update");
 }
 
-/// Changes two reference items in one change set.
-pub fn change_set_two(store: &Store, a: &str, b: &str, n: u64) {
+/// Changes reference item `n` of the measured half (of `ids`).
+pub fn update_one(store: &Store, ids: &[String], n: usize) {
+    update_item(store, &ids[n % MEASURED], n);
+}
+
+/// Changes reference items `n` and `n + 7` of the measured half (of `ids`)
+/// in one change set.
+pub fn change_set_two(store: &Store, ids: &[String], n: usize) {
     store
         .apply(|set| -> Result<(), StoreError> {
             let at = chrono::DateTime::from_timestamp(n as i64, 0).unwrap();
-            set.update::<Item>(a, |item| item.updated_at = at)?;
-            set.update::<Item>(b, |item| item.updated_at = at)?;
+            set.update::<Item>(&ids[n % MEASURED], |item| item.updated_at = at)?;
+            set.update::<Item>(&ids[(n + 7) % MEASURED], |item| item.updated_at = at)?;
             Ok(())
         })
         .expect("change set");
