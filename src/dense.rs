@@ -35,8 +35,7 @@ impl<K, V, S: Default> Default for DenseMap<K, V, S> {
 }
 
 impl<K: Hash + Eq, V, S: BuildHasher> DenseMap<K, V, S> {
-    /// Number of entries.
-    #[cfg(test)]
+    /// Number of entries: positions run from 0 to one less.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -94,12 +93,37 @@ impl<K: Hash + Eq, V, S: BuildHasher> DenseMap<K, V, S> {
         entries.reserve_exact(additional);
     }
 
-    fn position<Q>(&self, key: &Q) -> Option<usize>
+    /// Where `key`'s entry is. A position names the same entry until an
+    /// entry is removed ([`swap_remove`](Self::swap_remove) moves the last
+    /// one into the gap), so in a map nothing is removed from it names
+    /// that entry for good: [`at`](Self::at) then finds it without hashing
+    /// the key again.
+    pub fn position<Q>(&self, key: &Q) -> Option<usize>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
         self.position_hashed(self.hasher.hash_one(key), key)
+    }
+
+    /// The entry at position `at` (see [`position`](Self::position)).
+    ///
+    /// # Panics
+    ///
+    /// If no entry is there.
+    pub fn at(&self, at: usize) -> (&K, &V) {
+        let (key, value) = &self.entries[at];
+        (key, value)
+    }
+
+    /// The entry at position `at`, its value to change.
+    ///
+    /// # Panics
+    ///
+    /// If no entry is there.
+    pub fn at_mut(&mut self, at: usize) -> (&K, &mut V) {
+        let (key, value) = &mut self.entries[at];
+        (key, value)
     }
 
     fn position_hashed<Q>(&self, hash: u64, key: &Q) -> Option<usize>
@@ -120,18 +144,6 @@ impl<K: Hash + Eq, V, S: BuildHasher> DenseMap<K, V, S> {
         self.position(key).map(|at| &self.entries[at].1)
     }
 
-    /// The entry of `key`: the key as stored, and its value.
-    pub fn get_key_value<Q>(&self, key: &Q) -> Option<(&K, &V)>
-    where
-        K: Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        self.position(key).map(|at| {
-            let (key, value) = &self.entries[at];
-            (key, value)
-        })
-    }
-
     /// The value of `key`, to change.
     pub fn get_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
     where
@@ -150,13 +162,18 @@ impl<K: Hash + Eq, V, S: BuildHasher> DenseMap<K, V, S> {
     /// absent: a caller that moves its key in can go on with the map's own
     /// instead of a copy of it.
     pub fn entry_or_insert_with(&mut self, key: K, default: impl FnOnce() -> V) -> (&K, &mut V) {
+        let at = self.position_or_insert_with(key, default);
+        self.at_mut(at)
+    }
+
+    /// The position of `key`'s entry, inserted from `default()` when
+    /// absent.
+    pub fn position_or_insert_with(&mut self, key: K, default: impl FnOnce() -> V) -> usize {
         let hash = self.hasher.hash_one(&key);
-        let at = match self.position_hashed(hash, &key) {
+        match self.position_hashed(hash, &key) {
             Some(at) => at,
             None => self.push(hash, key, default()),
-        };
-        let (key, value) = &mut self.entries[at];
-        (key, value)
+        }
     }
 
     /// Sets `key` to `value`; the value it replaces.
@@ -272,11 +289,35 @@ mod tests {
             assert_eq!(dense.insert(Arc::from(format!("id-{n}")), n), None);
         }
         assert_eq!(dense.get("id-999"), Some(&999));
-        assert_eq!(dense.get_key_value("id-7").map(|(k, v)| (&**k, *v)), Some(("id-7", 7)));
+        assert_eq!(dense.position("id-7").map(|at| dense.at(at)).map(|(k, v)| (&**k, *v)), Some(("id-7", 7)));
         *dense.get_mut("id-7").unwrap() = 70;
         assert_eq!(dense.swap_remove("id-0"), Some(0));
         assert_eq!((dense.get("id-0"), dense.get("id-7"), dense.len()), (None, Some(&70), 999));
         assert_eq!(dense.values().sum::<usize>(), (1..1000).sum::<usize>() + 63);
+    }
+
+    /// A position names its entry while the map grows (by inserts, by
+    /// reserving), and until an entry is removed: then the last entry
+    /// takes the removed one's position.
+    #[test]
+    fn a_position_names_its_entry_until_an_entry_is_removed() {
+        let mut dense = DenseMap::<Arc<str>, usize>::default();
+        let positions: Vec<usize> =
+            (0..100).map(|n| dense.position_or_insert_with(Arc::from(format!("id-{n}")), || n)).collect();
+        for n in 100..5_000 {
+            dense.insert(Arc::from(format!("id-{n}")), n);
+        }
+        dense.reserve(100_000);
+        assert_eq!(dense.position_or_insert_with(Arc::from("id-42"), || 0), positions[42], "present: not inserted");
+        for (n, &at) in positions.iter().enumerate() {
+            assert_eq!(dense.at(at), (&Arc::from(format!("id-{n}")), &n));
+            assert_eq!(dense.position(&*format!("id-{n}")), Some(at));
+        }
+        *dense.at_mut(positions[7]).1 = 70;
+        assert_eq!(dense.get("id-7"), Some(&70));
+        dense.swap_remove("id-3");
+        assert_eq!(dense.at(positions[3]), (&Arc::from("id-4999"), &4999), "the last entry moved into the gap");
+        assert_eq!(dense.position("id-4999"), Some(positions[3]));
     }
 
     #[test]

@@ -157,6 +157,7 @@ fn batch_of(store: &Store, mut records: Vec<SpillRecord>) -> Result<Batch, Strin
         batch.rows.push(Row {
             kind,
             id: Arc::from(record.id.as_str()),
+            at: None,
             version: record.version,
             value,
             json: None,

@@ -46,7 +46,8 @@ use crate::entity::{JsonOnce, KindId, Stored};
 #[derive(Debug, Clone)]
 pub struct DirtyRecord {
     pub(crate) kind: KindId,
-    pub(crate) id: Arc<str>,
+    /// The entity's slot in its kind's table (positions there are for good).
+    pub(crate) at: usize,
     pub(crate) seq: u64,
 }
 
@@ -54,6 +55,9 @@ pub struct DirtyRecord {
 pub(crate) struct Row {
     pub(crate) kind: KindId,
     pub(crate) id: Arc<str>,
+    /// The entity's slot in its kind's table; `None` for a row that does
+    /// not come from the store (a spill file's, replayed at start-up).
+    pub(crate) at: Option<usize>,
     pub(crate) version: u64,
     /// `None`: a tombstone.
     pub(crate) value: Option<Arc<dyn Stored>>,
@@ -221,12 +225,13 @@ impl Ledger {
         }
     }
 
-    /// Starts a pending mark for an entity and sends its record.
-    pub(crate) fn mark(&mut self, kind: KindId, id: &Arc<str>, now: Instant) -> Pending {
+    /// Starts a pending mark for the entity in slot `at` of its kind's
+    /// table and sends its record.
+    pub(crate) fn mark(&mut self, kind: KindId, at: usize, now: Instant) -> Pending {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.lag.push(seq, now);
-        if let Err(e) = self.sender.try_send(DirtyRecord { kind, id: id.clone(), seq }) {
+        if let Err(e) = self.sender.try_send(DirtyRecord { kind, at, seq }) {
             // Unreachable while the reservation holds (see `new`); if it ever
             // happens the entity stays marked and is found by the drain's
             // sweep, so nothing is lost.

@@ -19,6 +19,8 @@ pub(super) struct Staged {
     pub(super) id: Arc<str>,
     pub(super) value: Option<Arc<dyn Stored>>,
     pub(super) version: u64,
+    /// The entity's slot in its table, if it has one yet.
+    pub(super) at: Option<usize>,
     /// The staged value's JSON, once made (shared with the caller's
     /// [`Versioned`]).
     pub(super) json: Option<JsonOnce>,
@@ -42,8 +44,10 @@ pub struct ChangeSet<'a> {
 }
 
 impl<'a> ChangeSet<'a> {
-    pub(super) fn new(kinds: &'a [KindInfo], state: &'a State) -> Self {
-        Self { kinds, state, staged: Vec::new(), index: HashMap::new(), watched: Vec::new(), resolution: None }
+    /// A change set over `state` that stages into `room` (empty).
+    pub(super) fn new(kinds: &'a [KindInfo], state: &'a State, room: Vec<Staged>) -> Self {
+        debug_assert!(room.is_empty(), "a change set starts with nothing staged");
+        Self { kinds, state, staged: room, index: HashMap::new(), watched: Vec::new(), resolution: None }
     }
 
     fn staged_position(&self, kind: KindId, id: &str) -> Option<usize> {
@@ -86,12 +90,16 @@ impl<'a> ChangeSet<'a> {
         }
         // Share the table's key when the entity exists, else the entity's
         // own id: no allocation.
-        let (id, version, occupied) = match self.state.tables[kind].get_key_value(id) {
-            Some((key, slot)) => (key.clone(), slot.version + 1, slot.occupies()),
-            None => (value.as_ref().map_or_else(|| Arc::from(id), |v| v.shared_id()), 1, false),
+        let table = &self.state.tables[kind];
+        let (id, version, occupied, at) = match table.position(id) {
+            Some(at) => {
+                let (key, slot) = table.at(at);
+                (key.clone(), slot.version + 1, slot.occupies(), Some(at))
+            }
+            None => (value.as_ref().map_or_else(|| Arc::from(id), |v| v.shared_id()), 1, false, None),
         };
         let version = version.max(at_least);
-        self.staged.push(Staged { kind, id: id.clone(), value, version, json, occupied });
+        self.staged.push(Staged { kind, id: id.clone(), value, version, at, json, occupied });
         if self.staged.len() > STAGED_SCAN_LIMIT {
             if self.index.is_empty() {
                 self.index = self.staged.iter().enumerate().map(|(i, s)| ((s.kind, s.id.clone()), i)).collect();

@@ -192,8 +192,18 @@ impl Slot {
     }
 }
 
-/// One kind's entities.
+/// One kind's entities. Nothing is ever removed from a table (a deleted
+/// entity keeps its slot, as a tombstone), so a slot's position names that
+/// slot for good: staged changes, outbox records and batch rows carry it,
+/// and find their slot again without hashing and comparing the id.
 pub(crate) type Table = crate::dense::DenseMap<Arc<str>, Slot>;
+
+impl Slot {
+    /// An entity not seen before.
+    fn new() -> Self {
+        Self { value: None, version: 0, track: None }
+    }
+}
 
 /// Everything behind the store's lock.
 pub(crate) struct State {
@@ -213,6 +223,23 @@ pub(crate) struct State {
     /// [`reserve`](Store::reserve) starts a new one, and only that one's
     /// end tells the indexes that loading is over.
     pub(crate) loading: Vec<u64>,
+    /// The staged list of the last change set, emptied, for the next one:
+    /// a change set then stages without allocating.
+    staged_room: Vec<Staged>,
+}
+
+/// The longest staged list kept for the next change set; a larger one (a
+/// bulk change) is freed.
+const STAGED_ROOM: usize = 64;
+
+impl State {
+    /// Keeps `staged`'s room for the next change set (its entries dropped).
+    fn recycle(&mut self, mut staged: Vec<Staged>) {
+        if staged.capacity() <= STAGED_ROOM {
+            staged.clear();
+            self.staged_room = staged;
+        }
+    }
 }
 
 pub(crate) struct Shared {
@@ -291,6 +318,7 @@ impl StoreBuilder {
                 ledger,
                 closed: false,
                 quarantine: QuarantineBook::default(),
+                staged_room: Vec::new(),
             }),
             rejected_queue_full: metrics::counter!(m::REJECTED_TOTAL, "reason" => "queue_full"),
         };
@@ -356,12 +384,19 @@ impl Store {
         if guard.closed {
             return Err(ApplyError::Refused(Refusal::Closed));
         }
-        let (value, staged, watched, resolution) = {
-            let mut set = ChangeSet::new(kinds, &guard);
-            let value = change(&mut set).map_err(ApplyError::Failed)?;
-            (value, set.staged, set.watched, set.resolution)
+        let room = std::mem::take(&mut guard.staged_room);
+        let mut set = ChangeSet::new(kinds, &guard, room);
+        let outcome = change(&mut set);
+        let ChangeSet { staged, watched, resolution, .. } = set;
+        let value = match outcome {
+            Ok(value) => value,
+            Err(error) => {
+                guard.recycle(staged);
+                return Err(ApplyError::Failed(error));
+            }
         };
         if staged.is_empty() {
+            guard.recycle(staged);
             let ticket = want_ticket.then(|| watch_only(&mut guard, &watched));
             return Ok((value, ticket));
         }
@@ -370,7 +405,10 @@ impl Store {
         // A quarantined set stays whole: changing one of its members writes
         // the current state of all of them with this change set.
         let siblings = quarantined_siblings(state, &staged);
-        self.reserve_room(state, &staged, &siblings).map_err(ApplyError::Refused)?;
+        if let Err(refusal) = self.reserve_room(state, &staged, &siblings) {
+            state.recycle(staged);
+            return Err(ApplyError::Refused(refusal));
+        }
 
         let now = Instant::now();
         let (watched, watched_failure) =
@@ -398,6 +436,7 @@ impl Store {
                 shared.fail(error);
             }
         }
+        state.recycle(staged);
         Ok((value, ticket.map(|(_, ticket)| ticket)))
     }
 
@@ -451,7 +490,9 @@ impl Store {
 /// durable caller's claim.
 fn apply_staged(state: &mut State, kind: &KindInfo, s: &Staged, now: Instant, ticket: Option<&Arc<TicketShared>>) {
     let base = state.quarantine.member(&(s.kind, s.id.clone())).map(|m| m.base);
-    let slot = state.tables[s.kind].get_or_insert_with(s.id.clone(), || Slot { value: None, version: 0, track: None });
+    let table = &mut state.tables[s.kind];
+    let at = s.at.unwrap_or_else(|| table.position_or_insert_with(s.id.clone(), Slot::new));
+    let slot = table.at_mut(at).1;
     for index in &mut state.indexes[s.kind] {
         index.update(&s.id, slot.value.as_deref(), s.value.as_deref());
     }
@@ -466,7 +507,7 @@ fn apply_staged(state: &mut State, kind: &KindInfo, s: &Staged, now: Instant, ti
     // operator's change): an older version's JSON must not be written.
     track.json = s.json.clone();
     if track.pending.is_none() {
-        track.pending = Some(state.ledger.mark(s.kind, &s.id, now));
+        track.pending = Some(state.ledger.mark(s.kind, at, now));
     } else {
         kind.coalesced.increment(1);
     }
@@ -585,14 +626,16 @@ fn quarantined_siblings(state: &State, staged: &[Staged]) -> Vec<EntityKey> {
 /// another member. Counts it in the queue's depth if it did not occupy it.
 pub(crate) fn mark_pending(state: &mut State, (kind, id): &EntityKey, now: Instant) {
     let base = state.quarantine.member(&(*kind, id.clone())).map(|m| m.base);
-    let Some(slot) = state.tables[*kind].get_mut(id) else { return };
+    let table = &mut state.tables[*kind];
+    let Some(at) = table.position(id) else { return };
+    let slot = table.at_mut(at).1;
     let version = slot.version;
     let track = slot.track.get_or_insert_with(|| state.ledger.track(base.unwrap_or(version)));
     if !track.occupies() {
         state.ledger.depth += 1;
     }
     if track.pending.is_none() {
-        track.pending = Some(state.ledger.mark(*kind, id, now));
+        track.pending = Some(state.ledger.mark(*kind, at, now));
     }
 }
 
@@ -673,5 +716,76 @@ impl View<'_> {
     /// Number of live entities of a kind.
     pub fn count<E: Entity>(&self) -> usize {
         self.state.tables[kind_id_of::<E>(self.kinds)].values().filter(|s| s.value.is_some()).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::{Deserialize, Serialize};
+
+    use super::{ApplyError, STAGED_ROOM, Store, StoreError};
+    use crate::store::Entity;
+
+    #[derive(Clone, Serialize, Deserialize)]
+    struct Doc {
+        id: String,
+        n: u64,
+    }
+
+    impl Entity for Doc {
+        const KIND: &'static str = "doc";
+        const TABLE: &'static str = "docs";
+        fn id(&self) -> &str {
+            &self.id
+        }
+    }
+
+    fn doc(id: &str) -> Doc {
+        Doc { id: id.into(), n: 0 }
+    }
+
+    /// Each change set stages into the list the one before it left: what a
+    /// failed or refused change set staged is gone from it, so the next
+    /// applies only its own changes; a bulk change's list is not kept.
+    #[test]
+    fn a_change_set_stages_into_the_emptied_list_of_the_one_before() {
+        let (store, receiver) = Store::builder().kind::<Doc>().capacity(3).build();
+        store.apply(|set| set.insert(doc("a"))).unwrap();
+        let failed = store.apply(|set| -> Result<(), StoreError> {
+            set.insert(doc("b"))?;
+            set.update::<Doc>("absent", |d| d.n = 1)?;
+            Ok(())
+        });
+        assert!(matches!(failed, Err(ApplyError::Failed(StoreError::NotFound { .. }))));
+        let refused = store.apply(|set| -> Result<(), StoreError> {
+            for id in ["c", "d", "e"] {
+                set.insert(doc(id))?;
+            }
+            Ok(())
+        });
+        assert!(matches!(refused, Err(ApplyError::Refused(_))), "three more do not fit beside a");
+        assert!(store.read_state().staged_room.capacity() > 0, "the list is kept for the next change set");
+
+        let changed = store.apply(|set| set.update::<Doc>("a", |d| d.n = 7)).unwrap();
+        assert_eq!((changed.version, changed.n), (2, 7));
+        for id in ["b", "c", "d", "e"] {
+            assert!(store.get::<Doc>(id).is_none(), "{id} was staged by a change set that did not apply");
+        }
+        let mut backlog = std::collections::VecDeque::new();
+        let (batch, _) = store.take_batch(&receiver, &mut backlog, 10);
+        let written: Vec<&str> = batch.rows.iter().map(|row| &*row.id).collect();
+        assert_eq!(written, ["a"]);
+        store.commit(&batch, &[]);
+
+        let (store, _receiver) = Store::builder().kind::<Doc>().capacity(1_000).build();
+        store
+            .apply(|set| -> Result<(), StoreError> {
+                for n in 0..=STAGED_ROOM {
+                    set.insert(doc(&n.to_string()))?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(store.read_state().staged_room.capacity(), 0, "a bulk change's list is freed");
     }
 }

@@ -183,60 +183,46 @@ impl Store {
         // Groups found waiting for a batch in flight, so that each of their
         // many records costs a lookup, not a walk over the group.
         let mut blocked_groups: HashSet<u64> = HashSet::new();
-        let in_flight = |state: &State, (kind, id): &EntityKey| {
-            state.tables[*kind].get(id).and_then(|s| s.track.as_ref()).is_some_and(|t| t.in_flight.is_some())
-        };
+        let in_flight = |slot: &Slot| slot.track.as_ref().is_some_and(|t| t.in_flight.is_some());
+        let in_flight_by_key =
+            |state: &State, (kind, id): &EntityKey| state.tables[*kind].get(id).is_some_and(in_flight);
         while batch.rows.len() < max_rows {
             let Some(record) = backlog.pop_front() else { break };
-            let Some(pending) = state.tables[record.kind]
-                .get(&record.id)
-                .and_then(|slot| slot.track.as_ref())
-                .and_then(|track| track.pending)
-                .filter(|pending| pending.seq == record.seq)
+            let slot = state.tables[record.kind].at(record.at).1;
+            let Some(pending) =
+                slot.track.as_ref().and_then(|track| track.pending).filter(|pending| pending.seq == record.seq)
             else {
                 continue; // stale: taken earlier with its group
             };
-            let members = match pending.group {
+            let slot_in_flight = in_flight(slot);
+            let batch_group = state.ledger.next_group_id();
+            let start = batch.rows.len();
+            match pending.group {
                 Some(group) => {
                     let blocked_now = blocked_groups.contains(&group)
-                        || state.ledger.groups.get(&group).is_some_and(|m| m.iter().any(|key| in_flight(state, key)));
+                        || state
+                            .ledger
+                            .groups
+                            .get(&group)
+                            .is_some_and(|m| m.iter().any(|key| in_flight_by_key(state, key)));
                     if blocked_now {
                         blocked_groups.insert(group);
                         blocked.push(record);
                         continue;
                     }
-                    state.ledger.groups.remove(&group).unwrap_or_default()
+                    for (kind, id) in state.ledger.groups.remove(&group).unwrap_or_default() {
+                        if let Some(at) = state.tables[kind].position(&id) {
+                            take_row(state, kind, at, batch_group, &mut batch.rows);
+                        }
+                    }
                 }
                 None => {
-                    let key = (record.kind, record.id.clone());
-                    if in_flight(state, &key) {
+                    if slot_in_flight {
                         blocked.push(record);
                         continue;
                     }
-                    vec![key]
+                    take_row(state, record.kind, record.at, batch_group, &mut batch.rows);
                 }
-            };
-            let batch_group = state.ledger.next_group_id();
-            let start = batch.rows.len();
-            for key in members {
-                let resolves = state.quarantine.resolution_of(&key);
-                let (kind, id) = key;
-                let Some(slot) = state.tables[kind].get_mut(&id) else { continue };
-                let Some(track) = slot.track.as_mut() else { continue };
-                let Some(pending) = track.pending.take() else { continue };
-                track.in_flight = Some(slot.version);
-                track.batch_group = batch_group;
-                batch.rows.push(Row {
-                    kind,
-                    id,
-                    version: slot.version,
-                    value: slot.value.clone(),
-                    json: track.json.take(),
-                    seq: pending.seq,
-                    since: pending.since,
-                    base: track.base,
-                    resolves,
-                });
             }
             batch.groups.push(start..batch.rows.len());
         }
@@ -276,7 +262,7 @@ impl Store {
                 }
                 Some(_) => dead[row.kind] += 1,
             }
-            let Some(slot) = state.tables[row.kind].get_mut(&row.id) else { continue };
+            let Some(slot) = slot_of(&mut state.tables[row.kind], row) else { continue };
             let Some(track) = slot.track.as_mut() else { continue };
             debug_assert_eq!(track.in_flight, Some(row.version), "a batch commits what it took");
             track.in_flight = None;
@@ -388,9 +374,9 @@ impl Store {
         let guard = self.read_state();
         let mut records = Vec::new();
         for (kind, table) in guard.tables.iter().enumerate() {
-            for (id, slot) in table.iter() {
-                if let Some(pending) = slot.track.as_ref().and_then(|t| t.pending) {
-                    records.push(DirtyRecord { kind, id: id.clone(), seq: pending.seq });
+            for at in 0..table.len() {
+                if let Some(pending) = table.at(at).1.track.as_ref().and_then(|t| t.pending) {
+                    records.push(DirtyRecord { kind, at, seq: pending.seq });
                 }
             }
         }
@@ -418,7 +404,7 @@ impl Store {
     pub(crate) fn abandon(&self, batch: &Batch) {
         let mut guard = self.write_state();
         for row in &batch.rows {
-            if let Some(track) = guard.tables[row.kind].get_mut(&row.id).and_then(|s| s.track.as_mut()) {
+            if let Some(track) = slot_of(&mut guard.tables[row.kind], row).and_then(|s| s.track.as_mut()) {
                 for waiter in track.waiters.drain(..) {
                     waiter.fail(TicketError::Abandoned);
                 }
@@ -435,6 +421,41 @@ impl Store {
     /// The index of the kind named `name`.
     pub(crate) fn kind_named(&self, name: &str) -> Option<KindId> {
         self.shared.kinds.iter().position(|k| k.name == name)
+    }
+}
+
+/// Takes the pending change of the entity in slot `at` of `kind`'s table
+/// into a batch's `rows` (nothing if it has none), in flight from now on.
+fn take_row(state: &mut State, kind: KindId, at: usize, batch_group: u64, rows: &mut Vec<Row>) {
+    let resolves = match state.quarantine.is_empty() {
+        true => None,
+        false => state.quarantine.resolution_of(&(kind, state.tables[kind].at(at).0.clone())),
+    };
+    let (id, slot) = state.tables[kind].at_mut(at);
+    let Some(track) = slot.track.as_mut() else { return };
+    let Some(pending) = track.pending.take() else { return };
+    track.in_flight = Some(slot.version);
+    track.batch_group = batch_group;
+    rows.push(Row {
+        kind,
+        id: id.clone(),
+        at: Some(at),
+        version: slot.version,
+        value: slot.value.clone(),
+        json: track.json.take(),
+        seq: pending.seq,
+        since: pending.since,
+        base: track.base,
+        resolves,
+    });
+}
+
+/// The slot a batch's row was taken from: by its position when it came
+/// from the store, else by its id.
+fn slot_of<'a>(table: &'a mut super::Table, row: &Row) -> Option<&'a mut Slot> {
+    match row.at {
+        Some(at) => Some(table.at_mut(at).1),
+        None => table.get_mut(&row.id),
     }
 }
 
