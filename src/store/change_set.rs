@@ -28,6 +28,17 @@ pub(super) struct Staged {
     pub(super) occupied: bool,
 }
 
+/// Where a change set finds an entity.
+#[derive(Clone, Copy)]
+enum Found {
+    /// Staged by the change set, at this position of its list.
+    Staged(usize),
+    /// In its table, at this slot.
+    Table(usize),
+    /// Neither: never seen.
+    Absent,
+}
+
 /// The changes of one [`Store::apply`](super::Store::apply), staged until
 /// its closure returns. Reads through it see its own staged changes.
 pub struct ChangeSet<'a> {
@@ -58,45 +69,63 @@ impl<'a> ChangeSet<'a> {
         }
     }
 
-    /// The entity's current value and version, staged changes included.
-    fn current(&self, kind: KindId, id: &str) -> (Option<&Arc<dyn Stored>>, u64) {
+    /// Where the entity is: staged by this change set, in its table, or
+    /// neither. What it finds stays right until this change set stages
+    /// another entity.
+    fn find(&self, kind: KindId, id: &str) -> Found {
         if let Some(position) = self.staged_position(kind, id) {
-            let staged = &self.staged[position];
-            return (staged.value.as_ref(), staged.version);
+            return Found::Staged(position);
         }
-        match self.state.tables[kind].get(id) {
-            Some(slot) => (slot.value.as_ref(), slot.version),
-            None => (None, 0),
+        self.state.tables[kind].position(id).map_or(Found::Absent, Found::Table)
+    }
+
+    /// The current value and version of an entity found by
+    /// [`find`](Self::find), staged changes included.
+    fn current_found(&self, kind: KindId, found: Found) -> (Option<&Arc<dyn Stored>>, u64) {
+        match found {
+            Found::Staged(position) => {
+                let staged = &self.staged[position];
+                (staged.value.as_ref(), staged.version)
+            }
+            Found::Table(at) => {
+                let slot = self.state.tables[kind].at(at).1;
+                (slot.value.as_ref(), slot.version)
+            }
+            Found::Absent => (None, 0),
         }
     }
 
-    /// Stages a new value (or a tombstone) and returns the version it gets:
-    /// one more than the version before this change set (at least
-    /// `at_least`), however often the change set touches it.
+    /// The entity's current value and version, staged changes included.
+    fn current(&self, kind: KindId, id: &str) -> (Option<&Arc<dyn Stored>>, u64) {
+        self.current_found(kind, self.find(kind, id))
+    }
+
+    /// Stages a new value (or a tombstone) of the entity `found` by
+    /// [`find`](Self::find) and returns the version it gets: one more than
+    /// the version before this change set (at least `at_least`), however
+    /// often the change set touches it.
     fn stage(
         &mut self,
-        kind: KindId,
-        id: &str,
+        (kind, id, found): (KindId, &str, Found),
         value: Option<Arc<dyn Stored>>,
         json: Option<JsonOnce>,
         at_least: u64,
     ) -> u64 {
-        if let Some(position) = self.staged_position(kind, id) {
-            let staged = &mut self.staged[position];
-            staged.value = value;
-            staged.json = json;
-            staged.version = staged.version.max(at_least);
-            return staged.version;
-        }
         // Share the table's key when the entity exists, else the entity's
         // own id: no allocation.
-        let table = &self.state.tables[kind];
-        let (id, version, occupied, at) = match table.position(id) {
-            Some(at) => {
-                let (key, slot) = table.at(at);
+        let (id, version, occupied, at) = match found {
+            Found::Staged(position) => {
+                let staged = &mut self.staged[position];
+                staged.value = value;
+                staged.json = json;
+                staged.version = staged.version.max(at_least);
+                return staged.version;
+            }
+            Found::Table(at) => {
+                let (key, slot) = self.state.tables[kind].at(at);
                 (key.clone(), slot.version + 1, slot.occupies(), Some(at))
             }
-            None => (value.as_ref().map_or_else(|| Arc::from(id), |v| v.shared_id()), 1, false, None),
+            Found::Absent => (value.as_ref().map_or_else(|| Arc::from(id), |v| v.shared_id()), 1, false, None),
         };
         let version = version.max(at_least);
         self.staged.push(Staged { kind, id: id.clone(), value, version, at, json, occupied });
@@ -142,28 +171,34 @@ impl<'a> ChangeSet<'a> {
     /// created again: its version continues from the tombstone's.
     pub fn insert<E: Entity>(&mut self, entity: E) -> Result<Versioned<E>, StoreError> {
         let kind = kind_id_of::<E>(self.kinds);
-        if self.current(kind, entity.id()).0.is_some() {
+        let found = self.find(kind, entity.id());
+        if self.current_found(kind, found).0.is_some() {
             return Err(StoreError::AlreadyExists { kind: E::KIND, id: entity.id().to_owned() });
         }
-        Ok(self.put(kind, entity))
+        Ok(self.put(kind, found, entity))
     }
 
     /// Creates or replaces an entity.
     pub fn upsert<E: Entity>(&mut self, entity: E) -> Result<Versioned<E>, StoreError> {
-        Ok(self.put(kind_id_of::<E>(self.kinds), entity))
+        let kind = kind_id_of::<E>(self.kinds);
+        let found = self.find(kind, entity.id());
+        Ok(self.put(kind, found, entity))
     }
 
-    fn put<E: Entity>(&mut self, kind: KindId, entity: E) -> Versioned<E> {
+    /// Stages `entity`, `found` by [`find`](Self::find) under its id.
+    fn put<E: Entity>(&mut self, kind: KindId, found: Found, entity: E) -> Versioned<E> {
         let value = Arc::new(entity);
         let json = JsonOnce::default();
-        let version = self.stage(kind, value.id(), Some(value.clone() as Arc<dyn Stored>), Some(json.clone()), 0);
+        let version =
+            self.stage((kind, value.id(), found), Some(value.clone() as Arc<dyn Stored>), Some(json.clone()), 0);
         Versioned { version, value, json: Some(json) }
     }
 
     /// Changes a live entity in place; refused if it is absent or deleted.
     pub fn update<E: Entity>(&mut self, id: &str, change: impl FnOnce(&mut E)) -> Result<Versioned<E>, StoreError> {
         let kind = kind_id_of::<E>(self.kinds);
-        let Some(current) = self.current(kind, id).0 else {
+        let found = self.find(kind, id);
+        let Some(current) = self.current_found(kind, found).0 else {
             return Err(StoreError::NotFound { kind: E::KIND, id: id.to_owned() });
         };
         let mut entity = E::clone(&downcast::<E>(current));
@@ -171,17 +206,18 @@ impl<'a> ChangeSet<'a> {
         if entity.id() != id {
             return Err(StoreError::IdChanged { kind: E::KIND, id: id.to_owned(), new_id: entity.id().to_owned() });
         }
-        Ok(self.put(kind, entity))
+        Ok(self.put(kind, found, entity))
     }
 
     /// Deletes a live entity, leaving a versioned tombstone; refused if it
     /// is absent or already deleted. Returns the tombstone's version.
     pub fn delete<E: Entity>(&mut self, id: &str) -> Result<u64, StoreError> {
         let kind = kind_id_of::<E>(self.kinds);
-        if self.current(kind, id).0.is_none() {
+        let found = self.find(kind, id);
+        if self.current_found(kind, found).0.is_none() {
             return Err(StoreError::NotFound { kind: E::KIND, id: id.to_owned() });
         }
-        Ok(self.stage(kind, id, None, None, 0))
+        Ok(self.stage((kind, id, found), None, None, 0))
     }
 
     /// The type-erased current value and version of an entity (operator
@@ -195,7 +231,8 @@ impl<'a> ChangeSet<'a> {
     /// least `at_least`: for operator actions, whose versions continue above
     /// both memory's and the database's.
     pub(crate) fn put_erased(&mut self, kind: KindId, id: &str, value: Option<Arc<dyn Stored>>, at_least: u64) -> u64 {
-        self.stage(kind, id, value, None, at_least)
+        let found = self.find(kind, id);
+        self.stage((kind, id, found), value, None, at_least)
     }
 
     /// Whether memory holds the quarantined state of a member of a
