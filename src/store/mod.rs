@@ -726,10 +726,11 @@ mod tests {
     use super::{ApplyError, STAGED_ROOM, Store, StoreError};
     use crate::store::Entity;
 
+    /// The entity of the store's unit tests.
     #[derive(Clone, Serialize, Deserialize)]
-    struct Doc {
-        id: String,
-        n: u64,
+    pub(crate) struct Doc {
+        pub(crate) id: String,
+        pub(crate) n: u64,
     }
 
     impl Entity for Doc {

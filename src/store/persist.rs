@@ -464,23 +464,8 @@ mod tests {
     use std::collections::VecDeque;
     use std::time::{Duration, Instant};
 
-    use serde::{Deserialize, Serialize};
-
-    use crate::store::{Entity, Store, StoreError};
-
-    #[derive(Clone, Serialize, Deserialize)]
-    struct Doc {
-        id: String,
-        n: u64,
-    }
-
-    impl Entity for Doc {
-        const KIND: &'static str = "doc";
-        const TABLE: &'static str = "docs";
-        fn id(&self) -> &str {
-            &self.id
-        }
-    }
+    use crate::store::tests::Doc;
+    use crate::store::{Store, StoreError};
 
     /// The JSON a caller made of the version its change set produced goes
     /// with that version into the batch, and only with it: a later change,
