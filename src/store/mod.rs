@@ -187,6 +187,11 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
+    /// An entity not seen before.
+    pub(crate) fn new() -> Self {
+        Self { value: None, version: 0, track: None }
+    }
+
     pub(crate) fn occupies(&self) -> bool {
         self.track.as_ref().is_some_and(|t| t.occupies())
     }
@@ -197,13 +202,6 @@ impl Slot {
 /// slot for good: staged changes, outbox records and batch rows carry it,
 /// and find their slot again without hashing and comparing the id.
 pub(crate) type Table = crate::dense::DenseMap<Arc<str>, Slot>;
-
-impl Slot {
-    /// An entity not seen before.
-    fn new() -> Self {
-        Self { value: None, version: 0, track: None }
-    }
-}
 
 /// Everything behind the store's lock.
 pub(crate) struct State {
@@ -489,7 +487,12 @@ impl Store {
 /// indexes, a pending mark (or coalescing into the one it has), and the
 /// durable caller's claim.
 fn apply_staged(state: &mut State, kind: &KindInfo, s: &Staged, now: Instant, ticket: Option<&Arc<TicketShared>>) {
-    let base = state.quarantine.member(&(s.kind, s.id.clone())).map(|m| m.base);
+    // No id to clone for the lookup while nothing is quarantined.
+    let base = if state.quarantine.is_empty() {
+        None
+    } else {
+        state.quarantine.member(&(s.kind, s.id.clone())).map(|m| m.base)
+    };
     let table = &mut state.tables[s.kind];
     let at = s.at.unwrap_or_else(|| table.position_or_insert_with(s.id.clone(), Slot::new));
     let slot = table.at_mut(at).1;

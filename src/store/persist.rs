@@ -78,7 +78,7 @@ impl Store {
         let (table, indexes) = (&mut state.tables[kind], &mut state.indexes[kind]);
         for (id, version, value) in rows {
             // The key moves into the table; the indexes clone the table's.
-            let (id, slot) = table.entry_or_insert_with(id, || Slot { value: None, version: 0, track: None });
+            let (id, slot) = table.entry_or_insert_with(id, Slot::new);
             if slot.track.is_some() {
                 // Hydration precedes every change; an entity changed already
                 // keeps its newer, unwritten state.
@@ -126,11 +126,7 @@ impl Store {
             let mut members = Vec::with_capacity(set.members.len());
             for member in set.members {
                 if let Some((version, value)) = member.overlay {
-                    let slot = state.tables[member.kind].get_or_insert_with(member.id.clone(), || Slot {
-                        value: None,
-                        version: 0,
-                        track: None,
-                    });
+                    let slot = state.tables[member.kind].get_or_insert_with(member.id.clone(), Slot::new);
                     if slot.track.is_none() && slot.version < version {
                         for index in &mut state.indexes[member.kind] {
                             index.update(&member.id, slot.value.as_deref(), value.as_deref());
@@ -194,35 +190,33 @@ impl Store {
             else {
                 continue; // stale: taken earlier with its group
             };
-            let slot_in_flight = in_flight(slot);
-            let batch_group = state.ledger.next_group_id();
-            let start = batch.rows.len();
-            match pending.group {
+            let blocked_now = match pending.group {
                 Some(group) => {
-                    let blocked_now = blocked_groups.contains(&group)
+                    blocked_groups.contains(&group)
                         || state
                             .ledger
                             .groups
                             .get(&group)
-                            .is_some_and(|m| m.iter().any(|key| in_flight_by_key(state, key)));
-                    if blocked_now {
-                        blocked_groups.insert(group);
-                        blocked.push(record);
-                        continue;
-                    }
+                            .is_some_and(|m| m.iter().any(|key| in_flight_by_key(state, key)))
+                }
+                None => in_flight(slot),
+            };
+            if blocked_now {
+                blocked_groups.extend(pending.group);
+                blocked.push(record);
+                continue;
+            }
+            let batch_group = state.ledger.next_group_id();
+            let start = batch.rows.len();
+            match pending.group {
+                Some(group) => {
                     for (kind, id) in state.ledger.groups.remove(&group).unwrap_or_default() {
                         if let Some(at) = state.tables[kind].position(&id) {
                             take_row(state, kind, at, batch_group, &mut batch.rows);
                         }
                     }
                 }
-                None => {
-                    if slot_in_flight {
-                        blocked.push(record);
-                        continue;
-                    }
-                    take_row(state, record.kind, record.at, batch_group, &mut batch.rows);
-                }
+                None => take_row(state, record.kind, record.at, batch_group, &mut batch.rows),
             }
             batch.groups.push(start..batch.rows.len());
         }
@@ -427,9 +421,11 @@ impl Store {
 /// Takes the pending change of the entity in slot `at` of `kind`'s table
 /// into a batch's `rows` (nothing if it has none), in flight from now on.
 fn take_row(state: &mut State, kind: KindId, at: usize, batch_group: u64, rows: &mut Vec<Row>) {
-    let resolves = match state.quarantine.is_empty() {
-        true => None,
-        false => state.quarantine.resolution_of(&(kind, state.tables[kind].at(at).0.clone())),
+    // No id to clone for the lookup while nothing is quarantined.
+    let resolves = if state.quarantine.is_empty() {
+        None
+    } else {
+        state.quarantine.resolution_of(&(kind, state.tables[kind].at(at).0.clone()))
     };
     let (id, slot) = state.tables[kind].at_mut(at);
     let Some(track) = slot.track.as_mut() else { return };
