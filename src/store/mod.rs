@@ -408,15 +408,17 @@ impl Store {
             return Err(ApplyError::Refused(refusal));
         }
 
-        let now = Instant::now();
+        // Read when a pending mark starts (a change that coalesces needs no
+        // time), once per change set.
+        let now = std::cell::OnceCell::new();
         let (watched, watched_failure) =
             if want_ticket { watch_targets(state, watched, &staged, &siblings) } else { (Vec::new(), None) };
         let ticket = want_ticket.then(|| TicketShared::new(staged.len() + watched.len()));
         for s in &staged {
-            apply_staged(state, &kinds[s.kind], s, now, ticket.as_ref().map(|(shared, _)| shared));
+            apply_staged(state, &kinds[s.kind], s, &now, ticket.as_ref().map(|(shared, _)| shared));
         }
         for key in &siblings {
-            mark_pending(state, key, now);
+            mark_pending(state, key, *now.get_or_init(Instant::now));
         }
         if let Some(resolution) = resolution {
             for s in &staged {
@@ -486,7 +488,13 @@ impl Store {
 /// Puts one staged entity in its slot: the new value and version, its
 /// indexes, a pending mark (or coalescing into the one it has), and the
 /// durable caller's claim.
-fn apply_staged(state: &mut State, kind: &KindInfo, s: &Staged, now: Instant, ticket: Option<&Arc<TicketShared>>) {
+fn apply_staged(
+    state: &mut State,
+    kind: &KindInfo,
+    s: &Staged,
+    now: &std::cell::OnceCell<Instant>,
+    ticket: Option<&Arc<TicketShared>>,
+) {
     // No id to clone for the lookup while nothing is quarantined.
     let base = if state.quarantine.is_empty() {
         None
@@ -510,7 +518,7 @@ fn apply_staged(state: &mut State, kind: &KindInfo, s: &Staged, now: Instant, ti
     // operator's change): an older version's JSON must not be written.
     track.json = s.json.clone();
     if track.pending.is_none() {
-        track.pending = Some(state.ledger.mark(s.kind, at, now));
+        track.pending = Some(state.ledger.mark(s.kind, at, *now.get_or_init(Instant::now)));
     } else {
         kind.coalesced.increment(1);
     }
