@@ -240,16 +240,15 @@ impl Store {
         let now = Instant::now();
         let mut persisted = vec![0u64; self.shared.kinds.len()];
         let mut dead = vec![0u64; self.shared.kinds.len()];
-        let latency = metrics::histogram!(m::PERSIST_LATENCY);
+        let refused_at = |index: usize| quarantined.iter().find(|q| q.rows.contains(&index));
         let mut guard = self.write_state();
         let state = &mut *guard;
         for (index, row) in batch.rows.iter().enumerate() {
-            let refused = quarantined.iter().find(|q| q.rows.contains(&index));
+            let refused = refused_at(index);
             state.ledger.settle(row.seq);
             match refused {
                 None => {
                     persisted[row.kind] += 1;
-                    latency.record(now.saturating_duration_since(row.since).as_secs_f64());
                     if row.resolves.is_some() {
                         state.quarantine.leave(&(row.kind, row.id.clone()));
                     }
@@ -300,6 +299,13 @@ impl Store {
             }
         }
         drop(guard);
+        // Recorded outside the lock, which changes wait for.
+        let latency = metrics::histogram!(m::PERSIST_LATENCY);
+        for (index, row) in batch.rows.iter().enumerate() {
+            if refused_at(index).is_none() {
+                latency.record(now.saturating_duration_since(row.since).as_secs_f64());
+            }
+        }
         for ((kind, count), dead) in self.shared.kinds.iter().zip(persisted).zip(dead) {
             if count > 0 {
                 kind.persisted.increment(count);
