@@ -70,8 +70,7 @@ impl<'a> ChangeSet<'a> {
     }
 
     /// Where the entity is: staged by this change set, in its table, or
-    /// neither. What it finds stays right until this change set stages
-    /// another entity.
+    /// neither. What it finds stays right until the entity is staged.
     fn find(&self, kind: KindId, id: &str) -> Found {
         if let Some(position) = self.staged_position(kind, id) {
             return Found::Staged(position);

@@ -456,7 +456,11 @@ fn take_row(state: &mut State, kind: KindId, at: usize, batch_group: u64, rows: 
 /// from the store, else by its id.
 fn slot_of<'a>(table: &'a mut super::Table, row: &Row) -> Option<&'a mut Slot> {
     match row.at {
-        Some(at) => Some(table.at_mut(at).1),
+        Some(at) => {
+            let (id, slot) = table.at_mut(at);
+            debug_assert_eq!(id, &row.id, "a slot keeps its position in its table");
+            Some(slot)
+        }
         None => table.get_mut(&row.id),
     }
 }
