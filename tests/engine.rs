@@ -711,18 +711,20 @@ async fn balances(db: &TestDb) -> (i64, i64, Vec<String>) {
     (balance("alice"), balance("bob"), transfers)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_refused_change_set_stays_whole_until_an_operator_resolves_it() {
-    let db = fresh_db("transfers").await;
+/// A database with accounts and transfers (a CHECK constraint refuses
+/// transfers over 1000), an engine, and alice's (5000) and bob's (0)
+/// accounts written; then transfer t1 of 2000, refused: the database holds
+/// none of its set. Returns a client of the database too.
+async fn transfers_engine(name: &str) -> (TestDb, Engine, tokio_postgres::Client) {
+    let db = fresh_db(name).await;
     create_tables(&db, &["accounts", "transfers"]).await;
     let client = db.connect().await;
     client
         .batch_execute("ALTER TABLE transfers ADD CONSTRAINT at_most_1000 CHECK ((data->>'amount')::bigint <= 1000)")
         .await
         .unwrap();
-    let builder = || Store::builder().kind::<Account>().kind::<Transfer>();
-    let engine = start(&db, builder(), config(1000, 2)).await;
-    let store = engine.store().clone();
+    let engine = start(&db, Store::builder().kind::<Account>().kind::<Transfer>(), config(1000, 2)).await;
+    let store = engine.store();
     let ((), opened) = store
         .apply_durable(|set| -> Result<(), StoreError> {
             set.insert(Account { id: "alice".into(), balance: 5000 })?;
@@ -734,12 +736,19 @@ async fn a_refused_change_set_stays_whole_until_an_operator_resolves_it() {
 
     // The transfer row is refused: the whole change set is quarantined and
     // the ticket names the transfer, not an account.
-    let error = transfer(&store, "t1", 2000).wait().await.expect_err("refused");
+    let error = transfer(store, "t1", 2000).wait().await.expect_err("refused");
     assert!(
         matches!(&error, outbox::outbox::TicketError::Quarantined { kind, id, .. } if kind == "transfer" && id == "t1"),
         "{error}"
     );
     assert_eq!(balances(&db).await, (5000, 0, vec![]), "the database holds none of the set");
+    (db, engine, client)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_change_set_stays_whole_until_an_operator_resolves_it() {
+    let (db, engine, client) = transfers_engine("transfers").await;
+    let store = engine.store().clone();
     let pool = outbox::pg::pool(db.config.clone(), 2);
     let letters = outbox::pg::dead_letters::list_unresolved(&pool, 10).await.unwrap();
     assert_eq!(letters.len(), 3, "{letters:?}");
@@ -777,6 +786,63 @@ async fn a_refused_change_set_stays_whole_until_an_operator_resolves_it() {
     assert!(resolved.iter().all(|l| l.resolution.as_deref() == Some("discarded")), "{resolved:?}");
     assert_eq!(store.get::<Account>("alice").unwrap().balance, 2900, "memory reverted");
     assert!(store.get::<Transfer>("t3").is_none());
+    assert_eq!(memory_rows::<Account>(&store), db_rows(&db, "accounts").await, "memory equals the database");
+    assert_eq!(memory_rows::<Transfer>(&store), db_rows(&db, "transfers").await);
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_leaves_a_quarantined_set_alone_while_a_later_change_writes_it_again() {
+    use outbox::engine::operator;
+    use outbox::pg::dead_letters::{self, DeadLetterError};
+
+    let (db, engine, _client) = transfers_engine("set_at_rest").await;
+    let store = engine.store().clone();
+    let pool = outbox::pg::pool(db.config.clone(), 2);
+    let letters = dead_letters::list_unresolved(&pool, 10).await.unwrap();
+    assert_eq!(letters.len(), 3, "alice, bob and t1: {letters:?}");
+    let id = letters[0].id;
+
+    // The worker's next write waits: a transaction locks both tables
+    // against writes (reads go on).
+    let mut locker = db.connect().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE accounts, transfers IN EXCLUSIVE MODE").await.unwrap();
+
+    // t2 touches both accounts: the set is written again with it, so t2
+    // belongs to the set now, though the dead letters do not list it yet.
+    let t2 = transfer(&store, "t2", 100);
+    let memory = || (store.get::<Account>("alice").unwrap().balance, store.get::<Account>("bob").unwrap().balance);
+    assert_eq!(memory(), (2900, 2100));
+
+    // Resolving the set as its letters list it would revert the accounts
+    // and leave t2 in memory without its effect: both actions are turned
+    // away, changing nothing.
+    let wait = Duration::from_secs(2);
+    for (action, answer) in [
+        ("discard", operator::discard(&store, &pool, id, wait).await),
+        ("replay", operator::replay(&store, &pool, id, wait).await),
+    ] {
+        let error = answer.expect_err(action);
+        assert!(matches!(error, DeadLetterError::BeingWritten(i) if i == id), "{action}: {error}");
+    }
+    assert_eq!(memory(), (2900, 2100), "memory is unchanged");
+    assert!(store.get::<Transfer>("t1").is_some() && store.get::<Transfer>("t2").is_some());
+
+    // The write goes on: refused again (t1), quarantined with t2.
+    lock.rollback().await.unwrap();
+    let error = t2.wait().await.expect_err("written with the set, refused with it");
+    assert!(matches!(&error, outbox::outbox::TicketError::Quarantined { id, .. } if id == "t1"), "{error}");
+    assert_eq!(store.quarantined(), 4);
+    assert_eq!(balances(&db).await, (5000, 0, vec![]), "the database holds none of the set");
+    assert_eq!(dead_letters::set_of(&pool, id).await.unwrap().len(), 4, "the same letter now names the grown set");
+
+    // Now the set is at rest: discarding it reverts every member, t2 too.
+    let resolved = operator::discard(&store, &pool, id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(resolved.len(), 4);
+    assert!(resolved.iter().all(|l| l.resolution.as_deref() == Some("discarded")), "{resolved:?}");
+    assert_eq!(memory(), (5000, 0));
+    assert!(store.get::<Transfer>("t1").is_none() && store.get::<Transfer>("t2").is_none());
     assert_eq!(memory_rows::<Account>(&store), db_rows(&db, "accounts").await, "memory equals the database");
     assert_eq!(memory_rows::<Transfer>(&store), db_rows(&db, "transfers").await);
     assert!(engine.shutdown(Duration::from_secs(30)).await.complete());

@@ -1226,6 +1226,11 @@ impl World {
             if !answer.ok() {
                 let answer = self.admin(Method::DELETE, &format!("/api/admin/dead-letters/{id}")).await;
                 line += &format!("; discard {}", Self::outcome(&answer));
+                if answer.status == 409 {
+                    // The set is being written again with a later change:
+                    // its letters change when that write ends.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
             self.note(format!("#{} {line}", self.step));
         }

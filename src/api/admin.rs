@@ -75,7 +75,7 @@ fn dead_letter_error(e: DeadLetterError) -> ApiError {
         DeadLetterError::UnknownKind { .. } | DeadLetterError::StillRefused(_) => {
             ApiError::unprocessable(e.to_string())
         }
-        DeadLetterError::NotReplayable { .. } => ApiError::conflict(e.to_string()),
+        DeadLetterError::NotReplayable { .. } | DeadLetterError::BeingWritten(_) => ApiError::conflict(e.to_string()),
         DeadLetterError::Unavailable(_) => ApiError::unavailable(e.to_string(), std::time::Duration::from_secs(5)),
         DeadLetterError::TimedOut(_) => ApiError::new(StatusCode::GATEWAY_TIMEOUT, "not-yet-durable", e.to_string()),
         DeadLetterError::Db(db) => {
@@ -104,7 +104,7 @@ fn action_wait(state: &AppState) -> std::time::Duration {
         (status = 200, description = "Replayed and resolved", body = DeadLetterList),
         (status = 401, description = "Missing or wrong token"),
         (status = 404, description = "No unresolved dead letter with that id"),
-        (status = 409, description = "The quarantined state is not available any more; discard the set"),
+        (status = 409, description = "The quarantined state is not available any more (discard the set), or the set is being written again with a later change (try again once that ends)"),
         (status = 422, description = "The database refuses the set again"),
         (status = 503, description = "Not the lease holder, starting, or the database does not answer"),
         (status = 504, description = "Not committed in time; it stays queued"),
@@ -128,6 +128,8 @@ pub async fn replay(State(state): State<Shared>, Path(id): Path<i64>) -> Result<
         (status = 200, description = "Discarded", body = DeadLetterList),
         (status = 401, description = "Missing or wrong token"),
         (status = 404, description = "No unresolved dead letter with that id"),
+        (status = 409, description = "The set is being written again with a later change; try again once that ends"),
+        (status = 422, description = "The database refuses the set again"),
         (status = 503, description = "Not the lease holder, starting, or the database does not answer"),
         (status = 504, description = "Not committed in time; it stays queued"),
     ))]

@@ -82,8 +82,16 @@ async fn act(
         targets.push(Target { kind, letter, database, database_value });
     }
     let ids: Vec<i64> = targets.iter().map(|t| t.letter.id).collect();
+    let quarantine_id = targets[0].letter.quarantine_id as u64;
+    let members: Vec<(KindId, &str)> = targets.iter().map(|t| (t.kind, t.letter.entity_id.as_str())).collect();
 
     let applied = store.apply_durable(|set| {
+        // The set as its dead letters list it, or nothing (rule *Set at
+        // rest*): a set that a later change is writing again has more
+        // members than its letters.
+        if !set.quarantine_at_rest(quarantine_id, &members) {
+            return Err(DeadLetterError::BeingWritten(id));
+        }
         set.resolve_as(resolution);
         for target in &targets {
             let entity = &target.letter.entity_id;

@@ -351,6 +351,15 @@ pub enum DeadLetterError {
         /// Why the payload cannot be used.
         reason: String,
     },
+    /// The set is being written again, with a later change of a member
+    /// (which brings that change's other entities into it): its dead
+    /// letters are not the whole set until that write ends. Nothing was
+    /// changed; the same id can be acted on then (unless the write resolved
+    /// the set).
+    #[error(
+        "the quarantined set of dead letter {0} is being written again with a later change of one of its members; nothing was changed: try again once that write ends"
+    )]
+    BeingWritten(i64),
     /// The database refused the set again; its dead letters stay.
     #[error("the database refused the set again: {0}")]
     StillRefused(String),

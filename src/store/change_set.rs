@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{State, StoreError, Versioned, View, kind_id_of};
+use super::{Slot, State, StoreError, Versioned, View, kind_id_of};
 use crate::entity::{JsonOnce, KindId, KindInfo, Stored, downcast};
 use crate::outbox::{EntityKey, Resolution};
 use crate::store::Entity;
@@ -238,6 +238,21 @@ impl<'a> ChangeSet<'a> {
     /// quarantined set.
     pub(crate) fn holds_quarantined(&self, kind: KindId, id: &str) -> bool {
         self.state.quarantine.member(&(kind, Arc::from(id))).is_some_and(|m| m.holds)
+    }
+
+    /// Whether quarantined set `set` is at rest with exactly `members`: it
+    /// holds them and no others, and none of them is being written. A later
+    /// change of a member writes the set again with that change's other
+    /// entities (which then belong to it too), so until that write ends the
+    /// set's dead letters list only part of it.
+    pub(crate) fn quarantine_at_rest(&self, set: u64, members: &[(KindId, &str)]) -> bool {
+        let book = &self.state.quarantine;
+        let Some(quarantined) = book.set(set) else { return false };
+        quarantined.members.len() == members.len()
+            && members.iter().all(|&(kind, id)| {
+                book.member(&(kind, Arc::from(id))).is_some_and(|m| m.set == set)
+                    && !self.state.tables[kind].get(id).is_some_and(Slot::occupies)
+            })
     }
 
     /// The quarantined sets this change set touches are resolved as
