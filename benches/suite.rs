@@ -1614,7 +1614,8 @@ fn report(
     let (_, cpu_on, _) = stats(&server_us_per_request(&p3.cpu_on, &p3.on));
     let (_, cpu_off, _) = stats(&server_us_per_request(&p3.cpu_off, &p3.off));
     let (_, cpu_replayed, _) = stats(&server_us_per_request(&p3.cpu_replayed, &p3.replayed));
-    let (_, cpu_per_set, _) = stats(&cpu_ratio_per_set(p3));
+    let cpu_ratios = cpu_ratio_per_set(p3);
+    let (_, cpu_per_set, _) = stats(&cpu_ratios);
     let _ = writeln!(
         w,
         "| P3 throughput with persistence ≥ 95 % of without{} | {:.0} % (against an off run with the database's work replayed: {:.0} %) | {} |",
@@ -1761,7 +1762,7 @@ fn report(
         "\nRatio on/off per set of runs: {} (target ≥ 0.95); on against replayed: {}. Server CPU per request on/off per set of runs: {} (the verdict takes the medians' ratio).\n",
         fmt3(&p3.ratio, 2),
         fmt3(&p3.ratio_replayed, 2),
-        fmt3(&cpu_ratio_per_set(p3), 2)
+        fmt3(&cpu_ratios, 2)
     );
     let _ = writeln!(
         w,

@@ -105,7 +105,9 @@ impl<'a> ChangeSet<'a> {
     /// often the change set touches it.
     fn stage(
         &mut self,
-        (kind, id, found): (KindId, &str, Found),
+        kind: KindId,
+        id: &str,
+        found: Found,
         value: Option<Arc<dyn Stored>>,
         json: Option<JsonOnce>,
         at_least: u64,
@@ -189,7 +191,7 @@ impl<'a> ChangeSet<'a> {
         let value = Arc::new(entity);
         let json = JsonOnce::default();
         let version =
-            self.stage((kind, value.id(), found), Some(value.clone() as Arc<dyn Stored>), Some(json.clone()), 0);
+            self.stage(kind, value.id(), found, Some(value.clone() as Arc<dyn Stored>), Some(json.clone()), 0);
         Versioned { version, value, json: Some(json) }
     }
 
@@ -216,7 +218,7 @@ impl<'a> ChangeSet<'a> {
         if self.current_found(kind, found).0.is_none() {
             return Err(StoreError::NotFound { kind: E::KIND, id: id.to_owned() });
         }
-        Ok(self.stage((kind, id, found), None, None, 0))
+        Ok(self.stage(kind, id, found, None, None, 0))
     }
 
     /// The type-erased current value and version of an entity (operator
@@ -231,13 +233,13 @@ impl<'a> ChangeSet<'a> {
     /// both memory's and the database's.
     pub(crate) fn put_erased(&mut self, kind: KindId, id: &str, value: Option<Arc<dyn Stored>>, at_least: u64) -> u64 {
         let found = self.find(kind, id);
-        self.stage((kind, id, found), value, None, at_least)
+        self.stage(kind, id, found, value, None, at_least)
     }
 
     /// Whether memory holds the quarantined state of a member of a
     /// quarantined set.
     pub(crate) fn holds_quarantined(&self, kind: KindId, id: &str) -> bool {
-        self.state.quarantine.member(&(kind, Arc::from(id))).is_some_and(|m| m.holds)
+        self.state.quarantine.member(kind, &Arc::from(id)).is_some_and(|m| m.holds)
     }
 
     /// Whether quarantined set `set` is at rest with exactly `members`: it
@@ -250,7 +252,7 @@ impl<'a> ChangeSet<'a> {
         let Some(quarantined) = book.set(set) else { return false };
         quarantined.members.len() == members.len()
             && members.iter().all(|&(kind, id)| {
-                book.member(&(kind, Arc::from(id))).is_some_and(|m| m.set == set)
+                book.member(kind, &Arc::from(id)).is_some_and(|m| m.set == set)
                     && !self.state.tables[kind].get(id).is_some_and(Slot::occupies)
             })
     }

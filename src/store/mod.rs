@@ -495,12 +495,7 @@ fn apply_staged(
     now: &std::cell::OnceCell<Instant>,
     ticket: Option<&Arc<TicketShared>>,
 ) {
-    // No id to clone for the lookup while nothing is quarantined.
-    let base = if state.quarantine.is_empty() {
-        None
-    } else {
-        state.quarantine.member(&(s.kind, s.id.clone())).map(|m| m.base)
-    };
+    let base = state.quarantine.member(s.kind, &s.id).map(|m| m.base);
     let table = &mut state.tables[s.kind];
     let at = s.at.unwrap_or_else(|| table.position_or_insert_with(s.id.clone(), Slot::new));
     let slot = table.at_mut(at).1;
@@ -570,7 +565,7 @@ fn watch_target(state: &State, key: &EntityKey) -> Watch {
     if slot.occupies() {
         return Watch::Wait(slot.version);
     }
-    match state.quarantine.set_of(key) {
+    match state.quarantine.set_of(key.0, &key.1) {
         Some(set) => Watch::Failed(set.error.clone()),
         None => Watch::Durable,
     }
@@ -615,7 +610,7 @@ fn quarantined_siblings(state: &State, staged: &[Staged]) -> Vec<EntityKey> {
     }
     let mut sets = Vec::new();
     for s in staged {
-        if let Some(member) = state.quarantine.member(&(s.kind, s.id.clone()))
+        if let Some(member) = state.quarantine.member(s.kind, &s.id)
             && !sets.contains(&member.set)
         {
             sets.push(member.set);
@@ -636,7 +631,7 @@ fn quarantined_siblings(state: &State, staged: &[Staged]) -> Vec<EntityKey> {
 /// changing it: members of a quarantined set written with a change of
 /// another member. Counts it in the queue's depth if it did not occupy it.
 pub(crate) fn mark_pending(state: &mut State, (kind, id): &EntityKey, now: Instant) {
-    let base = state.quarantine.member(&(*kind, id.clone())).map(|m| m.base);
+    let base = state.quarantine.member(*kind, id).map(|m| m.base);
     let table = &mut state.tables[*kind];
     let Some(at) = table.position(id) else { return };
     let slot = table.at_mut(at).1;

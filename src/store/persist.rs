@@ -427,12 +427,7 @@ impl Store {
 /// Takes the pending change of the entity in slot `at` of `kind`'s table
 /// into a batch's `rows` (nothing if it has none), in flight from now on.
 fn take_row(state: &mut State, kind: KindId, at: usize, batch_group: u64, rows: &mut Vec<Row>) {
-    // No id to clone for the lookup while nothing is quarantined.
-    let resolves = if state.quarantine.is_empty() {
-        None
-    } else {
-        state.quarantine.resolution_of(&(kind, state.tables[kind].at(at).0.clone()))
-    };
+    let resolves = state.quarantine.resolution_of(kind, state.tables[kind].at(at).0);
     let (id, slot) = state.tables[kind].at_mut(at);
     let Some(track) = slot.track.as_mut() else { return };
     let Some(pending) = track.pending.take() else { return };

@@ -8,7 +8,9 @@
 //! when that group commits.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
+use crate::entity::KindId;
 use crate::outbox::{EntityKey, Resolution, TicketError};
 
 /// One quarantined entity.
@@ -51,11 +53,14 @@ impl QuarantineBook {
         self.member_of.is_empty()
     }
 
-    pub(crate) fn member(&self, key: &EntityKey) -> Option<Member> {
+    /// The membership of entity `id` of `kind`, if it is quarantined. The
+    /// id is cloned for the lookup only while something is quarantined:
+    /// the change path asks for every entity it changes.
+    pub(crate) fn member(&self, kind: KindId, id: &Arc<str>) -> Option<Member> {
         if self.member_of.is_empty() {
             return None;
         }
-        self.member_of.get(key).copied()
+        self.member_of.get(&(kind, id.clone())).copied()
     }
 
     pub(crate) fn set(&self, id: u64) -> Option<&QuarantineSet> {
@@ -63,14 +68,14 @@ impl QuarantineBook {
     }
 
     /// The set `key` belongs to.
-    pub(crate) fn set_of(&self, key: &EntityKey) -> Option<&QuarantineSet> {
-        self.member(key).and_then(|m| self.sets.get(&m.set))
+    pub(crate) fn set_of(&self, kind: KindId, id: &Arc<str>) -> Option<&QuarantineSet> {
+        self.member(kind, id).and_then(|m| self.sets.get(&m.set))
     }
 
     /// How a committed write of `key` resolves its dead letter, if it has
     /// one.
-    pub(crate) fn resolution_of(&self, key: &EntityKey) -> Option<Resolution> {
-        self.set_of(key).map(|set| set.resolution.unwrap_or(Resolution::Superseded))
+    pub(crate) fn resolution_of(&self, kind: KindId, id: &Arc<str>) -> Option<Resolution> {
+        self.set_of(kind, id).map(|set| set.resolution.unwrap_or(Resolution::Superseded))
     }
 
     /// Records a quarantined set; its members leave the sets they were in.
@@ -99,7 +104,7 @@ impl QuarantineBook {
     /// Marks the set of `key` to be resolved as `resolution` when it
     /// commits.
     pub(crate) fn resolve_as(&mut self, key: &EntityKey, resolution: Resolution) {
-        if let Some(member) = self.member(key)
+        if let Some(member) = self.member(key.0, &key.1)
             && let Some(set) = self.sets.get_mut(&member.set)
         {
             set.resolution = Some(resolution);
