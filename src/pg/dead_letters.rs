@@ -352,12 +352,12 @@ pub enum DeadLetterError {
         reason: String,
     },
     /// The set is being written again, with a later change of a member
-    /// (which brings that change's other entities into it): its dead
-    /// letters are not the whole set until that write ends. Nothing was
-    /// changed; the same id can be acted on then (unless the write resolved
-    /// the set).
+    /// (which brings that change's other entities into it), or was written
+    /// or quarantined again since its dead letters were read: they are not
+    /// the set as memory holds it. Nothing was changed; the same id can be
+    /// acted on once that write ends (unless it resolved the set).
     #[error(
-        "the quarantined set of dead letter {0} is being written again with a later change of one of its members; nothing was changed: try again once that write ends"
+        "the quarantined set of dead letter {0} is being written again with a later change of one of its members (or was just written); nothing was changed: try again once that write ends"
     )]
     BeingWritten(i64),
     /// The database refused the set again; its dead letters stay.
