@@ -1017,10 +1017,8 @@ fn server_us_per_request(shares: &[CpuShares], reports: &[LoadReport]) -> Runs {
 /// Per set of P3's runs (an on and an off run back to back), the server's
 /// CPU per request with persistence on over that without: a drift of the
 /// machine's speed across the sets weighs on both sides of each ratio.
-fn cpu_ratio_per_set(p3: &Http) -> Runs {
-    let on = server_us_per_request(&p3.cpu_on, &p3.on);
-    let off = server_us_per_request(&p3.cpu_off, &p3.off);
-    on.iter().zip(&off).map(|(on, off)| on / off).collect()
+fn cpu_ratio_per_set(on: &[f64], off: &[f64]) -> Runs {
+    on.iter().zip(off).map(|(on, off)| on / off).collect()
 }
 
 /// The machine's CPUs, as counted before P3 confines this process to some
@@ -1611,10 +1609,14 @@ fn report(
     let _ = writeln!(w, "| P2 worker against the naive pattern (reported, no target) | {naive:.0}× | |");
     let (_, http_ratio, _) = stats(&p3.ratio);
     let (_, replayed_ratio, _) = stats(&p3.ratio_replayed);
-    let (_, cpu_on, _) = stats(&server_us_per_request(&p3.cpu_on, &p3.on));
-    let (_, cpu_off, _) = stats(&server_us_per_request(&p3.cpu_off, &p3.off));
-    let (_, cpu_replayed, _) = stats(&server_us_per_request(&p3.cpu_replayed, &p3.replayed));
-    let cpu_ratios = cpu_ratio_per_set(p3);
+    // The server's CPU per request of each run: on, off, replayed.
+    let us_per_request = [
+        server_us_per_request(&p3.cpu_on, &p3.on),
+        server_us_per_request(&p3.cpu_off, &p3.off),
+        server_us_per_request(&p3.cpu_replayed, &p3.replayed),
+    ];
+    let [(_, cpu_on, _), (_, cpu_off, _), (_, cpu_replayed, _)] = us_per_request.each_ref().map(|runs| stats(runs));
+    let cpu_ratios = cpu_ratio_per_set(&us_per_request[0], &us_per_request[1]);
     let (_, cpu_per_set, _) = stats(&cpu_ratios);
     let _ = writeln!(
         w,
@@ -1772,13 +1774,15 @@ fn report(
         w,
         "| | PostgreSQL | server | load generator | everything else | idle | server CPU per request (µs) |\n|---|---|---|---|---|---|---|"
     );
-    for (name, shares, reports) in [
-        (P3Run::On.name().to_owned(), &p3.cpu_on, &p3.on),
-        (P3Run::Off.name().to_owned(), &p3.cpu_off, &p3.off),
-        (format!("{} (load generator: with the replay)", P3Run::Replayed.name()), &p3.cpu_replayed, &p3.replayed),
-    ] {
+    for ((name, shares), per_request) in [
+        (P3Run::On.name().to_owned(), &p3.cpu_on),
+        (P3Run::Off.name().to_owned(), &p3.cpu_off),
+        (format!("{} (load generator: with the replay)", P3Run::Replayed.name()), &p3.cpu_replayed),
+    ]
+    .into_iter()
+    .zip(&us_per_request)
+    {
         let pct = |f: fn(&CpuShares) -> f64| -> Runs { shares.iter().map(|s| f(s) * 100.0).collect() };
-        let per_request = server_us_per_request(shares, reports);
         let _ = writeln!(
             w,
             "| {name} | {} % | {} % | {} % | {} % | {} % | {} |",
@@ -1787,7 +1791,7 @@ fn report(
             fmt3(&pct(|s| s.load_generator), 0),
             fmt3(&pct(|s| 1.0 - s.idle - s.postgres - s.server - s.load_generator), 0),
             fmt3(&pct(|s| s.idle), 0),
-            fmt3(&per_request, 1)
+            fmt3(per_request, 1)
         );
     }
     let _ = writeln!(w);

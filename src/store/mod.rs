@@ -605,9 +605,6 @@ fn add_waiters(state: &mut State, targets: Vec<(KindId, Arc<str>, u64)>, ticket:
 /// The members of the quarantined sets that `staged` touches, other than
 /// the staged entities themselves.
 fn quarantined_siblings(state: &State, staged: &[Staged]) -> Vec<EntityKey> {
-    if state.quarantine.is_empty() {
-        return Vec::new();
-    }
     let mut sets = Vec::new();
     for s in staged {
         if let Some(member) = state.quarantine.member(s.kind, &s.id)

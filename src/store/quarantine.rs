@@ -49,10 +49,6 @@ impl QuarantineBook {
         self.member_of.len()
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.member_of.is_empty()
-    }
-
     /// The membership of entity `id` of `kind`, if it is quarantined. The
     /// id is cloned for the lookup only while something is quarantined:
     /// the change path asks for every entity it changes.
