@@ -283,7 +283,7 @@ async fn unnest(bench: &Bench, batch: usize, connections: usize) -> f64 {
 /// (d) as above, the first `updates` rows written as updates (version 2,
 /// over rows the table holds at version 1).
 async fn unnest_updating(bench: &Bench, batch: usize, connections: usize, updates: usize) -> f64 {
-    let sql = pg::upsert_sql("items");
+    let sql = pg::upsert_sql("items", pg::DocumentType::Json);
     let started = Instant::now();
     let mut workers = Vec::new();
     for connection in 0..connections {
@@ -311,7 +311,7 @@ async fn unnest_updating(bench: &Bench, batch: usize, connections: usize, update
     FAST_ROWS as f64 / started.elapsed().as_secs_f64()
 }
 
-const COPY_TYPES: [Type; 4] = [Type::TEXT, Type::INT8, Type::BOOL, Type::JSONB];
+const COPY_TYPES: [Type; 4] = [Type::TEXT, Type::INT8, Type::BOOL, Type::JSON];
 
 async fn copy_rows(
     transaction: &tokio_postgres::Transaction<'_>,
@@ -340,7 +340,7 @@ async fn copy_staging(bench: &Bench, batch: usize, connections: usize) -> f64 {
             let mut client = pg::connect(&config).await.expect("connect");
             client
                 .batch_execute(
-                    "CREATE TEMP TABLE stage (id text, version bigint, deleted boolean, data jsonb) ON COMMIT DELETE ROWS",
+                    "CREATE TEMP TABLE stage (id text, version bigint, deleted boolean, data json) ON COMMIT DELETE ROWS",
                 )
                 .await
                 .expect("staging table");
@@ -450,7 +450,7 @@ async fn workloads(bench: &Bench) -> Vec<Workload> {
     out
 }
 
-/// The same fields as a `data jsonb` document and as typed columns, for
+/// The same fields as a `data json` document and as typed columns, for
 /// the layout comparison (rows of similar size: ~250 bytes).
 macro_rules! layout_kind {
     ($name:ident, $kind:literal, $table:literal $(, $columns:ident)?) => {
@@ -1727,11 +1727,11 @@ fn report(
     let _ = writeln!(w, "### Typed columns against the document layout\n");
     let _ = writeln!(
         w,
-        "Method: one kind with nine fields (five text, a bigint, a boolean, a timestamptz), written by the outbox worker with its defaults as in (c), {FAST_ROWS} rows per run, once as a `data jsonb` document per row and once in typed columns of its own table; runs alternate which layout goes first; each table is emptied and checkpointed before its run. Average row size in the table: {:.0} bytes (document), {:.0} bytes (columns).\n",
+        "Method: one kind with nine fields (five text, a bigint, a boolean, a timestamptz), written by the outbox worker with its defaults as in (c), {FAST_ROWS} rows per run, once as a `data json` document per row and once in typed columns of its own table; runs alternate which layout goes first; each table is emptied and checkpointed before its run. Average row size in the table: {:.0} bytes (document), {:.0} bytes (columns).\n",
         layouts.row_bytes.0, layouts.row_bytes.1
     );
     let _ = writeln!(w, "| layout | rows/s |\n|---|---|");
-    let _ = writeln!(w, "| document (`data jsonb`) | {} |", fmt3(&layouts.document, 0));
+    let _ = writeln!(w, "| document (`data json`) | {} |", fmt3(&layouts.document, 0));
     let _ = writeln!(w, "| typed columns | {} |", fmt3(&layouts.columns, 0));
     let _ = writeln!(w, "| columns / document (per run) | {} |\n", fmt3(&layouts.columns_over_document, 2));
 

@@ -5,6 +5,7 @@
 
 use std::any::{Any, TypeId};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use metrics::{Counter, Gauge};
 use serde::Serialize;
@@ -18,20 +19,22 @@ use crate::metrics as m;
 /// the id field.
 ///
 /// By default ([`Layout::Document`]) the table holds the entity as one
-/// `jsonb` document (`outbox::pg::create_table_sql` writes this):
+/// JSON document (`outbox::pg::create_table_sql` writes this):
 ///
 /// ```sql
 /// CREATE TABLE items (
 ///     id         text        PRIMARY KEY,
 ///     version    bigint      NOT NULL,
 ///     deleted    boolean     NOT NULL DEFAULT false,
-///     data       jsonb,                -- the entity; NULL for a tombstone
+///     data       json,                 -- the entity; NULL for a tombstone
 ///     updated_at timestamptz NOT NULL DEFAULT now()
 /// );
 /// ```
 ///
-/// Columns worth indexing can be added as generated columns over `data`
-/// (`status text GENERATED ALWAYS AS (data->>'status') STORED`). With
+/// A `jsonb` column works as well (the start-up check finds which type the
+/// table has; see [`DocumentType`] for what each
+/// costs). Columns worth indexing can be added as generated columns over
+/// `data` (`status text GENERATED ALWAYS AS (data->>'status') STORED`). With
 /// [`Layout::Columns`] the fields go to typed columns of their own instead.
 pub trait Entity: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
     /// The kind's name: a metric label, a log field, a dead letter's kind.
@@ -56,7 +59,7 @@ pub trait Entity: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
 /// How a kind's table stores its entities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
-    /// One `data jsonb` column holding the entity.
+    /// One `data` column holding the entity as JSON (`json` or `jsonb`).
     Document,
     /// One typed column per field, named after it (the id field is the
     /// `id` column). The entity is read back from those columns as a JSON
@@ -68,6 +71,44 @@ pub enum Layout {
         /// The other fields' columns.
         columns: &'static [Column],
     },
+}
+
+/// The type of a document table's `data` column. The engine writes and
+/// reads either; which one a table has is found at start-up.
+///
+/// `json` keeps the text as written: PostgreSQL checks it on the way in
+/// and hands it back as it is, where `jsonb` parses it into its own form on
+/// every write and turns that into text again on every read (a full read of
+/// a million reference items took about 2.5 s of the database's CPU as
+/// `jsonb` and under 1 s as `json`). `jsonb` is for tables queried by
+/// containment or indexed with GIN from SQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DocumentType {
+    /// `json`: the text as written. What new tables get.
+    #[default]
+    Json,
+    /// `jsonb`: PostgreSQL's parsed form.
+    Jsonb,
+}
+
+impl DocumentType {
+    /// The type's SQL name.
+    pub fn sql_name(self) -> &'static str {
+        match self {
+            Self::Json => "json",
+            Self::Jsonb => "jsonb",
+        }
+    }
+
+    /// The type named `name` (as `information_schema` spells it), if it
+    /// is one of the two.
+    pub(crate) fn named(name: &str) -> Option<Self> {
+        match name {
+            "json" => Some(Self::Json),
+            "jsonb" => Some(Self::Jsonb),
+            _ => None,
+        }
+    }
 }
 
 /// A typed column of a kind's table.
@@ -155,6 +196,10 @@ pub(crate) struct KindInfo {
     pub(crate) name: &'static str,
     pub(crate) table: &'static str,
     pub(crate) layout: Layout,
+    /// The type of a document table's `data` column, once found (by the
+    /// start-up check of the tables, or by the first write of a worker
+    /// started without it); 0 while not known.
+    document: AtomicU8,
     pub(crate) decode: Decode,
     pub(crate) mutations: Counter,
     pub(crate) coalesced: Counter,
@@ -172,6 +217,7 @@ impl KindInfo {
             name: E::KIND,
             table: E::TABLE,
             layout: E::LAYOUT,
+            document: AtomicU8::new(0),
             decode: decode::<E>,
             mutations: metrics::counter!(m::MUTATIONS_TOTAL, &labels),
             coalesced: metrics::counter!(m::COALESCED_TOTAL, &labels),
@@ -186,6 +232,24 @@ impl KindInfo {
         }
         kind.hydrated.set(0.0);
         kind
+    }
+
+    /// The type of a document table's `data` column, if found yet.
+    pub(crate) fn document(&self) -> Option<DocumentType> {
+        match self.document.load(Ordering::Relaxed) {
+            1 => Some(DocumentType::Json),
+            2 => Some(DocumentType::Jsonb),
+            _ => None,
+        }
+    }
+
+    /// Notes the type of a document table's `data` column.
+    pub(crate) fn set_document(&self, document: DocumentType) {
+        let code = match document {
+            DocumentType::Json => 1,
+            DocumentType::Jsonb => 2,
+        };
+        self.document.store(code, Ordering::Relaxed);
     }
 }
 

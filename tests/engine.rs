@@ -497,7 +497,7 @@ async fn engine_store_delete_and_restart(db: &TestDb) {
     // Replaying an older batch (a retry, a stale writer) changes nothing.
     let before = db_rows(db, "docs").await;
     let client = db.connect().await;
-    let sql = outbox::pg::upsert_sql("docs");
+    let sql = outbox::pg::upsert_sql("docs", outbox::pg::DocumentType::Jsonb);
     let old = serde_json::json!({"id": "a", "body": "v2", "n": 1});
     let tombstone_replay = Option::<serde_json::Value>::None;
     client
@@ -848,9 +848,19 @@ async fn an_operator_leaves_a_quarantined_set_alone_while_a_later_change_writes_
     assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
 }
 
+/// `docs` with its documents as `json` rather than `jsonb`: the tests of
+/// the write paths run on both types.
+const JSON_DOCS: &str = "ALTER TABLE docs ALTER COLUMN data TYPE json USING data::json";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_version_written_elsewhere_is_a_conflict_never_a_silent_success() {
-    let (db, engine) = docs_engine("conflict", None).await;
+    for (name, ddl) in [("conflict", None), ("conflict-json", Some(JSON_DOCS))] {
+        a_version_written_elsewhere_is_a_conflict(name, ddl).await;
+    }
+}
+
+async fn a_version_written_elsewhere_is_a_conflict(name: &str, ddl: Option<&str>) {
+    let (db, engine) = docs_engine(name, ddl).await;
     let store = engine.store().clone();
     let ((), ticket) =
         store.apply_durable(|set| set.insert(Doc { id: "d".into(), body: "ours".into(), n: 1 }).map(|_| ())).unwrap();
@@ -858,7 +868,9 @@ async fn a_version_written_elsewhere_is_a_conflict_never_a_silent_success() {
     // Someone writes the row behind the store's back, at a newer version.
     let client = db.connect().await;
     client
-        .batch_execute("UPDATE docs SET version = 5, data = jsonb_set(data, '{body}', '\"theirs\"') WHERE id = 'd'")
+        .batch_execute(
+            "UPDATE docs SET version = 5, data = jsonb_set(data::jsonb, '{body}', '\"theirs\"') WHERE id = 'd'",
+        )
         .await
         .unwrap();
     let ((), ticket) = store.apply_durable(|set| set.update::<Doc>("d", |d| d.n = 2).map(|_| ())).unwrap();
@@ -901,7 +913,13 @@ async fn insert_behind(db: &TestDb, doc: &Doc, version: i64) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn new_rows_are_copied_and_a_retry_after_an_ambiguous_commit_falls_back_to_the_upsert() {
-    let (db, engine) = docs_engine("copy-retry", None).await;
+    for (name, ddl) in [("copy-retry", None), ("copy-retry-json", Some(JSON_DOCS))] {
+        new_rows_are_copied_and_a_retry_falls_back(name, ddl).await;
+    }
+}
+
+async fn new_rows_are_copied_and_a_retry_falls_back(name: &str, ddl: Option<&str>) {
+    let (db, engine) = docs_engine(name, ddl).await;
     let store = engine.store().clone();
     let doc = |id: String| Doc { body: format!("body of {id}"), id, n: 1 };
     let create = |ids: Vec<String>| {
@@ -1403,4 +1421,50 @@ async fn a_missing_table_or_column_stops_start_up_at_once_saying_what_to_create(
     let error = result.expect_err("no column").to_string();
     assert!(elapsed < Duration::from_secs(1), "at once: {elapsed:?}");
     assert!(error.contains("no column note") && error.contains("ADD COLUMN \"note\" text"), "{error}");
+}
+
+/// A document table's `data` column is `json` or `jsonb` (the statements
+/// follow what the table has); any other type stops start-up with the
+/// statement that changes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_document_column_of_another_type_stops_start_up_saying_what_to_change() {
+    assert!(outbox::pg::create_table_sql::<Doc>().contains("data       json,"), "new tables hold json");
+    let db = fresh_db("document-type").await;
+    let pool = outbox::pg::pool(db.config.clone(), 4);
+    outbox::pg::migrate(&pool).await.unwrap();
+    db.connect()
+        .await
+        .batch_execute(&outbox::pg::create_table_sql::<Doc>().replace("data       json,", "data       text,"))
+        .await
+        .unwrap();
+    let (store, receiver) = Store::builder().kind::<Doc>().build();
+    let error = Engine::builder(store, receiver, pool.clone()).start().await.map(|_| ()).expect_err("text").to_string();
+    assert!(
+        error.contains("docs")
+            && error.contains("type text")
+            && error.contains("ALTER COLUMN data TYPE json USING data::json"),
+        "{error}"
+    );
+    let rows = db_rows_text(&db).await;
+    assert!(rows.is_empty(), "nothing written: {rows:?}");
+
+    // Changed as it says, the table takes the engine's writes and gives
+    // them back at the next start.
+    db.connect().await.batch_execute("ALTER TABLE docs ALTER COLUMN data TYPE json USING data::json").await.unwrap();
+    let engine = start(&db, Store::builder().kind::<Doc>(), config(100, 1)).await;
+    let doc = Doc { id: "a".into(), body: "caf\u{e9} \"quoted\"".into(), n: u64::MAX };
+    let ((), ticket) = engine.store().apply_durable(|set| set.insert(doc.clone()).map(|_| ())).unwrap();
+    ticket.wait().await.unwrap();
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+    let engine = start(&db, Store::builder().kind::<Doc>(), config(100, 1)).await;
+    assert_eq!(engine.store().get::<Doc>("a").map(|d| (*d.value).clone()), Some(doc));
+    assert_eq!(memory_rows::<Doc>(engine.store()), db_rows(&db, "docs").await);
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+}
+
+/// The `docs` table's rows with their data as text, whatever its type.
+async fn db_rows_text(db: &TestDb) -> Vec<(String, Option<String>)> {
+    let client = db.connect().await;
+    let rows = client.query("SELECT id, data::text FROM docs", &[]).await.unwrap();
+    rows.into_iter().map(|r| (r.get(0), r.get(1))).collect()
 }

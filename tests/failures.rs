@@ -528,9 +528,9 @@ async fn a_spill_never_overwrites_what_another_holder_wrote() {
     let client = db.connect().await;
     client
         .batch_execute(&format!(
-            "UPDATE items SET version = 6, data = jsonb_set(data, '{{enriched_data}}', '{{\"by\": \"new holder\"}}') WHERE id = '{a}';
+            "UPDATE items SET version = 6, data = jsonb_set(data::jsonb, '{{enriched_data}}', '{{\"by\": \"new holder\"}}') WHERE id = '{a}';
              UPDATE items SET version = 6, deleted = true, data = NULL WHERE id = '{b}';
-             UPDATE items SET version = 5, data = jsonb_set(data, '{{enriched_data}}', '{{\"by\": \"new holder\"}}') WHERE id = '{c}';",
+             UPDATE items SET version = 5, data = jsonb_set(data::jsonb, '{{enriched_data}}', '{{\"by\": \"new holder\"}}') WHERE id = '{c}';",
             a = dfids[0], b = dfids[1], c = dfids[2]
         ))
         .await

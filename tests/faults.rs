@@ -1305,7 +1305,7 @@ async fn read_snapshot(client: &mut tokio_postgres::Client) -> Result<Snapshot, 
     let tags = tx
         .query(
             "SELECT data->'enriched_data'->>'batch', count(*) FROM items
-             WHERE NOT deleted AND jsonb_exists(data->'enriched_data', 'batch') GROUP BY 1",
+             WHERE NOT deleted AND jsonb_exists(data::jsonb->'enriched_data', 'batch') GROUP BY 1",
             &[],
         )
         .await?
@@ -1317,10 +1317,10 @@ async fn read_snapshot(client: &mut tokio_postgres::Client) -> Result<Snapshot, 
     for r in tx
         .query(
             "SELECT c.id, d.dfid FROM circuits c
-             CROSS JOIN LATERAL jsonb_array_elements_text(coalesce(c.data->'items', '[]')) AS d(dfid)
+             CROSS JOIN LATERAL jsonb_array_elements_text(coalesce(c.data::jsonb->'items', '[]')) AS d(dfid)
              LEFT JOIN items i ON i.id = d.dfid
              WHERE NOT c.deleted
-               AND (i.id IS NULL OR i.deleted OR NOT coalesce(jsonb_exists(i.data->'circuits', c.id), false))",
+               AND (i.id IS NULL OR i.deleted OR NOT coalesce(jsonb_exists(i.data::jsonb->'circuits', c.id), false))",
             &[],
         )
         .await?
@@ -1335,10 +1335,10 @@ async fn read_snapshot(client: &mut tokio_postgres::Client) -> Result<Snapshot, 
     for r in tx
         .query(
             "SELECT i.id, m.cid FROM items i
-             CROSS JOIN LATERAL jsonb_array_elements_text(coalesce(i.data->'circuits', '[]')) AS m(cid)
+             CROSS JOIN LATERAL jsonb_array_elements_text(coalesce(i.data::jsonb->'circuits', '[]')) AS m(cid)
              LEFT JOIN circuits c ON c.id = m.cid
              WHERE NOT i.deleted
-               AND (c.id IS NULL OR c.deleted OR NOT coalesce(jsonb_exists(c.data->'items', i.id), false))",
+               AND (c.id IS NULL OR c.deleted OR NOT coalesce(jsonb_exists(c.data::jsonb->'items', i.id), false))",
             &[],
         )
         .await?
@@ -1356,7 +1356,7 @@ async fn read_snapshot(client: &mut tokio_postgres::Client) -> Result<Snapshot, 
             "SELECT s.id, s.data->>'merged_into' FROM items s
              LEFT JOIN items t ON t.id = s.data->>'merged_into'
              WHERE NOT s.deleted AND s.data->>'status' = 'merged'
-               AND (t.id IS NULL OR (NOT t.deleted AND NOT ((t.data->'identifiers') @> (s.data->'identifiers'))))",
+               AND (t.id IS NULL OR (NOT t.deleted AND NOT ((t.data::jsonb->'identifiers') @> (s.data::jsonb->'identifiers'))))",
             &[],
         )
         .await?

@@ -140,7 +140,7 @@ async fn retries_across_a_kill_9_create_once() {
     let rows = |sku: &'static str| {
         let client = &client;
         async move {
-            let sql = "SELECT count(*) FROM items WHERE data->'identifiers' @> jsonb_build_array(jsonb_build_object('key', 'sku', 'value', $1::text))";
+            let sql = "SELECT count(*) FROM items WHERE data::jsonb->'identifiers' @> jsonb_build_array(jsonb_build_object('key', 'sku', 'value', $1::text))";
             client.query_one(sql, &[&sku]).await.unwrap().get::<_, i64>(0)
         }
     };

@@ -111,7 +111,11 @@ async fn migrate_as_the_reference_service(db: &TestDb) -> usize {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_of_an_earlier_version_is_upgraded_to_the_schema_a_fresh_one_gets() {
     let fresh = fresh_db("migrate-fresh").await;
-    assert_eq!(migrate_as_the_reference_service(&fresh).await, 3, "the library's one and the reference service's two");
+    assert_eq!(
+        migrate_as_the_reference_service(&fresh).await,
+        4,
+        "the library's one and the reference service's three"
+    );
     let expected = schema(&fresh).await;
     assert!(expected.iter().any(|line| line.contains("outbox_dead_letters.14 quarantine_id")), "{expected:#?}");
 
@@ -135,7 +139,7 @@ async fn a_database_of_an_earlier_version_is_upgraded_to_the_schema_a_fresh_one_
         migrate_as_the_reference_service(&db).await;
         assert_eq!(schema(&db).await, expected, "upgraded from version {earlier}");
         assert_eq!(history(&db, outbox::pg::HISTORY_TABLE).await, vec![(1, "outbox".to_owned())]);
-        assert_eq!(history(&db, outbox::api::schema::HISTORY_TABLE).await.len(), 2);
+        assert_eq!(history(&db, outbox::api::schema::HISTORY_TABLE).await.len(), 3);
         assert!(!table_exists(&db, "refinery_schema_history").await, "the default history table is left free");
         let kept: (i64, i64, String) = {
             let row = client
@@ -221,7 +225,7 @@ async fn processes_migrating_together_take_turns() {
     for run in runs {
         applied += run.await.unwrap().expect("every process's migrations succeed");
     }
-    assert_eq!(applied, 3, "each migration applied once");
+    assert_eq!(applied, 4, "each migration applied once");
 }
 
 #[tokio::test(flavor = "multi_thread")]

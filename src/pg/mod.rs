@@ -12,6 +12,7 @@ pub(crate) mod sql;
 pub mod tables;
 pub(crate) mod upsert;
 
+pub use crate::entity::DocumentType;
 pub use migrate::{HISTORY_TABLE, migrate};
 pub use sql::upsert_sql;
 pub use tables::{TableError, create_table_sql, ensure_tables};

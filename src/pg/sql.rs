@@ -2,15 +2,16 @@
 //! once and kept for the life of the process.
 //!
 //! Every statement takes parallel arrays: ids (`text[]`), versions
-//! (`int8[]`), tombstone flags (`bool[]`), then the entity: one `jsonb[]`
-//! for a document table, or one `text[]` per typed column, cast in SQL to the
-//! column's type (PostgreSQL parses the values, as it parses jsonb).
+//! (`int8[]`), tombstone flags (`bool[]`), then the entity: one `json[]`
+//! (or `jsonb[]`, the column's type) for a document table, or one `text[]`
+//! per typed column, cast in SQL to the column's type (PostgreSQL parses the
+//! values, as it parses JSON).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
 use super::quote_ident;
-use crate::entity::{Column, KindInfo, Layout};
+use crate::entity::{Column, DocumentType, KindInfo, Layout};
 
 /// The statements of one table.
 #[derive(Debug)]
@@ -31,10 +32,11 @@ pub(crate) struct TableSql {
     pub(crate) mismatches: String,
     /// Every row as (id, version, deleted, the entity as JSON text), for
     /// hydration; followed by `WHERE id = ANY($1)` to read some. The entity
-    /// is cast to text in the statement rather than sent as jsonb, so that
-    /// turning it into text (most of what the database does per row) is
-    /// part of the scan's output: done by parallel workers when the plan
-    /// has them, not by the one backend that sends every row.
+    /// is cast to text in the statement rather than sent in its binary
+    /// form, so that turning it into text (for `jsonb`, most of what the
+    /// database does per row) is part of the scan's output: done by
+    /// parallel workers when the plan has them, not by the one backend
+    /// that sends every row.
     pub(crate) select: String,
     /// `COPY ... FROM STDIN` of (id, version, deleted, the entity) for rows
     /// the table has never held: binary for a document table, text (each
@@ -52,28 +54,50 @@ pub(crate) struct TableSql {
 struct Shape {
     /// The entity's column names, quoted (`data`, or the typed columns).
     names: Vec<String>,
-    /// `unnest` parameter types for them (`jsonb[]`, or `text[]` each).
+    /// `unnest` parameter types for them (`json[]` or `jsonb[]`, or
+    /// `text[]` each).
     params: Vec<&'static str>,
     /// How each `u.<name>` becomes the column's value.
     values: Vec<String>,
+    /// Per column, whether `t.<name>` (the table's) differs from
+    /// `u.<name>` (the given one).
+    differs: Vec<String>,
     /// The entity as JSON text, read from a row `t`.
     read: String,
 }
 
-fn shape(layout: Layout) -> Shape {
+fn shape(layout: Layout, document: DocumentType) -> Shape {
     match layout {
         Layout::Document => Shape {
             names: vec!["data".into()],
-            params: vec!["jsonb[]"],
+            params: vec![match document {
+                DocumentType::Json => "json[]",
+                DocumentType::Jsonb => "jsonb[]",
+            }],
             values: vec!["u.data".into()],
+            // `json` has no equality: compared as jsonb (as values, not
+            // as text with its spacing and key order).
+            differs: vec![match document {
+                DocumentType::Json => "t.data::jsonb IS DISTINCT FROM u.data::jsonb".into(),
+                DocumentType::Jsonb => "t.data IS DISTINCT FROM u.data".into(),
+            }],
             read: "t.data::text".into(),
         },
-        Layout::Columns { id_field, columns } => Shape {
-            names: columns.iter().map(|c| quote_ident(c.name)).collect(),
-            params: columns.iter().map(|_| "text[]").collect(),
-            values: columns.iter().map(|c| format!("u.{}::{}", quote_ident(c.name), c.sql_type)).collect(),
-            read: format!("({})::text", read_columns(id_field, columns)),
-        },
+        Layout::Columns { id_field, columns } => {
+            let values: Vec<String> =
+                columns.iter().map(|c| format!("u.{}::{}", quote_ident(c.name), c.sql_type)).collect();
+            Shape {
+                names: columns.iter().map(|c| quote_ident(c.name)).collect(),
+                params: columns.iter().map(|_| "text[]").collect(),
+                differs: columns
+                    .iter()
+                    .zip(&values)
+                    .map(|(c, v)| format!("t.{} IS DISTINCT FROM {v}", quote_ident(c.name)))
+                    .collect(),
+                values,
+                read: format!("({})::text", read_columns(id_field, columns)),
+            }
+        }
     }
 }
 
@@ -92,9 +116,9 @@ fn read_columns(id_field: &str, columns: &[Column]) -> String {
 }
 
 impl TableSql {
-    fn new(table: &str, layout: Layout) -> Self {
+    fn new(table: &str, layout: Layout, document: DocumentType) -> Self {
         let table = quote_ident(table);
-        let shape = shape(layout);
+        let shape = shape(layout, document);
         let n = shape.names.len();
         // $1 ids, $2 versions, $3 tombstones, $4.. the entity, then bases.
         let entity_params: Vec<String> =
@@ -132,15 +156,13 @@ impl TableSql {
              SELECT (SELECT count(*) FROM updated) + (SELECT count(*) FROM inserted)",
             sets.join(", ")
         );
-        let differs: Vec<String> =
-            shape.names.iter().zip(&shape.values).map(|(c, v)| format!("t.{c} IS DISTINCT FROM {v}")).collect();
         let mismatches = format!(
             "SELECT u.ord, t.version \
              FROM unnest($1::text[], $2::int8[], $3::bool[], {}) WITH ORDINALITY AS u({unnest_names}, ord) \
              LEFT JOIN {table} AS t ON t.id = u.id \
              WHERE t.id IS NULL OR t.version <> u.version OR t.deleted <> u.deleted OR {}",
             entity_params.join(", "),
-            differs.join(" OR ")
+            shape.differs.join(" OR ")
         );
         let select = format!(
             "SELECT t.id, t.version, t.deleted, CASE WHEN t.deleted THEN NULL ELSE {} END FROM {table} AS t",
@@ -157,7 +179,7 @@ impl TableSql {
             ("deleted".to_owned(), "boolean".to_owned()),
         ];
         match layout {
-            Layout::Document => columns.push(("data".to_owned(), "jsonb".to_owned())),
+            Layout::Document => columns.push(("data".to_owned(), document.sql_name().to_owned())),
             Layout::Columns { columns: typed, .. } => {
                 columns.extend(typed.iter().map(|c| (c.name.to_owned(), c.sql_type.to_owned())));
             }
@@ -167,30 +189,35 @@ impl TableSql {
     }
 }
 
-/// The statements of `kind`'s table, built on first use.
+/// The statements of `kind`'s table (of the document type found for it;
+/// `json`, what new tables hold, while none is), built on first use.
 pub(crate) fn table(kind: &KindInfo) -> &'static TableSql {
-    table_of(kind.table, kind.layout)
+    table_of(kind.table, kind.layout, kind.document().unwrap_or_default())
 }
 
-fn table_of(table: &str, layout: Layout) -> &'static TableSql {
-    static CACHE: OnceLock<Mutex<HashMap<String, &'static TableSql>>> = OnceLock::new();
+fn table_of(table: &str, layout: Layout, document: DocumentType) -> &'static TableSql {
+    static CACHE: OnceLock<Mutex<HashMap<(String, DocumentType), &'static TableSql>>> = OnceLock::new();
     let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    // One small leak per table for the life of the process.
-    cache.entry(table.to_owned()).or_insert_with(|| Box::leak(Box::new(TableSql::new(table, layout))))
+    // One small leak per table (and document type) for the life of the
+    // process.
+    cache
+        .entry((table.to_owned(), document))
+        .or_insert_with(|| Box::leak(Box::new(TableSql::new(table, layout, document))))
 }
 
-/// The version-guarded upsert statement of a document table: a row
-/// applies only when its version is newer than the stored one.
-pub fn upsert_sql(table_name: &str) -> String {
-    table_of(table_name, Layout::Document).upsert.clone()
+/// The version-guarded upsert statement of a document table whose `data`
+/// column is of type `document`: a row applies only when its version is
+/// newer than the stored one.
+pub fn upsert_sql(table_name: &str, document: DocumentType) -> String {
+    table_of(table_name, Layout::Document, document).upsert.clone()
 }
 
 /// `CREATE TABLE IF NOT EXISTS` for a kind's table, of its layout: `id`,
-/// `version`, `deleted`, the entity (`data jsonb`, or its typed columns,
+/// `version`, `deleted`, the entity (`data json`, or its typed columns,
 /// nullable: a tombstone keeps none), `updated_at`.
 pub(crate) fn create_table(table: &str, layout: Layout) -> String {
     let entity = match layout {
-        Layout::Document => "    data       jsonb,\n".to_owned(),
+        Layout::Document => "    data       json,\n".to_owned(),
         Layout::Columns { columns, .. } => {
             columns.iter().map(|c| format!("    {} {},\n", quote_ident(c.name), c.sql_type)).collect()
         }

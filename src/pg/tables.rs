@@ -4,11 +4,11 @@
 use deadpool_postgres::Pool;
 
 use super::{DbError, quote_ident, sql};
-use crate::entity::{Entity, KindInfo};
+use crate::entity::{DocumentType, Entity, KindInfo, Layout};
 use crate::store::Store;
 
 /// `CREATE TABLE IF NOT EXISTS` for kind `E`'s table, of its layout (a
-/// `data jsonb` document, or its typed columns).
+/// `data json` document, or its typed columns).
 pub fn create_table_sql<E: Entity>() -> String {
     sql::create_table(E::TABLE, E::LAYOUT)
 }
@@ -20,6 +20,32 @@ pub async fn ensure_tables(pool: &Pool, store: &Store) -> Result<(), DbError> {
     let client = pool.get().await?;
     for kind in store.kinds() {
         client.batch_execute(&sql::create_table(kind.table, kind.layout)).await?;
+    }
+    Ok(())
+}
+
+/// Finds the type of the `data` column of `kind`'s table if it is a
+/// document table whose type is not known yet (a worker started without
+/// the engine's start-up check): the statements follow it. A table without
+/// such a column, or with another type, is left unknown; writing to it
+/// fails with the database's own error, as any schema error does.
+pub(crate) async fn learn_document_type(
+    client: &tokio_postgres::Client,
+    kind: &KindInfo,
+) -> Result<(), tokio_postgres::Error> {
+    if kind.layout != Layout::Document || kind.document().is_some() {
+        return Ok(());
+    }
+    let row = client
+        .query_opt(
+            "SELECT data_type FROM information_schema.columns
+             WHERE table_schema = ANY(current_schemas(false)) AND table_name = $1 AND column_name = 'data'
+             ORDER BY array_position(current_schemas(false), table_schema::name) LIMIT 1",
+            &[&kind.table],
+        )
+        .await?;
+    if let Some(document) = row.and_then(|row| DocumentType::named(row.get(0))) {
+        kind.set_document(document);
     }
     Ok(())
 }
@@ -51,6 +77,20 @@ pub enum TableError {
         /// The SQL that adds it.
         sql: String,
     },
+    /// A document table's `data` column is neither `json` nor `jsonb`.
+    #[error(
+        "the column data of table {table} (entity kind {kind}) is of type {found}; the engine writes JSON documents to a json or jsonb column:\n{sql}"
+    )]
+    DocumentType {
+        /// Entity kind.
+        kind: &'static str,
+        /// Its table.
+        table: &'static str,
+        /// The column's type.
+        found: String,
+        /// The SQL that changes it to `json`.
+        sql: String,
+    },
     /// The database failed.
     #[error(transparent)]
     Db(#[from] DbError),
@@ -69,18 +109,36 @@ impl From<deadpool_postgres::PoolError> for TableError {
 }
 
 /// Checks that every kind's table exists with every column the engine
-/// reads and writes.
+/// reads and writes, and notes the type of each document table's `data`
+/// column (`json` or `jsonb`), which the statements follow.
 pub(crate) async fn check(pool: &Pool, kinds: &[KindInfo]) -> Result<(), TableError> {
     let client = pool.get().await?;
     for kind in kinds {
         let rows = client
             .query(
-                "SELECT column_name FROM information_schema.columns
+                "SELECT column_name, data_type FROM information_schema.columns
                  WHERE table_schema = ANY(current_schemas(false)) AND table_name = $1",
                 &[&kind.table],
             )
             .await?;
         let present: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+        if let (Layout::Document, Some(row)) = (kind.layout, rows.iter().find(|row| row.get::<_, &str>(0) == "data")) {
+            let found: &str = row.get(1);
+            match DocumentType::named(found) {
+                Some(document) => kind.set_document(document),
+                None => {
+                    return Err(TableError::DocumentType {
+                        kind: kind.name,
+                        table: kind.table,
+                        found: found.to_owned(),
+                        sql: format!(
+                            "ALTER TABLE {} ALTER COLUMN data TYPE json USING data::json;",
+                            quote_ident(kind.table)
+                        ),
+                    });
+                }
+            }
+        }
         if present.is_empty() {
             return Err(TableError::Missing {
                 kind: kind.name,

@@ -27,15 +27,15 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 
 use super::sql;
-use crate::entity::{KindId, KindInfo, Layout, Stored};
+use crate::entity::{DocumentType, KindId, KindInfo, Layout, Stored};
 use crate::outbox::{Batch, Resolution};
 
 /// The JSON of a document table's rows, one after the other in one
-/// buffer (one allocation per batch, not one per row), sent as a `jsonb[]`
-/// in binary form or copied into a binary `COPY`, without a round trip
+/// buffer (one allocation per batch, not one per row), sent as a `json[]`
+/// or `jsonb[]` in binary form or copied into a binary `COPY`, without a round trip
 /// through `serde_json::Value`.
 #[derive(Debug, Default)]
-pub(crate) struct JsonbColumn {
+pub(crate) struct JsonColumn {
     text: Vec<u8>,
     /// Each row's JSON in `text`; `None` for a tombstone.
     spans: Vec<Option<Range<usize>>>,
@@ -43,7 +43,7 @@ pub(crate) struct JsonbColumn {
     expected: usize,
 }
 
-impl JsonbColumn {
+impl JsonColumn {
     /// A column for `rows` rows.
     fn with_rows(rows: usize) -> Self {
         Self { text: Vec::new(), spans: Vec::with_capacity(rows), expected: rows }
@@ -85,27 +85,46 @@ impl JsonbColumn {
     }
 }
 
-/// `jsonb`'s binary form: a version byte, then the text.
+/// `jsonb`'s binary form: a version byte, then the text (`json`'s is the
+/// text alone).
 const JSONB_VERSION: u8 = 1;
 
-/// Some rows of a [`JsonbColumn`], as a statement parameter.
-#[derive(Debug, Clone)]
-pub(crate) struct JsonbRows<'c> {
-    column: &'c JsonbColumn,
-    rows: Range<usize>,
+/// One JSON value in the binary form of `document`: its length, then its
+/// bytes.
+fn put_json(out: &mut BytesMut, json: &[u8], document: DocumentType) {
+    match document {
+        DocumentType::Json => out.put_i32(field_length(json.len())),
+        DocumentType::Jsonb => {
+            out.put_i32(field_length(json.len() + 1));
+            out.put_u8(JSONB_VERSION);
+        }
+    }
+    out.put_slice(json);
 }
 
-impl ToSql for JsonbRows<'_> {
-    /// A one-dimensional `jsonb[]` in the binary array format: dimensions,
-    /// whether there are NULLs, the element type, the length and lower
-    /// bound, then each element's length (-1 for NULL) and bytes.
+/// Some rows of a [`JsonColumn`], as a statement parameter for a column
+/// of type `document`.
+#[derive(Debug, Clone)]
+pub(crate) struct JsonRows<'c> {
+    column: &'c JsonColumn,
+    rows: Range<usize>,
+    document: DocumentType,
+}
+
+impl ToSql for JsonRows<'_> {
+    /// A one-dimensional `json[]` or `jsonb[]` in the binary array format:
+    /// dimensions, whether there are NULLs, the element type, the length
+    /// and lower bound, then each element's length (-1 for NULL) and bytes.
     fn to_sql(&self, _ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
         let spans = &self.column.spans[self.rows.clone()];
         let rows = i32::try_from(spans.len())?;
         out.reserve(20 + 5 * spans.len() + spans.iter().flatten().map(|span| span.len()).sum::<usize>());
         out.put_i32(i32::from(rows > 0));
         out.put_i32(i32::from(spans.iter().any(Option::is_none)));
-        out.put_u32(Type::JSONB.oid());
+        out.put_u32(match self.document {
+            DocumentType::Json => Type::JSON.oid(),
+            DocumentType::Jsonb => Type::JSONB.oid(),
+        });
         if rows > 0 {
             out.put_i32(rows);
             out.put_i32(1);
@@ -113,9 +132,10 @@ impl ToSql for JsonbRows<'_> {
         for span in spans {
             match span {
                 Some(span) => {
-                    out.put_i32(i32::try_from(span.len() + 1)?);
-                    out.put_u8(JSONB_VERSION);
-                    out.put_slice(&self.column.text[span.clone()]);
+                    // An element's length (with jsonb's version byte) must
+                    // fit its 32-bit field.
+                    i32::try_from(span.len() + 1)?;
+                    put_json(out, &self.column.text[span.clone()], self.document);
                 }
                 None => out.put_i32(-1),
             }
@@ -124,7 +144,7 @@ impl ToSql for JsonbRows<'_> {
     }
 
     fn accepts(ty: &Type) -> bool {
-        *ty == Type::JSONB_ARRAY
+        *ty == Type::JSON_ARRAY || *ty == Type::JSONB_ARRAY
     }
 
     to_sql_checked!();
@@ -153,7 +173,7 @@ pub(crate) struct KindRows<'a> {
     pub(crate) versions: Vec<i64>,
     pub(crate) deleted: Vec<bool>,
     /// The entities of a document table.
-    pub(crate) data: JsonbColumn,
+    pub(crate) data: JsonColumn,
     /// The entities of a table of typed columns: per column, per row, the
     /// value as text (cast by the statement).
     pub(crate) columns: Vec<Vec<Option<String>>>,
@@ -180,7 +200,7 @@ struct Params<'p> {
     ids: &'p [&'p str],
     versions: &'p [i64],
     deleted: &'p [bool],
-    data: JsonbRows<'p>,
+    data: JsonRows<'p>,
     columns: Vec<&'p [Option<String>]>,
     bases: &'p [i64],
 }
@@ -203,28 +223,33 @@ impl Params<'_> {
 }
 
 impl<'a> KindRows<'a> {
-    /// The parameters of the rows at `rows`.
-    fn slice(&self, rows: Range<usize>) -> Params<'_> {
+    /// The parameters of the rows at `rows`, for a table whose documents
+    /// are of type `document`.
+    fn slice(&self, rows: Range<usize>, document: DocumentType) -> Params<'_> {
         Params {
             ids: &self.ids[rows.clone()],
             versions: &self.versions[rows.clone()],
             deleted: &self.deleted[rows.clone()],
-            data: JsonbRows { column: &self.data, rows: if self.columns.is_empty() { rows.clone() } else { 0..0 } },
+            data: JsonRows {
+                column: &self.data,
+                rows: if self.columns.is_empty() { rows.clone() } else { 0..0 },
+                document,
+            },
             columns: self.columns.iter().map(|column| &column[rows.clone()]).collect(),
             bases: &self.bases[rows],
         }
     }
 
     /// The parameters of all rows.
-    fn all(&self) -> Params<'_> {
-        self.slice(0..self.ids.len())
+    fn all(&self, document: DocumentType) -> Params<'_> {
+        self.slice(0..self.ids.len(), document)
     }
 
     /// The parameters in pieces of at most `UPSERT_ROWS` rows, in order.
-    fn pieces(&self) -> Vec<Params<'_>> {
+    fn pieces(&self, document: DocumentType) -> Vec<Params<'_>> {
         (0..self.ids.len())
             .step_by(UPSERT_ROWS)
-            .map(|start| self.slice(start..self.ids.len().min(start + UPSERT_ROWS)))
+            .map(|start| self.slice(start..self.ids.len().min(start + UPSERT_ROWS), document))
             .collect()
     }
 }
@@ -310,8 +335,8 @@ pub(crate) fn encode<'a>(
                 versions: Vec::new(),
                 deleted: Vec::new(),
                 data: match kinds[row.kind].layout {
-                    Layout::Document => JsonbColumn::with_rows(part_rows),
-                    Layout::Columns { .. } => JsonbColumn::default(),
+                    Layout::Document => JsonColumn::with_rows(part_rows),
+                    Layout::Columns { .. } => JsonColumn::default(),
                 },
                 columns: vec![Vec::new(); typed],
                 bases: Vec::new(),
@@ -418,8 +443,10 @@ async fn find_mismatches(
         if *count as usize == part.ids.len() {
             continue;
         }
-        let statement = transaction.prepare_cached(&sql::table(&kinds[part.kind]).mismatches).await?;
-        for row in transaction.query(&statement, &part.all().as_sql(false)).await? {
+        let kind = &kinds[part.kind];
+        let statement = transaction.prepare_cached(&sql::table(kind).mismatches).await?;
+        let params = part.all(kind.document().unwrap_or_default());
+        for row in transaction.query(&statement, &params.as_sql(false)).await? {
             let position = row.get::<_, i64>(0) as usize;
             let database_version = row.get::<_, Option<i64>>(1).map(|v| v.max(0) as u64);
             mismatches.push(Mismatch { row: part.rows[position - 1], database_version });
@@ -512,26 +539,31 @@ async fn write_once(
     commit: bool,
     copy: bool,
 ) -> Result<Written, WriteError> {
+    for part in &encoded.kinds {
+        super::tables::learn_document_type(client, &kinds[part.kind]).await?;
+    }
     let transaction = client.transaction().await?;
     let mut statements = Vec::with_capacity(encoded.kinds.len());
     for part in &encoded.kinds {
-        let sql = sql::table(&kinds[part.kind]);
+        let kind = &kinds[part.kind];
+        let sql = sql::table(kind);
         let how = Statement::of(mode, part, copy);
         let text = match how {
             Statement::Upsert => &sql.upsert,
             Statement::CompareAndSet => &sql.compare_and_set,
             Statement::Copy => &sql.copy,
         };
-        statements.push((transaction.prepare_cached(text).await?, part, how, sql.copy_binary));
+        let document = kind.document().unwrap_or_default();
+        statements.push((transaction.prepare_cached(text).await?, part, how, sql.copy_binary, document));
     }
     let writes = async {
         let mut written = Vec::with_capacity(statements.len());
-        for (statement, part, how, binary) in &statements {
+        for (statement, part, how, binary, document) in &statements {
             let count = match how {
                 Statement::Upsert => {
                     // Sent together, answered in order; rows sorted by id
                     // stay locked in id order.
-                    let pieces = part.pieces();
+                    let pieces = part.pieces(*document);
                     let transaction = &transaction;
                     let counts = futures_util::future::try_join_all(
                         pieces
@@ -542,9 +574,12 @@ async fn write_once(
                     counts.iter().sum()
                 }
                 Statement::CompareAndSet => {
-                    transaction.query_one(statement, &part.all().as_sql(true)).await?.get::<_, i64>(0) as u64
+                    transaction.query_one(statement, &part.all(*document).as_sql(true)).await?.get::<_, i64>(0) as u64
                 }
-                Statement::Copy => copy_in(&transaction, statement, part, *binary).await.map_err(StepError::Copy)?,
+                Statement::Copy => {
+                    let binary = binary.then_some(*document);
+                    copy_in(&transaction, statement, part, binary).await.map_err(StepError::Copy)?
+                }
             };
             written.push(count);
         }
@@ -602,15 +637,19 @@ async fn write_once(
 /// How much of a `COPY`'s data goes into one message.
 const COPY_CHUNK: usize = 256 * 1024;
 
-/// Streams `part`'s rows into its table with the prepared `COPY`; the
+/// Streams `part`'s rows into its table with the prepared `COPY`, in the
+/// binary format (a document table, of the type given) or in text; the
 /// number of rows copied.
 async fn copy_in(
     transaction: &deadpool_postgres::Transaction<'_>,
     statement: &tokio_postgres::Statement,
     part: &KindRows<'_>,
-    binary: bool,
+    binary: Option<DocumentType>,
 ) -> Result<u64, tokio_postgres::Error> {
-    let mut data = if binary { copy_binary(part) } else { copy_text(part) };
+    let mut data = match binary {
+        Some(document) => copy_binary(part, document),
+        None => copy_text(part),
+    };
     let sink = transaction.copy_in::<_, Bytes>(statement).await?;
     futures_util::pin_mut!(sink);
     while !data.is_empty() {
@@ -626,8 +665,8 @@ const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 
 /// A document table's rows in the binary `COPY` format: per row four
 /// fields, each its length and its bytes in the type's binary form (text,
-/// int8, bool, jsonb), -1 for NULL.
-fn copy_binary(part: &KindRows<'_>) -> BytesMut {
+/// int8, bool, json or jsonb), -1 for NULL.
+fn copy_binary(part: &KindRows<'_>, document: DocumentType) -> BytesMut {
     let size = part.ids.iter().map(|id| id.len()).sum::<usize>() + part.data.text.len();
     let mut out = BytesMut::with_capacity(COPY_HEADER.len() + size + part.ids.len() * 36 + 2);
     out.put_slice(COPY_HEADER);
@@ -641,11 +680,7 @@ fn copy_binary(part: &KindRows<'_>) -> BytesMut {
         out.put_i32(1);
         out.put_u8(u8::from(*deleted));
         match data {
-            Some(json) => {
-                out.put_i32(field_length(json.len() + 1));
-                out.put_u8(JSONB_VERSION);
-                out.put_slice(json);
-            }
+            Some(json) => put_json(&mut out, json, document),
             None => out.put_i32(-1),
         }
     }
@@ -721,7 +756,7 @@ mod tests {
     #[test]
     fn a_made_json_is_written_as_made() {
         let doc = Doc { id: "a".into(), n: 1 };
-        let mut column = JsonbColumn::with_rows(3);
+        let mut column = JsonColumn::with_rows(3);
         column.push(Some(&doc), Some(br#"{"id":"a","n":1,"made":true}"#)).unwrap();
         column.push(Some(&doc), None).unwrap();
         column.push(None, Some(b"{}")).unwrap();
@@ -732,8 +767,8 @@ mod tests {
         );
     }
 
-    fn column(rows: &[Option<Doc>]) -> JsonbColumn {
-        let mut column = JsonbColumn::with_rows(rows.len());
+    fn column(rows: &[Option<Doc>]) -> JsonColumn {
+        let mut column = JsonColumn::with_rows(rows.len());
         for row in rows {
             column.push(row.as_ref().map(|doc| doc as &dyn Stored), None).unwrap();
         }
@@ -741,11 +776,15 @@ mod tests {
     }
 
     /// `rows` as PostgreSQL's own array decoding reads them back from a
-    /// `jsonb[]` parameter.
-    fn read_back(rows: JsonbRows<'_>) -> Vec<Option<serde_json::Value>> {
+    /// `json[]` or `jsonb[]` parameter (of the rows' document type).
+    fn read_back(rows: JsonRows<'_>) -> Vec<Option<serde_json::Value>> {
+        let ty = match rows.document {
+            DocumentType::Json => Type::JSON_ARRAY,
+            DocumentType::Jsonb => Type::JSONB_ARRAY,
+        };
         let mut buf = BytesMut::new();
-        rows.to_sql_checked(&Type::JSONB_ARRAY, &mut buf).unwrap();
-        <Vec<Option<serde_json::Value>>>::from_sql(&Type::JSONB_ARRAY, &buf).unwrap()
+        rows.to_sql_checked(&ty, &mut buf).unwrap();
+        <Vec<Option<serde_json::Value>>>::from_sql(&ty, &buf).unwrap()
     }
 
     fn values(rows: &[Option<Doc>]) -> Vec<Option<serde_json::Value>> {
@@ -753,26 +792,29 @@ mod tests {
     }
 
     /// The column reads back, as PostgreSQL's own array decoding reads a
-    /// `jsonb[]`, to the rows it was given, tombstones as NULL.
+    /// `json[]` or a `jsonb[]`, to the rows it was given, tombstones as
+    /// NULL.
     #[test]
-    fn a_jsonb_column_is_a_jsonb_array_of_its_rows() {
+    fn a_json_column_is_a_json_or_jsonb_array_of_its_rows() {
         let rows = [
             Some(Doc { id: "a".into(), n: 1 }),
             None,
             Some(Doc { id: "b\"\u{e9}".into(), n: u64::MAX }),
             Some(Doc { id: String::new(), n: 0 }),
         ];
-        for rows in [&rows[..], &rows[..1], &rows[1..2], &rows[..0]] {
-            let column = column(rows);
-            assert_eq!(read_back(JsonbRows { column: &column, rows: 0..rows.len() }), values(rows));
+        for document in [DocumentType::Json, DocumentType::Jsonb] {
+            for rows in [&rows[..], &rows[..1], &rows[1..2], &rows[..0]] {
+                let column = column(rows);
+                assert_eq!(read_back(JsonRows { column: &column, rows: 0..rows.len(), document }), values(rows));
+            }
+            // A statement's piece of a column: only its rows.
+            let all = column(&rows);
+            for piece in [0..4, 1..3, 2..4, 3..3] {
+                assert_eq!(read_back(JsonRows { column: &all, rows: piece.clone(), document }), values(&rows[piece]));
+            }
         }
-        // A statement's piece of a column: only its rows.
-        let all = column(&rows);
-        for piece in [0..4, 1..3, 2..4, 3..3] {
-            assert_eq!(read_back(JsonbRows { column: &all, rows: piece.clone() }), values(&rows[piece]));
-        }
-        assert!(JsonbRows::accepts(&Type::JSONB_ARRAY));
-        assert!(!JsonbRows::accepts(&Type::JSONB));
+        assert!(JsonRows::accepts(&Type::JSON_ARRAY) && JsonRows::accepts(&Type::JSONB_ARRAY));
+        assert!(!JsonRows::accepts(&Type::JSONB) && !JsonRows::accepts(&Type::TEXT_ARRAY));
     }
 
     /// A kind's rows split into statements of at most `UPSERT_ROWS` rows,
@@ -792,7 +834,7 @@ mod tests {
                 rows: (0..rows).collect(),
                 fresh: false,
             };
-            let pieces = part.pieces();
+            let pieces = part.pieces(DocumentType::Json);
             assert!(pieces.iter().all(|p| !p.ids.is_empty() && p.ids.len() <= UPSERT_ROWS));
             assert_eq!(pieces.len(), rows.div_ceil(UPSERT_ROWS));
             let ids: Vec<&str> = pieces.iter().flat_map(|p| p.ids.iter().copied()).collect();

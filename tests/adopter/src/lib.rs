@@ -11,7 +11,7 @@ use outbox::store::{ApplyError, StoreError, Ticket};
 use outbox::{CancellationToken, Engine, Entity, Store};
 use serde::{Deserialize, Serialize};
 
-/// An account, one `data jsonb` document per row.
+/// An account, one `data json` document per row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Entity)]
 #[entity(kind = "account", table = "accounts")]
 pub struct Account {

@@ -121,7 +121,7 @@ async fn without_its_tables_the_ledger_does_not_start_and_says_what_to_create() 
     assert!(matches!(error, StartError::Table(_)), "{error:?}");
     let message = error.to_string();
     assert!(message.contains("accounts") && message.contains("CREATE TABLE"), "{message}");
-    assert!(outbox::pg::create_table_sql::<Account>().contains("data       jsonb"));
+    assert!(outbox::pg::create_table_sql::<Account>().contains("data       json,"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
