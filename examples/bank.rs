@@ -13,7 +13,7 @@ use outbox::{Engine, Entity, Store};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Entity)]
-#[entity(kind = "account", table = "accounts")] // one jsonb document per row
+#[entity(kind = "account", table = "accounts")] // one json document per row
 struct Account {
     #[entity(id)]
     id: String,
@@ -32,7 +32,7 @@ struct Transfer {
 
 /// The bank's tables, as its own migrations would create them.
 const TABLES: &str = "CREATE TABLE IF NOT EXISTS accounts (id text PRIMARY KEY, version bigint NOT NULL,
-    deleted boolean NOT NULL DEFAULT false, data jsonb, updated_at timestamptz NOT NULL DEFAULT now());
+    deleted boolean NOT NULL DEFAULT false, data json, updated_at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE IF NOT EXISTS transfers (id text PRIMARY KEY, version bigint NOT NULL,
     deleted boolean NOT NULL DEFAULT false, updated_at timestamptz NOT NULL DEFAULT now(),
     from_account text, to_account text, amount bigint);";

@@ -1,5 +1,5 @@
 //! A kind stored in typed columns of a table of its own (rather than one
-//! `data jsonb` document per row): what a team with an existing relational
+//! `data json` document per row): what a team with an existing relational
 //! schema needs. Writes are still one version-guarded `UNNEST` upsert per
 //! kind per batch; hydration reads the same columns back.
 //!

@@ -100,6 +100,14 @@ impl DocumentType {
         }
     }
 
+    /// The SQL name of an array of the type.
+    pub(crate) fn array_sql_name(self) -> &'static str {
+        match self {
+            Self::Json => "json[]",
+            Self::Jsonb => "jsonb[]",
+        }
+    }
+
     /// The type named `name` (as `information_schema` spells it), if it
     /// is one of the two.
     pub(crate) fn named(name: &str) -> Option<Self> {
@@ -198,7 +206,9 @@ pub(crate) struct KindInfo {
     pub(crate) layout: Layout,
     /// The type of a document table's `data` column, once found (by the
     /// start-up check of the tables, or by the first write of a worker
-    /// started without it); 0 while not known.
+    /// started without it): 0 while not known, 1 `json`, 2 `jsonb`. An
+    /// atomic rather than a `OnceLock`: a write that fails the way a
+    /// changed column type makes writes fail looks it up again.
     document: AtomicU8,
     pub(crate) decode: Decode,
     pub(crate) mutations: Counter,
@@ -234,8 +244,11 @@ impl KindInfo {
         kind
     }
 
-    /// The type of a document table's `data` column, if found yet.
+    /// The type of a document table's `data` column, if known.
     pub(crate) fn document(&self) -> Option<DocumentType> {
+        // Relaxed: the code stands alone (no other memory is published
+        // with it), and a writer that reads a former type fails, looks the
+        // type up again and writes once more.
         match self.document.load(Ordering::Relaxed) {
             1 => Some(DocumentType::Json),
             2 => Some(DocumentType::Jsonb),

@@ -1462,6 +1462,48 @@ async fn a_document_column_of_another_type_stops_start_up_saying_what_to_change(
     assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
 }
 
+/// A document column whose type changes while the engine runs (a
+/// migration from `jsonb` to `json`, or back) is followed: the first write
+/// that fails for it is made again for the new type, and nothing is
+/// quarantined.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_document_column_that_changes_type_while_the_engine_runs_is_followed() {
+    let (db, engine) = docs_engine("type-changes", None).await;
+    let store = engine.store().clone();
+    let write = |ids: std::ops::Range<u32>, n: u64| {
+        let ((), ticket) = store
+            .apply_durable(|set| -> Result<(), StoreError> {
+                for i in ids {
+                    let doc = Doc { id: format!("d{i}"), body: format!("body {i}"), n };
+                    match set.get::<Doc>(&doc.id) {
+                        Some(_) => set.update::<Doc>(&doc.id, |d| d.n = n).map(|_| ())?,
+                        None => set.insert(doc).map(|_| ())?,
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        ticket
+    };
+    write(0..10, 1).wait().await.unwrap();
+    let client = db.connect().await;
+    for (ddl, n) in [
+        ("ALTER TABLE docs ALTER COLUMN data TYPE json USING data::json", 2),
+        ("ALTER TABLE docs ALTER COLUMN data TYPE jsonb USING data::jsonb", 3),
+    ] {
+        client.batch_execute(ddl).await.unwrap();
+        let copies = write_count(&db, "docs", "copy").await;
+        // New rows (a COPY) in one change set, then updates in another.
+        write(10 * n as u32..10 * n as u32 + 10, n).wait().await.expect("new rows after the change");
+        write(0..10, n).wait().await.expect("updates after the change");
+        assert!(write_count(&db, "docs", "copy").await > copies, "the new rows were copied");
+    }
+    let pool = outbox::pg::pool(db.config.clone(), 2);
+    assert!(outbox::pg::dead_letters::list_unresolved(&pool, 10).await.unwrap().is_empty(), "nothing quarantined");
+    assert_eq!(memory_rows::<Doc>(&store), db_rows(&db, "docs").await);
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+}
+
 /// The `docs` table's rows with their data as text, whatever its type.
 async fn db_rows_text(db: &TestDb) -> Vec<(String, Option<String>)> {
     let client = db.connect().await;

@@ -463,8 +463,9 @@ fn spill_record(
 async fn a_refused_spill_record_is_quarantined_and_the_rest_replays() {
     let db = fresh_db("refused-spill").await;
     let data_dir = scratch_dir("refused-spill");
-    // Well-formed JSON that jsonb can never store (the NUL character), in a
-    // group of two, beside two healthy groups.
+    // Well-formed JSON that the items table can never store (the NUL
+    // character: its generated `status` reads the document with `->>`,
+    // which refuses it), in a group of two, beside two healthy groups.
     let records = vec![
         spill_record("DFID-ok-1", 1, 0, 1, Some(item_json("DFID-ok-1", "fine"))),
         spill_record("DFID-nul", 2, 0, 2, Some(item_json("DFID-nul", "nul \u{0} inside"))),

@@ -118,6 +118,16 @@ async fn a_database_of_an_earlier_version_is_upgraded_to_the_schema_a_fresh_one_
     );
     let expected = schema(&fresh).await;
     assert!(expected.iter().any(|line| line.contains("outbox_dead_letters.14 quarantine_id")), "{expected:#?}");
+    for table in ["items", "circuits", "local_ids", "idempotency_keys"] {
+        assert!(
+            expected.iter().any(|line| line.starts_with(&format!("column {table}.")) && line.contains(" data json ")),
+            "{table} holds its documents as json: {expected:#?}"
+        );
+    }
+    assert!(
+        expected.iter().any(|line| line.contains("column items.") && line.contains(" status text ")),
+        "{expected:#?}"
+    );
 
     for earlier in [3, 4, 5] {
         let db = fresh_db(&format!("migrate-from-v{earlier}")).await;

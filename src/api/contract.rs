@@ -19,7 +19,7 @@ use super::validate::{
 /// U+007F–U+009F), as `validate::text` checks.
 pub const NO_CONTROL: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$";
 
-/// No NUL character, which PostgreSQL's jsonb cannot store.
+/// No NUL character, which PostgreSQL's text and jsonb cannot hold.
 const NO_NUL: &str = "^[^\\u0000]*$";
 
 /// A text field of `min..=max` characters without control characters.

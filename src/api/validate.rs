@@ -88,8 +88,10 @@ pub fn enriched_data(data: &Map<String, Value>, at: &str) -> Result<(), ApiError
     Ok(())
 }
 
-/// Whether a JSON value holds a NUL character anywhere (PostgreSQL's jsonb
-/// refuses it, so it could never be persisted).
+/// Whether a JSON value holds a NUL character anywhere. PostgreSQL cannot
+/// hold it in text or jsonb, and the item table's generated `status`, the
+/// conflict check and the dead letters read documents as one or the other,
+/// so it could never be persisted.
 fn holds_nul(value: &Value) -> bool {
     match value {
         Value::String(s) => s.contains('\0'),

@@ -48,6 +48,9 @@ pub(crate) struct TableSql {
     /// The columns `CREATE TABLE` would make, for start-up checks and
     /// messages: (name, type).
     pub(crate) columns: Vec<(String, String)>,
+    /// The type of a document table's `data` column that the statements
+    /// were made for, which the parameters' encoding follows.
+    pub(crate) document: DocumentType,
 }
 
 /// What differs between the layouts, as SQL fragments.
@@ -70,15 +73,16 @@ fn shape(layout: Layout, document: DocumentType) -> Shape {
     match layout {
         Layout::Document => Shape {
             names: vec!["data".into()],
-            params: vec![match document {
-                DocumentType::Json => "json[]",
-                DocumentType::Jsonb => "jsonb[]",
-            }],
+            params: vec![document.array_sql_name()],
             values: vec!["u.data".into()],
-            // `json` has no equality: compared as jsonb (as values, not
-            // as text with its spacing and key order).
+            // `json` has no equality: the same text is the same document;
+            // other text is compared as jsonb (as values, not with its
+            // spacing and key order). Text first, because a `json` column
+            // may hold what jsonb refuses (`\u0000`).
             differs: vec![match document {
-                DocumentType::Json => "t.data::jsonb IS DISTINCT FROM u.data::jsonb".into(),
+                DocumentType::Json => "CASE WHEN t.data::text = u.data::text THEN false \
+                     ELSE t.data::jsonb IS DISTINCT FROM u.data::jsonb END"
+                    .into(),
                 DocumentType::Jsonb => "t.data IS DISTINCT FROM u.data".into(),
             }],
             read: "t.data::text".into(),
@@ -185,7 +189,7 @@ impl TableSql {
             }
         }
         columns.push(("updated_at".to_owned(), "timestamptz".to_owned()));
-        Self { upsert, compare_and_set, mismatches, select, copy, copy_binary, columns }
+        Self { upsert, compare_and_set, mismatches, select, copy, copy_binary, columns, document }
     }
 }
 

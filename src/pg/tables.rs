@@ -1,5 +1,7 @@
 //! Each kind's table: the SQL that creates it, creating the missing ones,
-//! and the start-up check that every kind's table and columns exist.
+//! the start-up check that every kind's table and columns exist, and the
+//! type (`json` or `jsonb`) of each document table's `data` column, which
+//! the statements follow.
 
 use deadpool_postgres::Pool;
 
@@ -24,30 +26,44 @@ pub async fn ensure_tables(pool: &Pool, store: &Store) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Finds the type of the `data` column of `kind`'s table if it is a
-/// document table whose type is not known yet (a worker started without
-/// the engine's start-up check): the statements follow it. A table without
-/// such a column, or with another type, is left unknown; writing to it
-/// fails with the database's own error, as any schema error does.
+/// The type of the `data` column of `table` as `information_schema`
+/// names it (`json`, `jsonb`, `text`, ...), in the first schema of the
+/// search path that has the table; `None` without such a column.
+async fn data_type(client: &tokio_postgres::Client, table: &str) -> Result<Option<String>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT data_type::text FROM information_schema.columns
+             WHERE table_schema = ANY(current_schemas(false)) AND table_name = $1 AND column_name = 'data'
+             ORDER BY array_position(current_schemas(false), table_schema::name) LIMIT 1",
+            &[&table],
+        )
+        .await?;
+    Ok(row.map(|row| row.get(0)))
+}
+
+/// Finds the type of the `data` column of `kind`'s table, if it is a
+/// document table: when the type is not known yet (a worker started
+/// without the engine's start-up check), or `again`, after a write failed
+/// the way a changed column type makes writes fail. Whether the type
+/// changed. A column of another type, or none, changes nothing: the
+/// statements then send `json`, and what the table does with it is the
+/// database's to say, as for any schema error.
 pub(crate) async fn learn_document_type(
     client: &tokio_postgres::Client,
     kind: &KindInfo,
-) -> Result<(), tokio_postgres::Error> {
-    if kind.layout != Layout::Document || kind.document().is_some() {
-        return Ok(());
+    again: bool,
+) -> Result<bool, tokio_postgres::Error> {
+    if kind.layout != Layout::Document || (kind.document().is_some() && !again) {
+        return Ok(false);
     }
-    let row = client
-        .query_opt(
-            "SELECT data_type FROM information_schema.columns
-             WHERE table_schema = ANY(current_schemas(false)) AND table_name = $1 AND column_name = 'data'
-             ORDER BY array_position(current_schemas(false), table_schema::name) LIMIT 1",
-            &[&kind.table],
-        )
-        .await?;
-    if let Some(document) = row.and_then(|row| DocumentType::named(row.get(0))) {
-        kind.set_document(document);
+    let found = data_type(client, kind.table).await?.as_deref().and_then(DocumentType::named);
+    match found {
+        Some(document) if found != kind.document() => {
+            kind.set_document(document);
+            Ok(true)
+        }
+        _ => Ok(false),
     }
-    Ok(())
 }
 
 /// What a kind's table lacks.
@@ -116,21 +132,22 @@ pub(crate) async fn check(pool: &Pool, kinds: &[KindInfo]) -> Result<(), TableEr
     for kind in kinds {
         let rows = client
             .query(
-                "SELECT column_name, data_type FROM information_schema.columns
+                "SELECT column_name FROM information_schema.columns
                  WHERE table_schema = ANY(current_schemas(false)) AND table_name = $1",
                 &[&kind.table],
             )
             .await?;
         let present: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
-        if let (Layout::Document, Some(row)) = (kind.layout, rows.iter().find(|row| row.get::<_, &str>(0) == "data")) {
-            let found: &str = row.get(1);
-            match DocumentType::named(found) {
+        if kind.layout == Layout::Document
+            && let Some(found) = data_type(&client, kind.table).await?
+        {
+            match DocumentType::named(&found) {
                 Some(document) => kind.set_document(document),
                 None => {
                     return Err(TableError::DocumentType {
                         kind: kind.name,
                         table: kind.table,
-                        found: found.to_owned(),
+                        found,
                         sql: format!(
                             "ALTER TABLE {} ALTER COLUMN data TYPE json USING data::json;",
                             quote_ident(kind.table)

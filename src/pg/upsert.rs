@@ -89,6 +89,14 @@ impl JsonColumn {
 /// text alone).
 const JSONB_VERSION: u8 = 1;
 
+/// The element type of a `json[]` or `jsonb[]` parameter.
+fn element_type(document: DocumentType) -> Type {
+    match document {
+        DocumentType::Json => Type::JSON,
+        DocumentType::Jsonb => Type::JSONB,
+    }
+}
+
 /// One JSON value in the binary form of `document`: its length, then its
 /// bytes.
 fn put_json(out: &mut BytesMut, json: &[u8], document: DocumentType) {
@@ -121,22 +129,14 @@ impl ToSql for JsonRows<'_> {
         out.reserve(20 + 5 * spans.len() + spans.iter().flatten().map(|span| span.len()).sum::<usize>());
         out.put_i32(i32::from(rows > 0));
         out.put_i32(i32::from(spans.iter().any(Option::is_none)));
-        out.put_u32(match self.document {
-            DocumentType::Json => Type::JSON.oid(),
-            DocumentType::Jsonb => Type::JSONB.oid(),
-        });
+        out.put_u32(element_type(self.document).oid());
         if rows > 0 {
             out.put_i32(rows);
             out.put_i32(1);
         }
         for span in spans {
             match span {
-                Some(span) => {
-                    // An element's length (with jsonb's version byte) must
-                    // fit its 32-bit field.
-                    i32::try_from(span.len() + 1)?;
-                    put_json(out, &self.column.text[span.clone()], self.document);
-                }
+                Some(span) => put_json(out, &self.column.text[span.clone()], self.document),
                 None => out.put_i32(-1),
             }
         }
@@ -443,9 +443,9 @@ async fn find_mismatches(
         if *count as usize == part.ids.len() {
             continue;
         }
-        let kind = &kinds[part.kind];
-        let statement = transaction.prepare_cached(&sql::table(kind).mismatches).await?;
-        let params = part.all(kind.document().unwrap_or_default());
+        let sql = sql::table(&kinds[part.kind]);
+        let statement = transaction.prepare_cached(&sql.mismatches).await?;
+        let params = part.all(sql.document);
         for row in transaction.query(&statement, &params.as_sql(false)).await? {
             let position = row.get::<_, i64>(0) as usize;
             let database_version = row.get::<_, Option<i64>>(1).map(|v| v.max(0) as u64);
@@ -500,7 +500,51 @@ impl From<tokio_postgres::Error> for StepError {
 /// with those rows upserted: an earlier commit of this batch whose answer
 /// was lost is then recognised as such, and another writer's row as a
 /// conflict.
+///
+/// When a write fails the way a changed document column type makes it
+/// fail, the tables' types are looked up again, and if one did change the
+/// write is made once more for it.
 pub(crate) async fn write(
+    client: &mut deadpool_postgres::Client,
+    kinds: &[KindInfo],
+    encoded: &Encoded<'_>,
+    epoch: Option<u64>,
+    mode: Mode,
+    commit: bool,
+) -> Result<(), WriteError> {
+    let written = write_attempt(client, kinds, encoded, epoch, mode, commit).await;
+    if let Err(WriteError::Postgres(e)) = &written
+        && e.code().is_some_and(|code| TYPE_CHANGED.contains(code))
+    {
+        // A document column's type may have changed under the engine (an
+        // `ALTER TABLE` while it runs, such as a migration to `json`): if
+        // it did, the write is made again for the type the table has now,
+        // rather than refused for good.
+        let mut changed = false;
+        for part in &encoded.kinds {
+            changed |= super::tables::learn_document_type(client, &kinds[part.kind], true).await?;
+        }
+        if changed {
+            tracing::warn!("a document column's type changed while the engine ran; writing the batch again for it");
+            return write_attempt(client, kinds, encoded, epoch, mode, commit).await;
+        }
+    }
+    written
+}
+
+/// What a write whose `json` or `jsonb` no longer matches its table's
+/// column fails with: binary jsonb read as json text, binary json read as
+/// jsonb (an unknown version byte, reported as an internal error), a
+/// parameter of the other type, a comparison `json` lacks.
+const TYPE_CHANGED: [SqlState; 4] = [
+    SqlState::INVALID_TEXT_REPRESENTATION,
+    SqlState::INTERNAL_ERROR,
+    SqlState::DATATYPE_MISMATCH,
+    SqlState::UNDEFINED_FUNCTION,
+];
+
+/// [`write`] with the document types as known.
+async fn write_attempt(
     client: &mut deadpool_postgres::Client,
     kinds: &[KindInfo],
     encoded: &Encoded<'_>,
@@ -540,21 +584,19 @@ async fn write_once(
     copy: bool,
 ) -> Result<Written, WriteError> {
     for part in &encoded.kinds {
-        super::tables::learn_document_type(client, &kinds[part.kind]).await?;
+        super::tables::learn_document_type(client, &kinds[part.kind], false).await?;
     }
     let transaction = client.transaction().await?;
     let mut statements = Vec::with_capacity(encoded.kinds.len());
     for part in &encoded.kinds {
-        let kind = &kinds[part.kind];
-        let sql = sql::table(kind);
+        let sql = sql::table(&kinds[part.kind]);
         let how = Statement::of(mode, part, copy);
         let text = match how {
             Statement::Upsert => &sql.upsert,
             Statement::CompareAndSet => &sql.compare_and_set,
             Statement::Copy => &sql.copy,
         };
-        let document = kind.document().unwrap_or_default();
-        statements.push((transaction.prepare_cached(text).await?, part, how, sql.copy_binary, document));
+        statements.push((transaction.prepare_cached(text).await?, part, how, sql.copy_binary, sql.document));
     }
     let writes = async {
         let mut written = Vec::with_capacity(statements.len());
@@ -784,6 +826,8 @@ mod tests {
         };
         let mut buf = BytesMut::new();
         rows.to_sql_checked(&ty, &mut buf).unwrap();
+        // The header names the element type (after dimensions and flags).
+        assert_eq!(&buf[8..12], element_type(rows.document).oid().to_be_bytes(), "element type");
         <Vec<Option<serde_json::Value>>>::from_sql(&ty, &buf).unwrap()
     }
 

@@ -13,8 +13,8 @@
 //!   time. Each encodes its batch once and writes it, retrying failures with
 //!   capped, jittered exponential backoff (backon) until it commits. A
 //!   second writer lets one batch be encoded and sent while the other
-//!   commits; each PostgreSQL backend is bound to one core by jsonb parsing
-//!   and index upkeep, so two writers use both cores of the target machine.
+//!   commits; each PostgreSQL backend is bound to one core by checking or
+//!   parsing the JSON and index upkeep, so two writers use both cores of the target machine.
 //! * **Drain** (I10): on shutdown the store closes, everything pending is
 //!   flushed, then the worker stops. Past the deadline, writers give up
 //!   and the report says what was left unwritten.
