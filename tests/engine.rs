@@ -1326,6 +1326,46 @@ fn reading(id: &str, n: i64) -> Reading {
     }
 }
 
+/// A kind in typed columns with a `json` column, which has no equality.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, outbox::Entity)]
+#[entity(kind = "sample", table = "samples", columns)]
+struct Sample {
+    #[entity(id)]
+    id: String,
+    n: i64,
+    #[entity(sql = "json")]
+    doc: serde_json::Value,
+}
+
+/// The conflict check compares a typed `json` column as JSON: a version
+/// written elsewhere is a conflict, as for any other column, not an error
+/// of the check's own statement retried for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_typed_json_column_is_compared_as_json_in_the_conflict_check() {
+    let db = fresh_db("typed-json").await;
+    let pool = outbox::pg::pool(db.config.clone(), 4);
+    outbox::pg::migrate(&pool).await.unwrap();
+    let (store, _) = Store::builder().kind::<Sample>().build();
+    outbox::pg::ensure_tables(&pool, &store).await.unwrap();
+    assert!(outbox::pg::create_table_sql::<Sample>().contains("\"doc\" json,"));
+    let engine = start(&db, Store::builder().kind::<Sample>(), config(1000, 1)).await;
+    let store = engine.store().clone();
+    let sample = Sample { id: "s".into(), n: 1, doc: serde_json::json!({"b": [1, 2], "a": "x"}) };
+    let ((), ticket) = store.apply_durable(|set| set.insert(sample.clone()).map(|_| ())).unwrap();
+    ticket.wait().await.unwrap();
+    db.connect().await.batch_execute("UPDATE samples SET version = 5, n = 9 WHERE id = 's'").await.unwrap();
+    let ((), ticket) = store.apply_durable(|set| set.update::<Sample>("s", |s| s.n = 2).map(|_| ())).unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(20), ticket.wait())
+        .await
+        .expect("the check answers")
+        .expect_err("a conflict");
+    assert!(
+        matches!(error, outbox::outbox::TicketError::Conflict { version: 2, database_version: Some(5), .. }),
+        "{error}"
+    );
+    assert!(engine.shutdown(Duration::from_secs(30)).await.complete());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kind_in_typed_columns_round_trips() {
     let db = fresh_db("typed").await;

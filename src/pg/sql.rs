@@ -75,14 +75,8 @@ fn shape(layout: Layout, document: DocumentType) -> Shape {
             names: vec!["data".into()],
             params: vec![document.array_sql_name()],
             values: vec!["u.data".into()],
-            // `json` has no equality: the same text is the same document;
-            // other text is compared as jsonb (as values, not with its
-            // spacing and key order). Text first, because a `json` column
-            // may hold what jsonb refuses (`\u0000`).
             differs: vec![match document {
-                DocumentType::Json => "CASE WHEN t.data::text = u.data::text THEN false \
-                     ELSE t.data::jsonb IS DISTINCT FROM u.data::jsonb END"
-                    .into(),
+                DocumentType::Json => json_differs("t.data", "u.data"),
                 DocumentType::Jsonb => "t.data IS DISTINCT FROM u.data".into(),
             }],
             read: "t.data::text".into(),
@@ -96,13 +90,30 @@ fn shape(layout: Layout, document: DocumentType) -> Shape {
                 differs: columns
                     .iter()
                     .zip(&values)
-                    .map(|(c, v)| format!("t.{} IS DISTINCT FROM {v}", quote_ident(c.name)))
+                    .map(|(c, v)| {
+                        let name = quote_ident(c.name);
+                        match c.sql_type.eq_ignore_ascii_case("json") {
+                            true => json_differs(&format!("t.{name}"), &format!("u.{name}")),
+                            false => format!("t.{name} IS DISTINCT FROM {v}"),
+                        }
+                    })
                     .collect(),
                 values,
                 read: format!("({})::text", read_columns(id_field, columns)),
             }
         }
     }
+}
+
+/// Whether the `json` value `table` (a column) differs from `given` (json
+/// or its text). `json` has no equality: the same text is the same
+/// document, and other text is compared as jsonb (as values, not with its
+/// spacing and key order). Text first, because a `json` column may hold
+/// what jsonb refuses (`\u0000`).
+fn json_differs(table: &str, given: &str) -> String {
+    format!(
+        "CASE WHEN {table}::text = {given}::text THEN false ELSE {table}::jsonb IS DISTINCT FROM {given}::jsonb END"
+    )
 }
 
 /// `jsonb_build_object('<id field>', t.id, '<column>', t.<column>, ...)`,

@@ -512,24 +512,42 @@ pub(crate) async fn write(
     mode: Mode,
     commit: bool,
 ) -> Result<(), WriteError> {
-    let written = write_attempt(client, kinds, encoded, epoch, mode, commit).await;
-    if let Err(WriteError::Postgres(e)) = &written
-        && e.code().is_some_and(|code| TYPE_CHANGED.contains(code))
-    {
+    let mut looked_up = false;
+    loop {
+        let written = async {
+            match write_once(client, kinds, encoded, epoch, mode, commit, true).await? {
+                Written::Done => Ok(()),
+                Written::CopiedOverARow(e) => {
+                    crate::metrics::copy_fell_back();
+                    tracing::debug!(error = %super::ErrorText(&e), "a row copied as new is in the table already; writing the batch with upserts");
+                    match write_once(client, kinds, encoded, epoch, mode, commit, false).await? {
+                        Written::Done => Ok(()),
+                        Written::CopiedOverARow(e) => Err(e.into()),
+                    }
+                }
+            }
+        }
+        .await;
         // A document column's type may have changed under the engine (an
         // `ALTER TABLE` while it runs, such as a migration to `json`): if
         // it did, the write is made again for the type the table has now,
         // rather than refused for good.
-        let mut changed = false;
-        for part in &encoded.kinds {
-            changed |= super::tables::learn_document_type(client, &kinds[part.kind], true).await?;
+        if let Err(WriteError::Postgres(e)) = &written
+            && !looked_up
+            && e.code().is_some_and(|code| TYPE_CHANGED.contains(code))
+        {
+            looked_up = true;
+            let mut changed = false;
+            for part in &encoded.kinds {
+                changed |= super::tables::learn_document_type(client, &kinds[part.kind], true).await?;
+            }
+            if changed {
+                tracing::warn!("a document column's type changed while the engine ran; writing the batch again for it");
+                continue;
+            }
         }
-        if changed {
-            tracing::warn!("a document column's type changed while the engine ran; writing the batch again for it");
-            return write_attempt(client, kinds, encoded, epoch, mode, commit).await;
-        }
+        return written;
     }
-    written
 }
 
 /// What a write whose `json` or `jsonb` no longer matches its table's
@@ -542,28 +560,6 @@ const TYPE_CHANGED: [SqlState; 4] = [
     SqlState::DATATYPE_MISMATCH,
     SqlState::UNDEFINED_FUNCTION,
 ];
-
-/// [`write`] with the document types as known.
-async fn write_attempt(
-    client: &mut deadpool_postgres::Client,
-    kinds: &[KindInfo],
-    encoded: &Encoded<'_>,
-    epoch: Option<u64>,
-    mode: Mode,
-    commit: bool,
-) -> Result<(), WriteError> {
-    match write_once(client, kinds, encoded, epoch, mode, commit, true).await? {
-        Written::Done => Ok(()),
-        Written::CopiedOverARow(e) => {
-            crate::metrics::copy_fell_back();
-            tracing::debug!(error = %super::ErrorText(&e), "a row copied as new is in the table already; writing the batch with upserts");
-            match write_once(client, kinds, encoded, epoch, mode, commit, false).await? {
-                Written::Done => Ok(()),
-                Written::CopiedOverARow(e) => Err(e.into()),
-            }
-        }
-    }
-}
 
 /// How a write ended without an error to report.
 enum Written {
