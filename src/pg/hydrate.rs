@@ -117,9 +117,11 @@ impl Drop for AbortOnDrop {
 }
 
 /// Lets the planner read a large table with parallel workers, for the
-/// hydration transaction only. Turning each entity into text is most of the
-/// database's work per row, and the select does it in the scan's output,
-/// so workers share it. The planner's default cost of passing a row from a
+/// hydration transaction only. For a `jsonb` table, turning each entity
+/// into text is most of the database's work per row, and the select does
+/// it in the scan's output, so workers share it (a `json` table holds the
+/// text already; its read gains less: 0.77 to 0.86 s against 0.91 s for a
+/// million reference items). The planner's default cost of passing a row from a
 /// worker to the backend (`parallel_tuple_cost`, 0.1: ten times that of
 /// processing a row) outweighs what it reckons a worker saves per row (the
 /// conversion counts at its catalog cost, a small fraction of its real
