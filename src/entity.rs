@@ -32,9 +32,9 @@ use crate::metrics as m;
 /// ```
 ///
 /// A `jsonb` column works as well (the start-up check finds which type the
-/// table has; see [`DocumentType`] for what each
-/// costs). Columns worth indexing can be added as generated columns over
-/// `data` (`status text GENERATED ALWAYS AS (data->>'status') STORED`). With
+/// table has; see [`DocumentType`] for what each costs). Columns worth
+/// indexing can be added as generated columns over `data` (`status text
+/// GENERATED ALWAYS AS (data->>'status') STORED`). With
 /// [`Layout::Columns`] the fields go to typed columns of their own instead.
 pub trait Entity: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
     /// The kind's name: a metric label, a log field, a dead letter's kind.

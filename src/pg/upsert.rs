@@ -512,6 +512,9 @@ pub(crate) async fn write(
     mode: Mode,
     commit: bool,
 ) -> Result<(), WriteError> {
+    for part in &encoded.kinds {
+        super::tables::learn_document_type(client, &kinds[part.kind], false).await?;
+    }
     let mut looked_up = false;
     loop {
         let written = async {
@@ -579,9 +582,6 @@ async fn write_once(
     commit: bool,
     copy: bool,
 ) -> Result<Written, WriteError> {
-    for part in &encoded.kinds {
-        super::tables::learn_document_type(client, &kinds[part.kind], false).await?;
-    }
     let transaction = client.transaction().await?;
     let mut statements = Vec::with_capacity(encoded.kinds.len());
     for part in &encoded.kinds {
@@ -592,16 +592,16 @@ async fn write_once(
             Statement::CompareAndSet => &sql.compare_and_set,
             Statement::Copy => &sql.copy,
         };
-        statements.push((transaction.prepare_cached(text).await?, part, how, sql.copy_binary, sql.document));
+        statements.push((transaction.prepare_cached(text).await?, part, how, sql));
     }
     let writes = async {
         let mut written = Vec::with_capacity(statements.len());
-        for (statement, part, how, binary, document) in &statements {
+        for (statement, part, how, sql) in &statements {
             let count = match how {
                 Statement::Upsert => {
                     // Sent together, answered in order; rows sorted by id
                     // stay locked in id order.
-                    let pieces = part.pieces(*document);
+                    let pieces = part.pieces(sql.document);
                     let transaction = &transaction;
                     let counts = futures_util::future::try_join_all(
                         pieces
@@ -612,12 +612,10 @@ async fn write_once(
                     counts.iter().sum()
                 }
                 Statement::CompareAndSet => {
-                    transaction.query_one(statement, &part.all(*document).as_sql(true)).await?.get::<_, i64>(0) as u64
+                    transaction.query_one(statement, &part.all(sql.document).as_sql(true)).await?.get::<_, i64>(0)
+                        as u64
                 }
-                Statement::Copy => {
-                    let binary = binary.then_some(*document);
-                    copy_in(&transaction, statement, part, binary).await.map_err(StepError::Copy)?
-                }
+                Statement::Copy => copy_in(&transaction, statement, part, sql).await.map_err(StepError::Copy)?,
             };
             written.push(count);
         }
@@ -675,19 +673,16 @@ async fn write_once(
 /// How much of a `COPY`'s data goes into one message.
 const COPY_CHUNK: usize = 256 * 1024;
 
-/// Streams `part`'s rows into its table with the prepared `COPY`, in the
-/// binary format (a document table, of the type given) or in text; the
-/// number of rows copied.
+/// Streams `part`'s rows into its table with the prepared `COPY` of
+/// `sql` (binary for a document table, of its type; text for typed
+/// columns); the number of rows copied.
 async fn copy_in(
     transaction: &deadpool_postgres::Transaction<'_>,
     statement: &tokio_postgres::Statement,
     part: &KindRows<'_>,
-    binary: Option<DocumentType>,
+    sql: &sql::TableSql,
 ) -> Result<u64, tokio_postgres::Error> {
-    let mut data = match binary {
-        Some(document) => copy_binary(part, document),
-        None => copy_text(part),
-    };
+    let mut data = if sql.copy_binary { copy_binary(part, sql.document) } else { copy_text(part) };
     let sink = transaction.copy_in::<_, Bytes>(statement).await?;
     futures_util::pin_mut!(sink);
     while !data.is_empty() {

@@ -63,13 +63,13 @@ impl QuarantineBook {
         self.sets.get(&id)
     }
 
-    /// The set `key` belongs to.
+    /// The set entity `id` of `kind` belongs to.
     pub(crate) fn set_of(&self, kind: KindId, id: &Arc<str>) -> Option<&QuarantineSet> {
         self.member(kind, id).and_then(|m| self.sets.get(&m.set))
     }
 
-    /// How a committed write of `key` resolves its dead letter, if it has
-    /// one.
+    /// How a committed write of entity `id` of `kind` resolves its dead
+    /// letter, if it has one.
     pub(crate) fn resolution_of(&self, kind: KindId, id: &Arc<str>) -> Option<Resolution> {
         self.set_of(kind, id).map(|set| set.resolution.unwrap_or(Resolution::Superseded))
     }
